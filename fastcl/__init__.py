@@ -1,0 +1,22 @@
+"""fastcl: a deployed language model that keeps learning from the traffic it serves.
+
+    learner = fastcl.patch(model, rank=16)   # every decoder linear gets a low-rank fast-weight path
+    learner.observe(input_ids)               # the served forward, accumulating low-rank gradients
+    learner.step(); learner.consolidate()    # update the fast weights; fold them into the weights
+"""
+
+from . import models
+from ._version import __version__
+from .config import LearnerConfig
+from .errors import (BackendUnavailable, ConsolidationError, FastclError, InputError, PatchError,
+                     StateFileError)
+from .info import info
+from .layers import FastLinear
+from .learner import Learner
+from .patcher import PatchReport, patch, unpatch
+
+__all__ = [
+    "BackendUnavailable", "ConsolidationError", "FastLinear", "FastclError", "InputError", "Learner",
+    "LearnerConfig", "PatchError", "PatchReport", "StateFileError", "__version__", "info", "models",
+    "patch", "unpatch",
+]

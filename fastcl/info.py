@@ -1,0 +1,36 @@
+"""fastcl.info(): version, build metadata, and which backends run here and why others do not."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from ._version import __version__
+from .ops import backends
+
+
+def build_info() -> dict:
+    """What the package was built with, written by setup.py; empty for a source checkout."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return {}
+    return dict(_build_info.BUILD_INFO)
+
+
+def info() -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {}
+    for name in backends.BACKENDS:
+        ok, reason = backends.status(name, device)
+        report[name] = {"available": ok, "reason": reason}
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "auto_backend": backends.resolve("auto", device),
+        "backends": report,
+        "build": build_info(),
+    }

@@ -1,0 +1,92 @@
+"""FastLinear: an nn.Linear (or GPT-2 Conv1D) with a low-rank fast-weight path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .ops import lowrank_linear
+from .projection import make_projection
+
+try:  # GPT-2 style layers store W as (d_in, d_out); patched through a transposed view.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional for the op itself
+    Conv1D = None
+
+LINEAR_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def is_transposed(module: nn.Module) -> bool:
+    return Conv1D is not None and type(module) is Conv1D
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an nn.Linear or Conv1D."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_transposed(module) else (w.shape[0], w.shape[1])
+
+
+class FastLinear(nn.Module):
+    """y = base(x) + scale (x A^T) B^T.
+
+    Shares the base layer's weight and bias Parameters (state_dict keys stay the same) and keeps
+    the original module, untouched, for unpatch. A is a non-persistent buffer regenerated from
+    (seed, layer_index, epoch); B and grad_B are fp32 whatever the model dtype.
+    """
+
+    def __init__(self, base: nn.Module, *, layer_index: int, rank: int, scale: float, seed: int, backend: str):
+        super().__init__()
+        if type(base) not in LINEAR_TYPES:
+            raise TypeError(f"FastLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
+        d_out, d_in = linear_shape(base)
+        self.in_features, self.out_features = d_in, d_out
+        self.rank, self.scale, self.seed, self.layer_index, self.backend = rank, scale, seed, layer_index, backend
+        self.transposed = is_transposed(base)
+        self.weight = base.weight
+        self.bias = base.bias
+        object.__setattr__(self, "base", base)  # not a submodule: its Parameters are ours already
+        device = base.weight.device
+        self.register_buffer("A", self._projection(epoch=0, device=device), persistent=False)
+        self.B = nn.Parameter(torch.zeros(d_out, rank, dtype=torch.float32, device=device))
+        self.register_buffer("grad_B", torch.zeros(d_out, rank, dtype=torch.float32, device=device), persistent=False)
+        # Set by the learner: lets the served forward skip the adapter while B is known zero.
+        self.b_is_zero = True
+
+    def _projection(self, epoch: int, device) -> torch.Tensor:
+        return make_projection(self.seed, self.layer_index, epoch, self.rank, self.in_features, self.weight.dtype, device)
+
+    def weight_matrix(self) -> torch.Tensor:
+        """W as (d_out, d_in); a view for Conv1D, so writes go to the shared Parameter."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def resample(self, epoch: int) -> None:
+        self.A.copy_(self._projection(epoch, self.A.device))
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A in fp32, shape (d_out, d_in)."""
+        return torch.mm(self.B, self.A.float()).mul_(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        learning = torch.is_grad_enabled() and self.B.requires_grad
+        if self.b_is_zero and not learning:
+            return self.base(x)  # the original layer's own forward: bit-identical output
+        return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not demote the fast weights or the accumulator; A follows W.
+        super()._apply(fn, recurse)
+        self.base.weight, self.base.bias = self.weight, self.bias  # in case torch swapped Parameters
+        if self.B.dtype != torch.float32:
+            self.B.data = self.B.data.float()
+        if self.grad_B.dtype != torch.float32:
+            self.grad_B = self.grad_B.float()
+        if self.A.dtype != self.weight.dtype:
+            self.A = self.A.to(self.weight.dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.transposed else "Linear"
+        return (
+            f"{kind}(in={self.in_features}, out={self.out_features}, bias={self.bias is not None}), "
+            f"rank={self.rank}, scale={self.scale:g}, backend={self.backend}"
+        )

@@ -1,0 +1,256 @@
+"""Learner: serves and learns with a patched model, steps the fast weights and consolidates them."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import state as state_io
+from .config import LearnerConfig
+from .consolidation import ConsolidationReport, Snapshot, check_mergeable, write_merge
+from .errors import ConsolidationError, FastclError
+from .inputs import Weight, validate_request
+from .layers import FastLinear
+from .loss import next_token_loss
+from .patcher import PatchReport
+
+log = logging.getLogger("fastcl")
+
+
+@dataclass
+class Counters:
+    tokens_observed: int = 0  # target tokens whose gradient was accumulated
+    tokens_pending: int = 0  # of those, not yet applied by step()
+    requests: int = 0
+    steps: int = 0
+    skipped_steps: int = 0  # steps refused because an accumulator held NaN/inf
+    consolidations: int = 0
+    rollbacks: int = 0
+    epoch: int = 0  # projection epoch: consolidations committed minus rolled back
+
+
+class Learner:
+    """Returned by fastcl.patch(); also reachable as model.fastcl."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, FastLinear], config: LearnerConfig,
+                 report: PatchReport, original_requires_grad: dict[str, bool]):
+        self.model = model
+        self.modules = modules
+        self.config = config
+        self.report = report
+        self.original_requires_grad = original_requires_grad
+        self.counters = Counters()
+        self.optimizer = self._make_optimizer()
+        self._snapshot: Optional[Snapshot] = None
+        self._attached = True
+        self._vocab_size = model.get_input_embeddings().num_embeddings
+        self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+
+    # ----------------------------------------------------------------- serving and learning
+    def observe(self, input_ids, attention_mask=None, loss_mask=None, weight: Weight = 1.0, **model_kwargs):
+        """The served forward, and learning from it.
+
+        Runs the model once and returns its usual output (logits, past_key_values), so it can
+        serve as generation's prefill. The gradient of sum(weight * next-token loss) over the
+        loss_mask tokens is added into the fp32 accumulators; step() divides by the number of
+        tokens accumulated, so a step follows the mean token loss whatever the request sizes.
+        weight=0 serves without learning. Bad input raises InputError before anything runs.
+        """
+        self._check_attached()
+        request = validate_request(input_ids, attention_mask, loss_mask, weight, self._vocab_size, self.device)
+        kwargs = dict(model_kwargs)
+        if request.attention_mask is not None:
+            kwargs["attention_mask"] = request.attention_mask.long()
+            if self._accepts_position_ids and "position_ids" not in kwargs:
+                # Left-padded rows must count positions from their first real token.
+                kwargs["position_ids"] = (request.attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        if not request.learns:
+            with torch.no_grad():
+                return self.model(input_ids=request.input_ids, **kwargs)
+        self._check_fast_weights_trainable()
+        with torch.enable_grad():
+            output = self.model(input_ids=request.input_ids, **kwargs)
+            loss_sum, token_loss = next_token_loss(output.logits, request)
+            loss_sum.backward()
+        n = int(token_loss.numel())
+        self.counters.tokens_observed += n
+        self.counters.tokens_pending += n
+        self.counters.requests += 1
+        output.logits = output.logits.detach()
+        output.loss = token_loss.mean()
+        _detach_cache(output.get("cache", output.get("past_key_values")))
+        return output
+
+    def step(self) -> bool:
+        """Apply the optimizer to B from the accumulated gradients, then clear them.
+
+        The gradient is the accumulated sum divided by the number of tokens accumulated. Returns
+        False (and changes nothing but the cleared accumulators) if there was nothing to apply or
+        an accumulator held NaN/inf; the latter is counted in stats()["skipped_steps"].
+        """
+        self._check_attached()
+        n = self.counters.tokens_pending
+        if n == 0:
+            return False
+        grads = [m.grad_B for m in self.modules.values()]
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            bad = [name for name, m in self.modules.items() if not torch.isfinite(m.grad_B).all()]
+            log.warning("fastcl step skipped: NaN/inf in the accumulators of %d layers (first: %s); "
+                        "%d tokens dropped", len(bad), bad[0], n)
+            self._clear_accumulators()
+            self.counters.skipped_steps += 1
+            return False
+        for module in self.modules.values():
+            module.B.grad = module.grad_B.div_(n)
+        self.optimizer.step()
+        for module in self.modules.values():
+            module.B.grad = None
+            module.b_is_zero = False
+        self._clear_accumulators()
+        self.counters.steps += 1
+        return True
+
+    # ----------------------------------------------------------------- consolidation
+    def consolidate(self) -> ConsolidationReport:
+        """Fold scale * B A into W (fp32 maths, then cast), resample A, zero B, reset the optimizer.
+
+        All or nothing: every merged weight is checked finite before any is written. The state
+        before the call is kept so rollback() can restore it exactly. Accumulated gradients not
+        yet stepped belong to the old projection and are dropped (reported).
+        """
+        self._check_attached()
+        start = time.perf_counter()
+        live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
+        check_mergeable(live)
+        discarded = self._discard_pending("consolidate()")
+        self._snapshot = self._take_snapshot(live)
+        max_abs, relative = write_merge(live)
+        self.counters.consolidations += 1
+        self._set_epoch(self.counters.epoch + 1)
+        return ConsolidationReport(self.counters.epoch, len(live), max_abs, relative, discarded,
+                                   time.perf_counter() - start)
+
+    def rollback(self) -> None:
+        """Restore the weights, fast weights, projection and optimizer exactly as before the last
+        consolidate()."""
+        self._check_attached()
+        snap = self._snapshot
+        if snap is None:
+            raise ConsolidationError("nothing to roll back: no consolidate() since the last rollback")
+        if not self.config.keep_rollback:
+            raise ConsolidationError("rollback() needs keep_rollback=True (the merged weights were not kept)")
+        self._discard_pending("rollback()")
+        self._set_epoch(snap.epoch)
+        with torch.no_grad():
+            for name, weight in snap.weights.items():
+                self.modules[name].weight_matrix().copy_(weight)
+            for name, module in self.modules.items():
+                module.B.copy_(snap.fast_weights[name])
+                module.b_is_zero = name not in snap.live
+        self.optimizer.load_state_dict(snap.optimizer_state)
+        self.counters.rollbacks += 1
+        self._snapshot = None
+
+    def has_unmerged_updates(self) -> bool:
+        return any(not m.b_is_zero for m in self.modules.values())
+
+    # ----------------------------------------------------------------- persistence and stats
+    def save(self, path, include_weights: Optional[bool] = None) -> None:
+        """Write the learner's state to a safetensors file (see fastcl.state)."""
+        self._check_attached()
+        state_io.save(self, path, include_weights)
+
+    def load(self, path) -> None:
+        """Restore a state written by save(); refuses, changing nothing, if it does not fit."""
+        self._check_attached()
+        state_io.load(self, path)
+
+    def stats(self) -> dict:
+        """Counters and the bytes the learner holds; the bytes never grow with tokens served."""
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        modules = list(self.modules.values())
+        optim = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        held = {
+            "fast_weights": nbytes(m.B for m in modules),
+            "accumulators": nbytes(m.grad_B for m in modules),
+            "projections": nbytes(m.A for m in modules),
+            "optimizer": nbytes(optim),
+            "rollback": nbytes(self._snapshot.weights.values()) if self._snapshot else 0,
+        }
+        held["total"] = sum(held.values())
+        return {**asdict(self.counters), "layers": len(modules), "bytes_held": held}
+
+    # ----------------------------------------------------------------- internals
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.modules.values())).weight.device
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [m.B for m in self.modules.values()]
+        c = self.config
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _take_snapshot(self, live: dict[str, FastLinear]) -> Snapshot:
+        weights = {name: m.weight_matrix().detach().clone() for name, m in live.items()} if self.config.keep_rollback else {}
+        return Snapshot(
+            live=set(live),
+            weights=weights,
+            fast_weights={name: m.B.detach().clone() for name, m in self.modules.items()},
+            optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
+            epoch=self.counters.epoch,
+        )
+
+    @torch.no_grad()
+    def _set_epoch(self, epoch: int) -> None:
+        """Move every layer to projection `epoch`: regenerate A, zero B, fresh optimizer state."""
+        self.counters.epoch = epoch
+        for module in self.modules.values():
+            module.resample(epoch)
+            module.B.zero_()
+            module.b_is_zero = True
+        self.optimizer = self._make_optimizer()
+
+    def _clear_accumulators(self) -> None:
+        for module in self.modules.values():
+            module.grad_B.zero_()
+        self.counters.tokens_pending = 0
+
+    def _discard_pending(self, caller: str) -> int:
+        pending = self.counters.tokens_pending
+        if pending:
+            log.warning("fastcl %s dropped %d observed tokens not yet applied by step()", caller, pending)
+            self._clear_accumulators()
+        return pending
+
+    def _check_fast_weights_trainable(self) -> None:
+        frozen = [name for name, m in self.modules.items() if not m.B.requires_grad]
+        if frozen:
+            raise FastclError(f"fast weights of {len(frozen)} layers (first: {frozen[0]}) were frozen with "
+                              "requires_grad_(False); observe() needs them trainable")
+
+    def _check_attached(self) -> None:
+        if not self._attached:
+            raise FastclError("this learner was unpatched; patch the model again to keep learning")
+
+    def detach(self) -> None:
+        self._attached = False
+
+
+def _detach_cache(cache) -> None:
+    """Cut the served KV cache from the freed graph so generation continues without it."""
+    for layer in getattr(cache, "layers", []) or []:
+        for attr in ("keys", "values"):
+            tensor = getattr(layer, attr, None)
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                setattr(layer, attr, tensor.detach())

@@ -1,0 +1,102 @@
+"""The low-rank fast-weight linear as torch.library custom ops: the one dispatch point.
+
+`fastcl::lowrank_linear` returns (y, s); its autograd formula saves only s (plus the weights,
+which are not per token) and calls `fastcl::lowrank_linear_bwd`, which mutates the fp32
+accumulator grad_B in place and returns dX. Both ops have fake implementations, so
+torch.compile traces through them, forward and backward.
+
+B takes part in autograd only so that a graph is built when everything else is frozen: its
+gradient goes into grad_B, never into B.grad.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+
+
+@torch.library.custom_op("fastcl::lowrank_linear", mutates_args=())
+def _lowrank_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_B: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = backends.implementation(backend, x.device)
+    return impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
+
+
+@_lowrank_linear.register_fake
+def _(x, weight, bias, A, B, grad_B, scale, backend):
+    lead = x.shape[:-1]
+    return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, A.shape[0])
+
+
+@torch.library.custom_op("fastcl::lowrank_linear_bwd", mutates_args=("grad_B",))
+def _lowrank_linear_bwd(
+    dy: torch.Tensor,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_B: torch.Tensor,
+    scale: float,
+    needs_dx: bool,
+    backend: str,
+) -> torch.Tensor:
+    impl = backends.implementation(backend, dy.device)
+    dx = impl.lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx)
+    # A custom op must return a tensor: an empty one stands for "dX not requested".
+    return dx if dx is not None else dy.new_empty(0)
+
+
+@_lowrank_linear_bwd.register_fake
+def _(dy, s, weight, A, B, grad_B, scale, needs_dx, backend):
+    return dy.new_empty(*dy.shape[:-1], weight.shape[1]) if needs_dx else dy.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, A, B, grad_B, scale, backend = inputs
+    _, s = output
+    ctx.save_for_backward(s, weight, A, B)
+    # The accumulator is state, not an activation: keep a reference, do not save it.
+    ctx.grad_B = grad_B
+    ctx.scale = scale
+    ctx.backend = backend
+    ctx.mark_non_differentiable(s)
+
+
+def _backward(ctx, dy, _ds):
+    s, weight, A, B = ctx.saved_tensors
+    needs_dx = ctx.needs_input_grad[0]
+    dx = _lowrank_linear_bwd(dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx, ctx.backend)
+    return (dx if needs_dx else None), None, None, None, None, None, None, None
+
+
+_lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lowrank_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_B: torch.Tensor,
+    scale: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = x W^T + b + scale (x A^T) B^T; backward adds scale dY^T (x A^T) into grad_B.
+
+    weight is (d_out, d_in) (a transposed view is fine), A is (r, d_in) in x's dtype, B and
+    grad_B are (d_out, r) fp32. Leading dimensions of x are kept.
+    """
+    y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend)
+    return y

@@ -1,0 +1,195 @@
+"""One generic walker that turns a model's linear layers into FastLinear, and back.
+
+It patches the instance, never the class, so two models in one process never share state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch.nn as nn
+
+from .config import LearnerConfig
+from .errors import PatchError
+from .layers import LINEAR_TYPES, FastLinear, linear_shape
+
+
+@dataclass
+class PatchReport:
+    """What patch() did: every linear-like layer appears once, patched or skipped with a reason."""
+
+    patched: list[tuple[str, str, int, int]] = field(default_factory=list)  # (name, kind, d_in, d_out)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fastcl patched {len(self.patched)} layers, skipped {len(self.skipped)}"]
+        lines += [f"  patched {name} ({kind} {d_in}->{d_out})" for name, kind, d_in, d_out in self.patched]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _matches(patterns: Iterable[str], name: str) -> Optional[str]:
+    """The first pattern that matches the whole qualified name or its last component."""
+    leaf = name.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if re.fullmatch(pattern, name) or re.fullmatch(pattern, leaf):
+            return pattern
+    return None
+
+
+def _in_block_list(name: str, module_lists: set[str]) -> bool:
+    """True if some ancestor of `name` is an nn.ModuleList: the decoder blocks."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in module_lists for i in range(1, len(parts)))
+
+
+def _is_peft_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return hasattr(module, "lora_A")
+    return isinstance(module, BaseTunerLayer) or hasattr(module, "lora_A")
+
+
+def _refuse_if_wrapped(model: nn.Module) -> None:
+    if hasattr(model, "fastcl"):
+        raise PatchError(
+            "model is already patched by fastcl; use model.fastcl, or call fastcl.unpatch(model) before patching again"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, FastLinear):
+            raise PatchError(f"model already contains a FastLinear at {name!r}; call fastcl.unpatch(model) first")
+        if _is_peft_layer(module):
+            raise PatchError(
+                f"model is wrapped by PEFT (adapter layer at {name!r}); merge it with "
+                "model.merge_and_unload() and patch the merged model"
+            )
+
+
+def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
+    """Decide, without touching the model, which layers to patch and why the others are not."""
+    report = PatchReport()
+    modules = dict(model.named_modules())
+    module_lists = {name for name, m in modules.items() if isinstance(m, nn.ModuleList)}
+    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    used_targets: set[str] = set()
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            continue
+        if not isinstance(module, LINEAR_TYPES):
+            report.skipped.append((name, f"{type(module).__name__} is not a linear layer"))
+            continue
+        if type(module) not in LINEAR_TYPES:
+            report.skipped.append(
+                (name, f"{type(module).__name__} subclasses {LINEAR_TYPES[0].__name__} with its own forward "
+                       "(quantized or custom); not patched")
+            )
+            continue
+        d_out, d_in = linear_shape(module)
+        target = _matches(config.targets, name) if config.targets is not None else None
+        excluded = _matches(config.exclude, name) if config.exclude is not None else None
+        if config.targets is not None and target is None:
+            reason = "not matched by targets"
+        elif config.targets is None and module is output_embedding:
+            reason = "output embedding (lm_head); name it in targets= to patch it"
+        elif config.targets is None and not _in_block_list(name, module_lists):
+            reason = "outside the decoder blocks; name it in targets= to patch it"
+        elif excluded is not None:
+            reason = f"excluded by pattern {excluded!r}"
+        elif not weight.dtype.is_floating_point:
+            reason = f"weight dtype {weight.dtype} is not floating point (quantized?)"
+        elif config.rank > d_in:
+            reason = f"rank {config.rank} exceeds d_in {d_in}"
+        else:
+            reason = None
+        if target is not None:
+            used_targets.add(target)
+        if reason is None:
+            kind = "Linear" if type(module) is nn.Linear else type(module).__name__
+            report.patched.append((name, kind, d_in, d_out))
+            if module is output_embedding:
+                report.notes.append(f"{name} is the output embedding; if it is tied, consolidation also changes the input embedding")
+        else:
+            report.skipped.append((name, reason))
+    unused = [t for t in (config.targets or []) if t not in used_targets]
+    if unused:
+        raise PatchError(f"targets matched no linear layer: {unused}")
+    if not report.patched:
+        raise PatchError("no layer to patch; the report says why each was skipped:\n" + str(report))
+    return report
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def patch(
+    model: nn.Module,
+    rank: int = 16,
+    targets: Optional[Sequence[str]] = None,
+    backend: str = "auto",
+    seed: int = 0,
+    lr: float = 1e-3,
+    **options,
+):
+    """Turn `model` into a learner, in place. Returns the Learner, also at `model.fastcl`.
+
+    Every nn.Linear (and GPT-2 Conv1D) inside the decoder blocks gets a fast-weight path; the
+    output embedding and anything outside the blocks are left alone unless named in `targets`.
+    `targets` and `exclude` take names or regexes, matched against the qualified name or its last
+    component. The base model's parameters are frozen (and unfrozen again by unpatch).
+    backend="auto" defers to the FASTCL_BACKEND environment variable when it is set.
+    """
+    from .learner import Learner  # the learner imports the patcher's report type
+
+    if backend == "auto":
+        backend = os.environ.get("FASTCL_BACKEND", "auto")
+    config = LearnerConfig(rank=rank, targets=targets, backend=backend, seed=seed, lr=lr, **options)
+    _refuse_if_wrapped(model)
+    report = plan(model, config)
+    base_modules = {name: model.get_submodule(name) for name, *_ in report.patched}
+    device = next(iter(base_modules.values())).weight.device
+    if backend != "auto":
+        from .ops import backends
+
+        backends.resolve(backend, device)  # fail now, before anything changes
+    fast = {
+        name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend)
+        for i, (name, base) in enumerate(base_modules.items())
+    }
+    # Everything that can fail has run; from here on the model changes.
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    for name, module in fast.items():
+        _set_submodule(model, name, module)
+    learner = Learner(model, fast, config, report, requires_grad)
+    model.fastcl = learner
+    return learner
+
+
+def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the original layers back, holding the consolidated weights.
+
+    With merge=True (the default) fast weights that were stepped but not consolidated are
+    merged first, so nothing learned is lost; merge=False discards them.
+    """
+    learner = getattr(model, "fastcl", None)
+    if learner is None:
+        raise PatchError("model is not patched by fastcl")
+    if merge and learner.has_unmerged_updates():
+        learner.consolidate()
+    for name, module in learner.modules.items():
+        _set_submodule(model, name, module.base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(learner.original_requires_grad.get(name, p.requires_grad))
+    del model.fastcl
+    learner.detach()
+    return model

@@ -1,0 +1,42 @@
+import os
+
+# Nothing in the suite may reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M-Instruct, loaded once per session (about 15 s). Tests must not change it:
+    use the `fresh_smollm` fixture for anything that patches."""
+    import fastcl
+
+    return fastcl.models.load_default()
+
+
+@pytest.fixture
+def fresh_smollm(smollm):
+    """The session's SmolLM2, unpatched and with its original weights restored afterwards."""
+    import fastcl
+
+    model, tokenizer = smollm
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    yield model, tokenizer
+    if hasattr(model, "fastcl"):
+        fastcl.unpatch(model, merge=False)
+    model.load_state_dict(original)

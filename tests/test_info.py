@@ -1,0 +1,28 @@
+import fastcl
+from fastcl.ops import backends
+
+
+def test_info_reports_version_and_backends():
+    info = fastcl.info()
+    assert info["version"] == fastcl.__version__
+    assert set(info["backends"]) == {"torch", "triton", "cuda"}
+    assert info["backends"]["torch"]["available"]
+    for name, entry in info["backends"].items():
+        assert entry["available"] or entry["reason"], f"{name} unavailable without a reason"
+
+
+def test_auto_picks_torch_on_cpu():
+    assert backends.resolve("auto", "cpu") == "torch"
+
+
+def test_fastcl_backend_environment_variable(monkeypatch):
+    import pytest
+
+    from helpers import tiny_model
+
+    monkeypatch.setenv("FASTCL_BACKEND", "torch")
+    learner = fastcl.patch(tiny_model("llama"), rank=2)
+    assert learner.config.backend == "torch"
+    monkeypatch.setenv("FASTCL_BACKEND", "cuda")
+    with pytest.raises(fastcl.BackendUnavailable, match="cuda"):
+        fastcl.patch(tiny_model("llama"), rank=2)

@@ -1,0 +1,175 @@
+"""The op against a plain-PyTorch LoRA-FA (nn.Linear + frozen A + trainable B, autograd doing the
+rest): y, dX, dB, across dtypes, odd shapes, bias or none, leading dims, non-contiguous input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcl.ops import lowrank_linear, reference
+from helpers import assert_close
+
+
+def lora_fa(x, W, b, A, B, scale):
+    """The textbook formula; autograd gives dX and dB."""
+    return F.linear(x, W, b) + scale * F.linear(F.linear(x, A), B.to(x.dtype))
+
+
+def make(M, d_in, d_out, r, dtype, bias=True, lead=()):
+    g = torch.Generator().manual_seed(M * 1000 + d_in + d_out + r)
+    x = torch.randn(*lead, M, d_in, generator=g).to(dtype)
+    W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype)
+    b = torch.randn(d_out, generator=g).to(dtype) if bias else None
+    A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(dtype)
+    B = torch.randn(d_out, r, generator=g) * 0.1
+    return x, W, b, A, B
+
+
+def run_op(x, W, b, A, B, scale):
+    x = x.detach().clone().requires_grad_()
+    B_leaf = B.clone().requires_grad_()
+    grad_B = torch.zeros(B.shape, dtype=torch.float32)
+    y = lowrank_linear(x, W, b, A, B_leaf, grad_B, scale, backend="torch")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    y.backward(dy)
+    assert B_leaf.grad is None, "the fast-weight gradient must go to the accumulator, not B.grad"
+    return y.detach(), x.grad, grad_B, dy
+
+
+def run_reference(x, W, b, A, B, scale, dy):
+    x = x.detach().clone().requires_grad_()
+    B_leaf = B.clone().requires_grad_()
+    y = lora_fa(x, W, b, A, B_leaf, scale)
+    y.backward(dy)
+    return y.detach(), x.grad, B_leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 7, 133])
+@pytest.mark.parametrize("d_in,d_out", [(72, 200), (200, 72)])
+@pytest.mark.parametrize("r", [1, 8, 16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_lora_fa(dtype, M, d_in, d_out, r, bias):
+    x, W, b, A, B = make(M, d_in, d_out, r, dtype, bias)
+    y, dx, dB, dy = run_op(x, W, b, A, B, scale=0.5)
+    # The oracle runs in fp32 on the same (already rounded) inputs.
+    up = lambda t: None if t is None else t.float()  # noqa: E731
+    y_ref, dx_ref, dB_ref = run_reference(up(x), up(W), up(b), up(A), B, 0.5, dy.float())
+    assert y.dtype == dtype and dx.dtype == dtype and dB.dtype == torch.float32
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dX")
+    # dB is accumulated in fp32 from low-precision dY and s: compare relative to its scale.
+    assert_close(dB, dB_ref, dtype, "dB", atol=TOL_DB[dtype] * dB_ref.abs().max().item())
+
+
+TOL_DB = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def test_leading_dims_and_noncontiguous_input():
+    x, W, b, A, B = make(6, 40, 24, 4, torch.float32, lead=(3,))
+    x = x.transpose(0, 1)  # (6, 3, 40), not contiguous
+    assert not x.is_contiguous()
+    y, dx, dB, dy = run_op(x, W, b, A, B, scale=2.0)
+    y_ref, dx_ref, dB_ref = run_reference(x, W, b, A, B, 2.0, dy)
+    assert y.shape == (6, 3, 24)
+    assert_close(y, y_ref, what="y")
+    assert_close(dx, dx_ref, what="dX")
+    assert_close(dB, dB_ref, what="dB")
+
+
+def test_accumulates_across_backward_calls():
+    x, W, b, A, B = make(5, 16, 12, 3, torch.float32)
+    grad_B = torch.zeros(12, 3)
+    B_leaf = B.clone().requires_grad_()
+    total = torch.zeros(12, 3)
+    for seed in range(3):
+        xi = x + seed
+        lowrank_linear(xi, W, b, A, B_leaf, grad_B, 1.0, "torch").sum().backward()
+        B_ref = B.clone().requires_grad_()
+        lora_fa(xi, W, b, A, B_ref, 1.0).sum().backward()
+        total += B_ref.grad
+    assert_close(grad_B, total, what="accumulated dB")
+
+
+def test_gradcheck_float64():
+    x, W, b, A, B = make(7, 9, 11, 3, torch.float64)
+    x.requires_grad_()
+    B_leaf = B.double().requires_grad_()
+    grad_B = torch.zeros(11, 3)
+
+    def f(x):
+        return lowrank_linear(x, W, b, A, B_leaf, grad_B, 0.75, "torch")
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-8)
+
+
+def test_dB_matches_finite_differences_float64():
+    """B's gradient is never returned to autograd, so check the accumulator by central
+    differences of sum(y * dy) in float64."""
+    x, W, b, A, B = make(7, 9, 11, 3, torch.float64)
+    B = B.double()
+    dy = torch.randn(7, 11, dtype=torch.float64)
+    grad_B = torch.zeros(11, 3)
+    lowrank_linear(x, W, b, A, B.clone().requires_grad_(), grad_B, 0.75, "torch").backward(dy)
+    eps = 1e-6
+    numeric = torch.zeros_like(B)
+    for i in range(B.shape[0]):
+        for j in range(B.shape[1]):
+            Bp, Bm = B.clone(), B.clone()
+            Bp[i, j] += eps
+            Bm[i, j] -= eps
+            fp = (reference.lowrank_linear_fwd(x, W, b, A, Bp, 0.75)[0] * dy).sum()
+            fm = (reference.lowrank_linear_fwd(x, W, b, A, Bm, 0.75)[0] * dy).sum()
+            numeric[i, j] = (fp - fm) / (2 * eps)
+    assert_close(grad_B.double(), numeric, torch.float32, "dB vs finite differences")
+
+
+def test_saves_only_the_sketch_per_token():
+    """Per token, the op saves r numbers (s = x A^T), never x's d_in."""
+    d_in, d_out, r = 96, 64, 4
+
+    def saved_bytes(M):
+        x, W, b, A, B = make(M, d_in, d_out, r, torch.float32)
+        x.requires_grad_()
+        B_leaf = B.clone().requires_grad_()
+        # Weights are saved by reference (no per-token cost); everything else counts.
+        weights = {t.data_ptr() for t in (W, A, B_leaf)}
+        saved = []
+
+        def pack(t):
+            if t.data_ptr() not in weights:
+                saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lowrank_linear(x, W, b, A, B_leaf, torch.zeros(d_out, r), 1.0, "torch")
+        return sum(saved)
+
+    assert saved_bytes(100) == 100 * r * 4
+    assert saved_bytes(200) - saved_bytes(100) == 100 * r * 4
+
+
+def test_custom_op_registration_passes_opcheck():
+    x, W, b, A, B = make(5, 16, 12, 3, torch.float32)
+    grad_B = torch.zeros(12, 3)
+    torch.library.opcheck(torch.ops.fastcl.lowrank_linear.default, (x, W, b, A, B, grad_B, 0.5, "torch"))
+    s = x @ A.t()
+    dy = torch.randn(5, 12)
+    torch.library.opcheck(torch.ops.fastcl.lowrank_linear_bwd.default, (dy, s, W, A, B, grad_B, 0.5, True, "torch"))
+
+
+def test_torch_compile_forward_and_backward_match_eager():
+    x, W, b, A, B = make(9, 24, 20, 4, torch.float32)
+
+    def step(x, grad_B, B_leaf):
+        return lowrank_linear(x, W, b, A, B_leaf, grad_B, 0.5, "torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        xi = x.clone().requires_grad_()
+        grad_B = torch.zeros(20, 4)
+        y = fn(xi, grad_B, B.clone().requires_grad_())
+        y.pow(2).sum().backward()
+        results.append((y.detach(), xi.grad, grad_B))
+    for (a, name), b_ in zip(zip(results[0], ("y", "dX", "dB")), results[1]):
+        assert_close(b_, a, what=f"compiled {name}")

