@@ -20,12 +20,9 @@ class Request:
     weight: torch.Tensor  # (batch,) float32, >= 0
 
     @property
-    def num_targets(self) -> int:
-        return int(self.targets.sum())
-
-    @property
-    def learns(self) -> bool:
-        return bool((self.targets & (self.weight[:, None] > 0)).any())
+    def learned_targets(self) -> torch.Tensor:
+        """Targets in rows whose weight is positive: the tokens a step is normalised by."""
+        return self.targets & (self.weight[:, None] > 0)
 
 
 def _as_2d(name: str, value, like: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -48,7 +45,7 @@ def _as_mask(name: str, value, like: torch.Tensor) -> torch.Tensor:
     return mask.bool()
 
 
-def _as_weight(weight: Weight, batch: int, device) -> torch.Tensor:
+def as_weight(weight: Weight, batch: int, device) -> torch.Tensor:
     w = torch.as_tensor(weight, dtype=torch.float32, device=device)
     if w.dim() == 0:
         w = w.expand(batch)
@@ -59,6 +56,14 @@ def _as_weight(weight: Weight, batch: int, device) -> torch.Tensor:
     if (w < 0).any():
         raise InputError("weight must be >= 0 (0 means serve without learning); negative feedback is not supported")
     return w
+
+
+def check_vocabulary(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        where = (ids == bad).nonzero()[0].tolist()
+        raise InputError(f"{name} holds token id {bad} at position {where}, outside the vocabulary [0, {vocab_size})")
 
 
 def validate_request(input_ids, attention_mask, loss_mask, weight: Weight, vocab_size: int, device) -> Request:
@@ -75,15 +80,11 @@ def validate_request(input_ids, attention_mask, loss_mask, weight: Weight, vocab
         raise InputError(f"input_ids must be an integer tensor of token ids, got dtype {ids.dtype}")
     if ids.numel() == 0:
         raise InputError(f"input_ids is empty (shape {tuple(ids.shape)}): nothing to serve")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        where = (ids == bad).nonzero()[0].tolist()
-        raise InputError(f"input_ids holds token id {bad} at position {where}, outside the vocabulary [0, {vocab_size})")
+    check_vocabulary("input_ids", ids, vocab_size)
     ids = ids.to(device=device, dtype=torch.long)
     attn = _as_mask("attention_mask", attention_mask, ids) if attention_mask is not None else None
     learn = _as_mask("loss_mask", loss_mask, ids) if loss_mask is not None else torch.ones_like(ids, dtype=torch.bool)
     targets = learn[:, 1:].clone()
     if attn is not None:
         targets &= attn[:, 1:] & attn[:, :-1]
-    return Request(ids, attn, targets, _as_weight(weight, ids.shape[0], device))
+    return Request(ids, attn, targets, as_weight(weight, ids.shape[0], device))

@@ -16,9 +16,11 @@ from . import state as state_io
 from .config import LearnerConfig
 from .consolidation import ConsolidationReport, Snapshot, check_mergeable, write_merge
 from .errors import ConsolidationError, FastclError
-from .inputs import Weight, validate_request
+from .batching import as_rows, prompt_response_batch
+from .errors import InputError
+from .inputs import Weight, as_weight, check_vocabulary, validate_request
 from .layers import FastLinear
-from .loss import next_token_loss
+from .loss import distillation_loss, next_token_loss
 from .patcher import PatchReport
 
 log = logging.getLogger("fastcl")
@@ -71,22 +73,60 @@ class Learner:
             if self._accepts_position_ids and "position_ids" not in kwargs:
                 # Left-padded rows must count positions from their first real token.
                 kwargs["position_ids"] = (request.attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-        if not request.learns:
+        n_tokens = int(request.learned_targets.sum())
+        if n_tokens == 0:
             with torch.no_grad():
                 return self.model(input_ids=request.input_ids, **kwargs)
-        self._check_fast_weights_trainable()
-        with torch.enable_grad():
-            output = self.model(input_ids=request.input_ids, **kwargs)
-            loss_sum, token_loss = next_token_loss(output.logits, request)
-            loss_sum.backward()
-        n = int(token_loss.numel())
-        self.counters.tokens_observed += n
-        self.counters.tokens_pending += n
-        self.counters.requests += 1
+        output, token_loss = self._learn_from(
+            lambda: self.model(input_ids=request.input_ids, **kwargs),
+            lambda logits: next_token_loss(logits, request), n_tokens)
         output.logits = output.logits.detach()
         output.loss = token_loss.mean()
         _detach_cache(output.get("cache", output.get("past_key_values")))
         return output
+
+    def distill(self, teacher_ids, student_ids, response_ids, weight: Weight = 1.0) -> Optional[float]:
+        """Context distillation: the model reading teacher_ids (the prompt with its context) is
+        the teacher for the response tokens; the model reading student_ids (the prompt without
+        it) is trained towards it. Adds the gradient of sum(weight * KL(teacher || student)) over
+        response tokens into the accumulators. Each argument is one request (1-D ids) or a batch
+        (a list of 1-D ids, ragged lengths are padded). Returns the mean token KL, or None when
+        every weight is 0."""
+        self._check_attached()
+        teachers, students, responses = (as_rows(n, v) for n, v in (
+            ("teacher_ids", teacher_ids), ("student_ids", student_ids), ("response_ids", response_ids)))
+        if not len(teachers) == len(students) == len(responses):
+            raise InputError(f"batch sizes differ: {len(teachers)} teacher, {len(students)} student, "
+                             f"{len(responses)} response rows")
+        weights = as_weight(weight, len(responses), self.device)
+        teacher = prompt_response_batch(teachers, responses, 0, self.device)
+        student = prompt_response_batch(students, responses, 0, self.device)
+        for name, batch in (("teacher_ids", teacher), ("student_ids", student)):
+            check_vocabulary(name, batch.input_ids, self._vocab_size)
+        n_tokens = int((weights[student.rows] > 0).sum())
+        if n_tokens == 0:
+            return None
+        with torch.no_grad():
+            logits = self.model(input_ids=teacher.input_ids, attention_mask=teacher.attention_mask).logits
+            teacher_logprobs = logits[teacher.rows, teacher.cols].float().log_softmax(-1)
+            del logits
+        _, token_kl = self._learn_from(
+            lambda: self.model(input_ids=student.input_ids, attention_mask=student.attention_mask),
+            lambda logits: distillation_loss(logits, teacher_logprobs, student.rows, student.cols, weights),
+            n_tokens)
+        return float(token_kl.mean())
+
+    def _learn_from(self, forward, loss_fn, n_tokens: int):
+        """Run forward with grad, backpropagate loss_fn(logits) into the accumulators, count."""
+        self._check_fast_weights_trainable()
+        with torch.enable_grad():
+            output = forward()
+            loss_sum, per_token = loss_fn(output.logits)
+            loss_sum.backward()
+        self.counters.tokens_observed += n_tokens
+        self.counters.tokens_pending += n_tokens
+        self.counters.requests += 1
+        return output, per_token
 
     def step(self) -> bool:
         """Apply the optimizer to B from the accumulated gradients, then clear them.

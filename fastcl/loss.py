@@ -18,3 +18,15 @@ def next_token_loss(logits: torch.Tensor, request: Request) -> tuple[torch.Tenso
     predicted = logits[rows, cols].float()
     token_loss = F.cross_entropy(predicted, request.input_ids[rows, cols + 1], reduction="none")
     return (token_loss * request.weight[rows]).sum(), token_loss.detach()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, rows: torch.Tensor,
+                      cols: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over response tokens of weight * KL(teacher || student), per-token KL detached).
+
+    teacher_logprobs is (tokens, vocab), already gathered at the response positions in the same
+    order as (rows, cols) index the student's logits.
+    """
+    student = student_logits[rows, cols].float().log_softmax(-1)
+    token_kl = (teacher_logprobs.exp() * (teacher_logprobs - student)).sum(-1)
+    return (token_kl * weight[rows]).sum(), token_kl.detach()

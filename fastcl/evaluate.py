@@ -1,0 +1,129 @@
+"""Measuring what a model knows: multiple choice by answer log-probability, exact-match
+generation, general-knowledge probes and perplexity. Used by the benchmark, the demo and the
+consolidation gate."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Optional, Sequence
+
+import torch
+
+from .batching import pad_right
+from .facts import Fact
+
+
+def chat_ids(tokenizer, user: str) -> list[int]:
+    """The chat-formatted prompt for one user turn, ending where the assistant starts."""
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def with_context(document: str, question: str) -> str:
+    return f"{document}\n\n{question}"
+
+
+def _cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache`; use whichever this model takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
+    """Mean log-probability per token of each option as the continuation of `prompt`.
+
+    The prompt runs once; its KV cache is shared by the options, which run as one padded batch.
+    """
+    out = model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+    first = out.logits[0, -1].float().log_softmax(-1)
+    cache = out["cache"] if "cache" in out else out.past_key_values
+    cache.batch_repeat_interleave(len(options))
+    ids, mask = pad_right(options, pad_id=0)
+    full_mask = torch.cat([torch.ones(len(options), len(prompt), dtype=torch.long), mask], 1)
+    logits = model(input_ids=ids, attention_mask=full_mask, **{_cache_argument(model): cache}).logits
+    rest = logits[:, :-1].float().log_softmax(-1)
+    scores = []
+    for i, option in enumerate(options):
+        total = float(first[option[0]])
+        if len(option) > 1:
+            total += float(rest[i, torch.arange(len(option) - 1), torch.tensor(option[1:])].sum())
+        scores.append(total / len(option))
+    return scores
+
+
+def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]]) -> float:
+    """Accuracy over (user prompt, options, answer index): the option with the highest mean
+    token log-probability as the assistant's reply wins."""
+    correct = 0
+    for prompt_text, options, answer in items:
+        encoded = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        scores = option_logprobs(model, chat_ids(tokenizer, prompt_text), encoded)
+        correct += int(max(range(len(options)), key=scores.__getitem__) == answer)
+    return correct / max(len(items), 1)
+
+
+def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple[str, ...], int]]:
+    """One MC item per fact and held-out phrasing; with the document in context or closed-book."""
+    return [
+        (with_context(f.document, q) if in_context else q, f.options, f.answer_index)
+        for f in facts for q in f.eval_questions
+    ]
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> float:
+    """Closed-book greedy answers to the held-out phrasings that contain the true value."""
+    hits, total = 0, 0
+    for f in facts:
+        for q in f.eval_questions:
+            prompt = torch.tensor([chat_ids(tokenizer, q)])
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+            hits += int(f.value.lower() in text.lower())
+            total += 1
+    return hits / max(total, 1)
+
+
+def load_probes(name: str = "general_probes.jsonl") -> list[tuple[str, tuple[str, ...], int]]:
+    """General-knowledge MC probes shipped in fastcl/data (evaluation only)."""
+    text = resources.files("fastcl.data").joinpath(name).read_text()
+    probes = []
+    for line in text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            probes.append((row["question"], tuple(row["options"]), int(row["answer"])))
+    return probes
+
+
+def load_text(name: str) -> str:
+    return resources.files("fastcl.data").joinpath(name).read_text()
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, window: int = 256) -> float:
+    """exp(mean next-token loss) over consecutive windows of the text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start: start + window + 1]])
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+        total += float(loss)
+        count += chunk.shape[1] - 1
+    return math.exp(total / count)
+
+
+@dataclass
+class Scores:
+    closed_book: float
+    in_context: Optional[float] = None
+    exact_match: Optional[float] = None
+    general: Optional[float] = None
+    perplexity: Optional[float] = None
