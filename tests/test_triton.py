@@ -228,16 +228,29 @@ def test_torch_compile_traces_the_triton_backend():
         assert_close(traced, eager, what=f"compiled {name}")
 
 
-def test_auto_backend_choice_and_log(caplog):
+def test_auto_backend_choice_and_log(caplog, monkeypatch):
+    """auto: torch on the CPU (even with the interpreter on: it is for tests, not speed), triton
+    on CUDA, and the log says why. The CUDA choice is checked here with a stand-in status()."""
     backends._resolve_auto.cache_clear()
-    with caplog.at_level(logging.INFO, logger="fastcl"):
-        # The interpreter is for tests: on the CPU, auto stays with torch even when it is on.
-        assert backends.resolve("auto", "cpu") == "torch"
-        assert "auto -> torch" in caplog.text and "need CUDA" in caplog.text
-        if CUDA:
-            assert backends.resolve("auto", "cuda") == "triton"
-            assert "auto -> triton" in caplog.text
-    backends._resolve_auto.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="fastcl"):
+            assert backends.resolve("auto", "cpu") == "torch"
+            assert "auto -> torch" in caplog.text and "need CUDA" in caplog.text
+            if CUDA:
+                assert backends.resolve("auto", "cuda") == "triton"
+                assert "auto -> triton (first available on cuda" in caplog.text
+            backends._resolve_auto.cache_clear()
+            caplog.clear()
+            monkeypatch.setattr(backends, "status", lambda name, device=None: (True, "available"))
+            assert backends._resolve_auto("cuda") == "triton"
+            assert "auto -> triton (first available on cuda in the order triton, cuda, torch)" in caplog.text
+            backends._resolve_auto.cache_clear()
+            caplog.clear()
+            monkeypatch.setattr(backends, "status", lambda name, device=None: (name == "torch", "no kernels here"))
+            assert backends._resolve_auto("cuda") == "torch"
+            assert "passed over: triton: no kernels here; cuda: no kernels here" in caplog.text
+    finally:
+        backends._resolve_auto.cache_clear()
 
 
 def test_shrink_plan_follows_the_cost_note():
