@@ -32,6 +32,7 @@ on machines without CUDA. Under the interpreter every kernel gets one small conf
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -382,7 +383,9 @@ def shrink_plan(M: int, N: int, K: int, R: int, dtype: torch.dtype, override: st
     if override != "auto":
         return ShrinkPlan(override == "split", f"forced {override}")
     if M <= DECODE_MAX_M:
-        return ShrinkPlan(False, "decode: one launch; A and B are read once from HBM (L2 serves the N tiles)")
+        # A second launch would cost more than the whole adapter here. Every N tile re-reads A,
+        # but A (r x d_in) is small enough to stay in L2, so HBM should see A and B about once.
+        return ShrinkPlan(False, "decode: one launch, shrink fused")
     elt = torch.finfo(dtype).bits // 8
     tiles = triton.cdiv(N, _NOMINAL_BLOCK_N)
     fused_extra = 2 * M * K * r_pad(R) * (tiles - 1) / _PEAK_FLOPS[dtype]
@@ -396,15 +399,7 @@ def shrink_plan(M: int, N: int, K: int, R: int, dtype: torch.dtype, override: st
 
 def _on_device(t: torch.Tensor):
     """Launch on the tensors' GPU, not whichever is current; nothing to do on the CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def lowrank_linear_fwd(x, weight, bias, A, B, scale, shrink: str | None = None):
@@ -437,8 +432,14 @@ def lowrank_linear_fwd(x, weight, bias, A, B, scale, shrink: str | None = None):
 
 def lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx, deterministic: bool = True):
     """grad_B += scale dY^T s (in place); return dX (M, K) or None. dy (M, N) and s (M, R) are
-    2-D with any strides. deterministic=False adds the dB partials with atomics instead of a
-    workspace and an ordered reduction: less memory traffic, run-to-run bit differences."""
+    2-D with any strides.
+
+    With one row tile (decode) each dB element has a single writer, so it is added in place.
+    Otherwise, by default, each row tile writes its fp32 partial to a workspace and a second
+    small kernel sums them in row-tile order: the same inputs and tuned config give the same
+    bits. The workspace costs about 4 R / BLOCK_M of dY's half-precision bytes, written and read
+    once. deterministic=False adds the partials with atomics instead: no workspace, but the fp32
+    sum order, and so the last bits, vary from run to run."""
     M, N = dy.shape
     K, R = weight.shape[1], A.shape[0]
     if M == 0:
