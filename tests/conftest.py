@@ -7,6 +7,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA, the Triton kernels run on CPU tensors under triton's interpreter. triton 3.9
+# reads TRITON_INTERPRET (triton.knobs.runtime.interpret) when @triton.jit decorates a kernel,
+# i.e. when fastcl.kernels is first imported, not at launch; so it is set here, before pytest
+# imports any test module. With CUDA the same tests run the compiled kernels. Elsewhere in the
+# suite it only changes what backends.status("triton", "cpu") reports; "auto" still picks torch
+# on the CPU (tests/test_info.py and tests/test_triton.py check that).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from helpers import tiny_model  # noqa: E402
 
 

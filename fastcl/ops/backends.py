@@ -21,7 +21,8 @@ log = logging.getLogger("fastcl")
 
 BACKENDS = ("torch", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
-# On a GPU, prefer the fused kernels; the order is the measured speed order (bench/RESULTS.md).
+# On a GPU, prefer the fused kernels. The order is the intended one, not yet a measured one:
+# bench/test_bench_lowrank_linear.py on a GPU confirms or changes it (bench/RESULTS.md).
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 
 
@@ -81,10 +82,10 @@ def _resolve_auto(device_type: str) -> str:
     for name in _AUTO_ORDER_CUDA:
         ok, reason = status(name, device_type)
         if ok:
+            why = f"first available on {device_type} in the order {', '.join(_AUTO_ORDER_CUDA)}"
             if passed_over:
-                log.info("fastcl backend auto -> %s (passed over: %s)", name, "; ".join(passed_over))
-            else:
-                log.info("fastcl backend auto -> %s", name)
+                why += f"; passed over: {'; '.join(passed_over)}"
+            log.info("fastcl backend auto -> %s (%s)", name, why)
             return name
         passed_over.append(f"{name}: {reason}")
     raise AssertionError("the torch backend is always available")

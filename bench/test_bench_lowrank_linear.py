@@ -1,0 +1,194 @@
+"""The fast-weight linear against its baselines, forward and forward+backward (pytest-benchmark).
+
+Providers, side by side in each benchmark group:
+
+    linear             nn.Linear (cuBLAS on a GPU): the base cost, no adapter
+    peft               PEFT LoRA, eager, dropout 0 (trains A and B)
+    compiled_reference fastcl.ops.reference under torch.compile (fwd; fwd then bwd)
+    fastcl_torch       the custom op, backend "torch"
+    fastcl_triton      the custom op, backend "triton" (GPU only)
+
+Shapes: Llama-3-8B and SmolLM2-135M projections, ranks 8/16/64, M in {1, 16, 2048, 8192}.
+Forward+backward takes dX (the served path needs it) and the adapter's gradient.
+
+On a GPU (bf16) the whole matrix runs; it is long (every compiled_reference case compiles once),
+so select with -k, e.g. `-k "fwd and 4096x14336"`. On a CPU (fp32) only the SmolLM2 shapes at
+M <= 16 and r = 16 run, with few rounds, so the file stays quick; everything else is skipped
+with the reason. Run:
+
+    .venv/bin/python -m pytest bench/test_bench_lowrank_linear.py --benchmark-group-by=group \
+        --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last-run.json
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastcl.ops import backends, lowrank_linear, reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+# (d_in, d_out)
+LLAMA3_8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+SMOLLM2_135M = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
+RANKS = [8, 16, 64]
+ROWS = [1, 16, 2048, 8192]
+PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_triton"]
+CPU_RANK, CPU_MAX_M = 16, 16
+
+
+def skip_reason(provider: str, d_in: int, d_out: int, r: int, M: int) -> str | None:
+    if provider == "fastcl_triton":
+        ok, why = backends.status("triton", DEVICE)
+        if not CUDA:
+            return "fastcl_triton needs a CUDA device: no GPU here (TRITON_INTERPRET is for correctness, not speed)"
+        if not ok:
+            return f"fastcl_triton unavailable: {why}"
+    if provider == "peft":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            return "peft is not installed (pip install -e '.[test]')"
+    if not CUDA:
+        if (d_in, d_out) in LLAMA3_8B:
+            return "Llama-3-8B shape: GPU-sized, skipped in the CPU run"
+        if M > CPU_MAX_M:
+            return f"M={M}: GPU-sized, the CPU run keeps M <= {CPU_MAX_M}"
+        if r != CPU_RANK:
+            return f"r={r}: the CPU run keeps r={CPU_RANK}; the GPU run sweeps {RANKS}"
+    return None
+
+
+class Problem:
+    """One (shape, rank, M) case: inputs shared by every provider."""
+
+    def __init__(self, d_in, d_out, r, M):
+        g = torch.Generator().manual_seed(0)
+        on = dict(device=DEVICE)
+        self.x = torch.randn(M, d_in, generator=g).to(DTYPE).to(**on)
+        self.W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(DTYPE).to(**on)
+        self.b = None  # Llama projections have no bias
+        self.A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(DTYPE).to(**on)
+        self.B = (torch.randn(d_out, r, generator=g) * 0.01).to(**on).requires_grad_()
+        self.grad_B = torch.zeros(d_out, r, **on)
+        self.dy = torch.randn(M, d_out, generator=g).to(DTYPE).to(**on)
+        self.scale = 1.0
+        self.r = r
+
+    def linear(self):
+        layer = nn.Linear(self.W.shape[1], self.W.shape[0], bias=False, device=DEVICE, dtype=DTYPE)
+        layer.weight.data.copy_(self.W)
+        layer.requires_grad_(False)
+        return layer
+
+    def peft(self):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        class Holder(nn.Module):
+            def __init__(self, proj):
+                super().__init__()
+                self.proj = proj
+
+            def forward(self, x):
+                return self.proj(x)
+
+        config = LoraConfig(r=self.r, lora_alpha=self.r, lora_dropout=0.0, target_modules=["proj"])
+        model = inject_adapter_in_model(config, Holder(self.linear())).to(device=DEVICE, dtype=DTYPE)
+        return model
+
+
+def make_call(provider: str, p: Problem, mode: str):
+    """A no-argument callable running one forward (mode "fwd") or forward+backward ("fwd_bwd")."""
+    x_leaf = p.x.clone().requires_grad_(mode == "fwd_bwd")
+
+    if provider in ("linear", "peft"):
+        module = p.linear() if provider == "linear" else p.peft()
+
+        def forward():
+            return module(x_leaf)
+
+    elif provider in ("fastcl_torch", "fastcl_triton"):
+        backend = provider.split("_")[1]
+
+        def forward():
+            return lowrank_linear(x_leaf, p.W, p.b, p.A, p.B, p.grad_B, p.scale, backend=backend)
+
+    elif provider == "compiled_reference":
+        torch._dynamo.reset()  # each case compiles for its own static shapes
+        if mode == "fwd":
+            compiled = torch.compile(reference.lowrank_linear_fwd, dynamic=False)
+
+            def run():
+                return compiled(p.x, p.W, p.b, p.A, p.B.detach(), p.scale)
+        else:
+            def step(x, W, A, B, grad_B, dy):
+                y, s = reference.lowrank_linear_fwd(x, W, None, A, B, p.scale)
+                return y, reference.lowrank_linear_bwd(dy, s, W, A, B, grad_B, p.scale, True)
+
+            compiled = torch.compile(step, dynamic=False)
+
+            def run():
+                return compiled(p.x, p.W, p.A, p.B.detach(), p.grad_B, p.dy)
+        return _synced(run)
+    else:
+        raise ValueError(provider)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return forward()
+    else:
+        def run():
+            y = forward()
+            y.backward(p.dy)
+            return y
+    return _synced(run)
+
+
+def _synced(fn):
+    if not CUDA:
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _label(d_in, d_out):
+    return f"{d_in}x{d_out}"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("d_in,d_out", LLAMA3_8B + SMOLLM2_135M, ids=[_label(*s) for s in LLAMA3_8B + SMOLLM2_135M])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_lowrank_linear(benchmark, mode, d_in, d_out, r, M, provider):
+    reason = skip_reason(provider, d_in, d_out, r, M)
+    if reason:
+        pytest.skip(reason)
+    p = Problem(d_in, d_out, r, M)
+    run = make_call(provider, p, mode)
+    run()  # compile / autotune / allocate outside the timing
+    benchmark.group = f"{mode} {_label(d_in, d_out)} r={r} M={M}"
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if CUDA else "cpu",
+        dtype=str(DTYPE),
+        adapter_flop_share=r * (d_in + d_out) / (d_in * d_out),
+    )
+    if provider == "fastcl_triton":
+        from fastcl.kernels.lowrank_linear import shrink_plan
+
+        plan = shrink_plan(M, d_out, d_in, r, DTYPE)
+        benchmark.extra_info["forward_plan"] = ("split: " if plan.split else "fused: ") + plan.why
+    if CUDA:
+        benchmark(run)
+    else:
+        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
