@@ -17,6 +17,6 @@ from .patcher import PatchReport, patch, unpatch
 
 __all__ = [
     "BackendUnavailable", "ConsolidationError", "FastLinear", "FastclError", "InputError", "Learner",
-    "LearnerConfig", "PatchError", "PatchReport", "ReplicaMismatchError", "StateFileError", "__version__", "info", "models",
-    "patch", "unpatch",
+    "LearnerConfig", "PatchError", "PatchReport", "ReplicaMismatchError", "StateFileError", "__version__", "info",
+    "models", "patch", "unpatch",
 ]
