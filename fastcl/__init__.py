@@ -9,7 +9,7 @@ from . import models
 from ._version import __version__
 from .config import LearnerConfig
 from .errors import (BackendUnavailable, ConsolidationError, FastclError, InputError, PatchError,
-                     StateFileError)
+                     ReplicaMismatchError, StateFileError)
 from .info import info
 from .layers import FastLinear
 from .learner import Learner
@@ -17,6 +17,6 @@ from .patcher import PatchReport, patch, unpatch
 
 __all__ = [
     "BackendUnavailable", "ConsolidationError", "FastLinear", "FastclError", "InputError", "Learner",
-    "LearnerConfig", "PatchError", "PatchReport", "StateFileError", "__version__", "info", "models",
-    "patch", "unpatch",
+    "LearnerConfig", "PatchError", "PatchReport", "ReplicaMismatchError", "StateFileError", "__version__", "info",
+    "models", "patch", "unpatch",
 ]

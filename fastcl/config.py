@@ -24,6 +24,9 @@ class LearnerConfig:
     targets: Optional[Sequence[str]] = None
     exclude: Optional[Sequence[str]] = None
     keep_rollback: bool = True  # keep a copy of the merged weights so rollback() is exact
+    # Replicas (fastcl.distributed): None all-reduces the accumulators in every step(); N lets each
+    # replica step on its own traffic and averages the replicas every N steps.
+    sync_every: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -39,6 +42,9 @@ class LearnerConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.sync_every is not None and (not isinstance(self.sync_every, int) or isinstance(self.sync_every, bool)
+                                            or self.sync_every < 1):
+            raise ValueError(f"sync_every must be None (synchronous) or a positive integer, got {self.sync_every!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 

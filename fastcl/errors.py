@@ -23,3 +23,11 @@ class ConsolidationError(FastclError):
 
 class StateFileError(FastclError):
     """A state file is corrupt, truncated or belongs to another model."""
+
+
+class ReplicaMismatchError(FastclError):
+    """Replicas that must hold identical state do not; `ranks` lists those off the majority."""
+
+    def __init__(self, message: str, ranks=()):
+        super().__init__(message)
+        self.ranks = list(ranks)

@@ -15,9 +15,9 @@ import torch.nn as nn
 from . import state as state_io
 from .config import LearnerConfig
 from .consolidation import ConsolidationReport, Snapshot, check_mergeable, write_merge
-from .errors import ConsolidationError, FastclError
+from .distributed import Replicas
 from .batching import as_rows, prompt_response_batch
-from .errors import InputError
+from .errors import ConsolidationError, FastclError, InputError
 from .inputs import Weight, as_weight, check_vocabulary, validate_request
 from .layers import FastLinear
 from .loss import distillation_loss, next_token_loss
@@ -42,7 +42,7 @@ class Learner:
     """Returned by fastcl.patch(); also reachable as model.fastcl."""
 
     def __init__(self, model: nn.Module, modules: dict[str, FastLinear], config: LearnerConfig,
-                 report: PatchReport, original_requires_grad: dict[str, bool]):
+                 report: PatchReport, original_requires_grad: dict[str, bool], process_group=None):
         self.model = model
         self.modules = modules
         self.config = config
@@ -54,6 +54,7 @@ class Learner:
         self._attached = True
         self._vocab_size = model.get_input_embeddings().num_embeddings
         self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        self.replicas = Replicas(self, process_group)  # learning together over torch.distributed
 
     # ----------------------------------------------------------------- serving and learning
     def observe(self, input_ids, attention_mask=None, loss_mask=None, weight: Weight = 1.0, **model_kwargs):
@@ -134,16 +135,23 @@ class Learner:
         The gradient is the accumulated sum divided by the number of tokens accumulated. Returns
         False (and changes nothing but the cleared accumulators) if there was nothing to apply or
         an accumulator held NaN/inf; the latter is counted in stats()["skipped_steps"].
+        With replicas this is a collective that every replica calls, with or without tokens: the
+        sums and token counts of all replicas are applied (see fastcl.distributed).
         """
         self._check_attached()
-        n = self.counters.tokens_pending
+        applied = self._apply_accumulators()
+        self.replicas.after_step()  # asynchronous mode: average the replicas every sync_every steps
+        return applied
+
+    def _apply_accumulators(self) -> bool:
+        n, finite = self.replicas.reduce_accumulators(self.counters.tokens_pending)
         if n == 0:
             return False
-        grads = [m.grad_B for m in self.modules.values()]
-        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not finite:
             bad = [name for name, m in self.modules.items() if not torch.isfinite(m.grad_B).all()]
-            log.warning("fastcl step skipped: NaN/inf in the accumulators of %d layers (first: %s); "
-                        "%d tokens dropped", len(bad), bad[0], n)
+            if bad:  # else another replica held them, and fastcl.distributed said which
+                log.warning("fastcl step skipped: NaN/inf in the accumulators of %d layers (first: %s); "
+                            "%d tokens dropped", len(bad), bad[0], n)
             self._clear_accumulators()
             self.counters.skipped_steps += 1
             return False
@@ -166,6 +174,7 @@ class Learner:
         yet stepped belong to the old projection and are dropped (reported).
         """
         self._check_attached()
+        self.replicas.before_consolidate()  # asynchronous replicas average first: all merge the same B
         start = time.perf_counter()
         live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
         check_mergeable(live)
@@ -174,8 +183,10 @@ class Learner:
         max_abs, relative = write_merge(live)
         self.counters.consolidations += 1
         self._set_epoch(self.counters.epoch + 1)
-        return ConsolidationReport(self.counters.epoch, len(live), max_abs, relative, discarded,
-                                   time.perf_counter() - start)
+        report = ConsolidationReport(self.counters.epoch, len(live), max_abs, relative, discarded,
+                                     time.perf_counter() - start)
+        self.replicas.after_consolidate()  # with replicas: check they hold bit-identical weights
+        return report
 
     def rollback(self) -> None:
         """Restore the weights, fast weights, projection and optimizer exactly as before the last
@@ -208,9 +219,19 @@ class Learner:
         state_io.save(self, path, include_weights)
 
     def load(self, path) -> None:
-        """Restore a state written by save(); refuses, changing nothing, if it does not fit."""
+        """Restore a state written by save(); refuses, changing nothing, if it does not fit.
+
+        With replicas this is a collective: the loaded state is then checked against the group
+        (the other replicas call verify_replicas()), and a mismatch raises ReplicaMismatchError.
+        """
         self._check_attached()
         state_io.load(self, path)
+        self.replicas.after_load()
+
+    def verify_replicas(self) -> None:
+        """Check that every replica holds the same state (a collective; see Replicas.verify)."""
+        self._check_attached()
+        self.replicas.verify()
 
     def stats(self) -> dict:
         """Counters and the bytes the learner holds; the bytes never grow with tokens served."""

@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Sequence
 import torch.nn as nn
 
 from .config import LearnerConfig
+from .distributed import check_process_group
 from .errors import PatchError
 from .layers import LINEAR_TYPES, FastLinear, linear_shape
 
@@ -147,11 +148,15 @@ def patch(
     `targets` and `exclude` take names or regexes, matched against the qualified name or its last
     component. The base model's parameters are frozen (and unfrozen again by unpatch).
     backend="auto" defers to the FASTCL_BACKEND environment variable when it is set.
+    process_group= (see fastcl.distributed): None learns with the default torch.distributed group
+    when one is initialised, a ProcessGroup learns with that group, False learns alone.
     """
     from .learner import Learner  # the learner imports the patcher's report type
 
     if backend == "auto":
         backend = os.environ.get("FASTCL_BACKEND", "auto")
+    # Not part of the config: a group is neither saved nor compared between replicas.
+    process_group = check_process_group(options.pop("process_group", None))
     config = LearnerConfig(rank=rank, targets=targets, backend=backend, seed=seed, lr=lr, **options)
     _refuse_if_wrapped(model)
     report = plan(model, config)
@@ -170,7 +175,7 @@ def patch(
     model.requires_grad_(False)
     for name, module in fast.items():
         _set_submodule(model, name, module)
-    learner = Learner(model, fast, config, report, requires_grad)
+    learner = Learner(model, fast, config, report, requires_grad, process_group)
     model.fastcl = learner
     return learner
 

@@ -1,0 +1,365 @@
+"""Replicas: serving replicas that learn together over torch.distributed.
+
+Every replica serves its own traffic and accumulates, per patched layer, the d_out x r sum of
+per-token low-rank gradients. A is regenerated from the shared (seed, layer, epoch) and never
+sent, so only those accumulators travel: about r / d_in of a full-gradient all-reduce.
+
+Synchronous mode (the default, config.sync_every=None). Inside step(), every replica sends
+
+  1. its token count and a "my accumulators hold NaN/inf" flag (one all_gather of 2 int64), then
+  2. all its accumulators packed in one flat fp32 buffer (one all_reduce, SUM), unless step 1
+     showed that nobody has tokens or somebody has NaN/inf, in which case every replica skips
+     it and returns the same answer.
+
+Each replica then divides the summed accumulators by the summed token count. That is DDP's
+average (the mean over replicas of their sums, divided by the mean over replicas of their
+token counts: the 1/world factors cancel) and it is exactly what one learner that observed the
+concatenated traffic computes, sum of per-token gradients / number of tokens, so a replica that
+saw ten times more tokens weighs ten times more, as its tokens would in one learner. Every
+replica receives the same reduced bits from the all-reduce (the property DDP relies on too), so
+the optimizer updates identical B from identical gradients and the replicas stay bit-identical;
+consolidate() then folds identical c B A into identical W.
+
+Asynchronous mode (config.sync_every=N). step() applies only this replica's accumulators, with
+no communication, so each replica learns from its own traffic at once; every N step() calls
+(and before consolidate() and verify()) the replicas average their fast weights B and
+optimizer moments, weighted by the tokens each applied since the last sync. With plain SGD and
+N=1 this equals synchronous mode; otherwise it trades an error (measured by
+bench/bench_distributed.py) for N times fewer, 3 times larger (B and the two Adam moments)
+messages.
+
+step(), consolidate(), verify() and, in a group, load() are collectives: every replica must
+call them in the same order, also a replica that saw no traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+
+from .errors import FastclError, ReplicaMismatchError
+from .state import weight_checksum
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from .learner import Learner
+
+log = logging.getLogger("fastcl")
+
+# Optimizer state tensors shaped like B that asynchronous mode averages; fixed per optimizer so
+# that every replica packs the same layout even before its first step created the state.
+_MOMENTS = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ()}
+# Config fields that may differ between replicas without making their states differ.
+_LOCAL_CONFIG = ("backend", "keep_rollback")
+# What verify() compares per layer, in the order of the names used in its error.
+_PER_LAYER = ("weights", "fast weights (B)", "projection (A)", "optimizer state")
+
+
+@dataclass
+class ReplicaStats:
+    collectives: int = 0  # calls into torch.distributed made by this replica
+    bytes_sent: int = 0  # payload bytes handed to those calls by this replica
+    syncs: int = 0  # group-wide applications (sync mode: steps; async: averagings)
+    verifications: int = 0
+
+
+class Replicas:
+    """The link between one learner and its replicas (learner.replicas).
+
+    process_group: None uses the default group whenever torch.distributed is initialised (looked
+    up at each call, so the group may be initialised after patch()); a ProcessGroup uses that
+    group; False never communicates, for processes that initialise torch.distributed for other
+    reasons (tensor-parallel serving) while each learner learns alone.
+    """
+
+    def __init__(self, learner: "Learner", process_group: Union[None, bool, "dist.ProcessGroup"] = None):
+        self.learner = learner
+        self.process_group = check_process_group(process_group)
+        self.stats = ReplicaStats()
+        self.refusal: Optional[str] = None  # set when verify() found this replica off the group's state
+        self._tokens_since_sync = 0  # async mode: tokens this replica applied since the last average
+        self._calls_since_sync = 0  # async mode: step() calls since the last average
+
+    # ----------------------------------------------------------------- the group
+    @property
+    def group(self):
+        """The process group in use, or None when this learner learns alone."""
+        if self.process_group is False:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.process_group is not None:
+                raise FastclError("a process_group was given to patch() but torch.distributed is not initialised")
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    @property
+    def world_size(self) -> int:
+        group = self.group
+        return 1 if group is None else _dist().get_world_size(group)
+
+    @property
+    def rank(self) -> int:
+        group = self.group
+        return 0 if group is None else _dist().get_rank(group)
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.learner.config.sync_every is not None
+
+    # ----------------------------------------------------------------- hooks called by the learner
+    def reduce_accumulators(self, tokens: int) -> tuple[int, bool]:
+        """Called at the top of step() with this replica's pending token count.
+
+        Returns (tokens, finite) for the step to apply; in a synchronous group the accumulators
+        then hold the group's sums and `tokens` is the group's count, identical on every replica.
+        """
+        grads = [m.grad_B for m in self.learner.modules.values()]
+        group = self.group
+        if group is not None:
+            self._refuse_if_off_group()
+        if group is None or self.asynchronous:
+            finite = tokens == 0 or _all_finite(grads)
+            if self.asynchronous and tokens and finite:
+                self._tokens_since_sync += tokens
+            return tokens, finite
+        local_finite = tokens == 0 or _all_finite(grads)
+        table = self._all_gather_ints([tokens, 0 if local_finite else 1], group)
+        total = int(table[:, 0].sum())
+        not_finite = table[:, 1].nonzero().flatten().tolist()
+        if total == 0:
+            return 0, True
+        if not_finite:
+            # Decided from the gathered flags, so every replica skips together; the reduce is not sent.
+            log.warning("fastcl step skipped on every replica: NaN/inf in the accumulators of rank(s) %s; "
+                        "%d tokens dropped", not_finite, total)
+            return total, False
+        self._all_reduce_sum(grads, group)
+        self.stats.syncs += 1
+        # A sum of finite values can still overflow; every replica holds the same reduced bits,
+        # so this check decides the same way everywhere.
+        return total, _all_finite(grads)
+
+    def after_step(self) -> None:
+        """Called at the end of every step(), applied or not: the asynchronous schedule."""
+        if not self.asynchronous or self.group is None:
+            return
+        self._calls_since_sync += 1
+        if self._calls_since_sync >= self.learner.config.sync_every:
+            self.sync()
+
+    def before_consolidate(self) -> None:
+        if self.group is None:
+            return
+        self._refuse_if_off_group()
+        if self.asynchronous:
+            self.sync()  # every replica must merge the same B
+
+    def after_consolidate(self) -> None:
+        if self.group is not None:
+            self.verify()
+
+    def after_load(self) -> None:
+        self._tokens_since_sync = 0
+        self._calls_since_sync = 0
+        if self.group is not None:
+            self.verify()
+
+    # ----------------------------------------------------------------- asynchronous mode
+    @torch.no_grad()
+    def sync(self) -> bool:
+        """Average B and the optimizer moments over the replicas, weighted by the tokens each
+        applied since the last sync (a replica that learned nothing has weight 0 and takes the
+        others' state). A collective; a no-op without a group or in synchronous mode, where
+        replicas never drift. Returns True if anything was averaged."""
+        group = self.group
+        if group is None or not self.asynchronous:
+            return False
+        learner = self.learner
+        params = [m.B for m in learner.modules.values()]
+        moments = _MOMENTS[learner.config.optimizer]
+        my_step = max((int(learner.optimizer.state[p]["step"]) for p in params
+                       if "step" in learner.optimizer.state.get(p, {})), default=0)
+        table = self._all_gather_ints([self._tokens_since_sync, my_step], group)
+        total = int(table[:, 0].sum())
+        self._calls_since_sync = 0
+        if total == 0:
+            return False  # nobody changed anything since the last sync
+        weight = self._tokens_since_sync / total
+        tensors = []
+        for p in params:
+            state = learner.optimizer.state.get(p, {})
+            tensors.append(p.detach())
+            tensors += [state[key] if key in state else torch.zeros_like(p) for key in moments]
+        scaled = [t.float() * weight for t in tensors]
+        self._all_reduce_sum(scaled, group)
+        step = int(table[:, 1].max())
+        for i, p in enumerate(params):
+            chunk = scaled[i * (1 + len(moments)):(i + 1) * (1 + len(moments))]
+            p.copy_(chunk[0])
+            if moments:
+                state = learner.optimizer.state[p]
+                old_step = state.get("step")
+                for key, value in zip(moments, chunk[1:]):
+                    state[key] = value.to(p.dtype)
+                # Adam's bias correction uses the step count: take the furthest replica's.
+                state["step"] = (torch.tensor(float(step), dtype=old_step.dtype, device=old_step.device)
+                                 if isinstance(old_step, torch.Tensor) else torch.tensor(float(step)))
+        for m in learner.modules.values():
+            m.b_is_zero = m.b_is_zero and not bool(m.B.any())
+        self._tokens_since_sync = 0
+        self.stats.syncs += 1
+        return True
+
+    # ----------------------------------------------------------------- verification
+    def verify(self) -> None:
+        """Check with a checksum exchange that every replica holds the same state.
+
+        Compares the patched layer set, the config (all but backend and keep_rollback), the
+        projection epoch, and per layer the exact checksums of W, B, A and the optimizer state.
+        On a mismatch every replica raises ReplicaMismatchError naming the ranks and what
+        differs; the ranks outside the majority (ties go to the group holding the lowest rank)
+        also refuse step() and consolidate() until a load() that verifies. Accumulators and
+        traffic counters are per replica and not compared. A collective; a no-op alone.
+        """
+        group = self.group
+        if group is None:
+            return
+        self.sync()  # asynchronous replicas differ between syncs by design
+        learner = self.learner
+        self.stats.verifications += 1
+        layout = [[name, m.out_features, m.in_features, str(m.weight.dtype)] for name, m in learner.modules.items()]
+        config = {k: v for k, v in learner.config.to_dict().items() if k not in _LOCAL_CONFIG}
+        header = [_digest(layout), _digest(config), learner.counters.epoch]
+        table = self._all_gather_ints(header, group)
+        problem = _first_difference(table, ["patched layers", "config", "projection epoch"])
+        if problem is None:
+            # Same layout everywhere, so the per-layer tables have the same size on every rank.
+            names = list(learner.modules)
+            table = self._all_gather_ints([c for m in learner.modules.values() for c in self._layer_checksums(m)], group)
+            problem = _first_difference(table, [f"{kind} at {name}" for name in names for kind in _PER_LAYER])
+        if problem is None:
+            self.refusal = None
+            return
+        ranks, majority, field = problem
+        me = self.rank
+        message = (f"replica state mismatch: rank(s) {ranks} of {table.shape[0]} differ from the group "
+                   f"(held by rank(s) {majority}) in {field}")
+        if me in ranks:
+            self.refusal = (f"{message}; this replica (rank {me}) refuses to step or consolidate until it loads "
+                            "the group's state (learner.load) and the check passes")
+            raise ReplicaMismatchError(self.refusal, ranks=ranks)
+        raise ReplicaMismatchError(f"{message}; this replica (rank {me}) agrees with the majority", ranks=ranks)
+
+    def _layer_checksums(self, module) -> list[int]:
+        state = self.learner.optimizer.state.get(module.B, {})
+        optim = [[key, weight_checksum(value) if isinstance(value, torch.Tensor) and value.dim()
+                  else None if value is None else float(value)] for key, value in sorted(state.items())]
+        return [weight_checksum(module.weight), weight_checksum(module.B), weight_checksum(module.A), _digest(optim)]
+
+    def _refuse_if_off_group(self) -> None:
+        if self.refusal is not None:
+            raise ReplicaMismatchError(self.refusal)
+
+    # ----------------------------------------------------------------- transport
+    def _device(self, group) -> torch.device:
+        backend = _dist().get_backend(group)
+        if backend == "gloo":
+            return torch.device("cpu")
+        if backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return self.learner.device
+
+    def _all_gather_ints(self, values: list[int], group) -> torch.Tensor:
+        """Every replica's `values` as a (world, len) int64 table on the CPU."""
+        dist = _dist()
+        mine = torch.tensor(values, dtype=torch.int64, device=self._device(group))
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(rows, mine, group=group)
+        self.stats.collectives += 1
+        self.stats.bytes_sent += mine.numel() * mine.element_size()
+        return torch.stack(rows).cpu()
+
+    def _all_reduce_sum(self, tensors: list[torch.Tensor], group) -> None:
+        """Sum `tensors` over the group in place, as one flat fp32 buffer: one call, whatever the
+        number of layers (a call per layer would pay its latency hundreds of times)."""
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(self._device(group))
+        _dist().all_reduce(flat, op=_dist().ReduceOp.SUM, group=group)
+        self.stats.collectives += 1
+        self.stats.bytes_sent += flat.numel() * flat.element_size()
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def check_process_group(process_group):
+    """patch(process_group=...) takes None, False or a torch.distributed ProcessGroup."""
+    if process_group is None or process_group is False:
+        return process_group
+    dist = _dist()
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise FastclError(f"process_group takes a torch.distributed ProcessGroup, None (the default group when "
+                          f"initialised) or False (learn alone), got {process_group!r}")
+    return process_group
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _digest(value) -> int:
+    """A 63-bit digest of a JSON-able value (fits an int64 tensor)."""
+    raw = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
+    return int.from_bytes(raw[:8], "little") & (2**63 - 1)
+
+
+def _first_difference(table: torch.Tensor, fields: list[str]) -> Optional[tuple[list[int], list[int], str]]:
+    """(ranks off the majority row, ranks holding it, what differs) or None if all rows agree.
+
+    The majority row is the reference (ties: the one held by the lowest rank). `what` names the
+    first differing field and counts the others."""
+    rows = [tuple(r) for r in table.tolist()]
+    if len(set(rows)) == 1:
+        return None
+    counts = {row: rows.count(row) for row in rows}
+    reference = max(rows, key=lambda row: (counts[row], -rows.index(row)))
+    majority = [i for i, row in enumerate(rows) if row == reference]
+    ranks = [i for i, row in enumerate(rows) if row != reference]
+    cols = [c for c in range(len(fields)) if any(row[c] != reference[c] for row in rows)]
+    what = fields[cols[0]] + (f" (and {len(cols) - 1} more differences)" if len(cols) > 1 else "")
+    return ranks, majority, what
+
+
+def bytes_per_step(learner: "Learner", world_size: int = 2) -> dict:
+    """Payload bytes one replica hands to torch.distributed per synchronous step, from the real
+    patched modules, against a full-gradient all-reduce of the same layers (fp32 gradients)."""
+    modules = list(learner.modules.values())
+    accumulators = sum(m.grad_B.numel() for m in modules) * 4
+    full = sum(m.in_features * m.out_features for m in modules) * 4
+    meta = 2 * 8  # token count and NaN/inf flag, int64
+    moments = len(_MOMENTS[learner.config.optimizer])
+    return {
+        "layers": len(modules),
+        "fastcl_sync": accumulators + meta,
+        "full_gradient": full,
+        "ratio": (accumulators + meta) / full,
+        # asynchronous mode: B and the moments every sync_every steps, plus its 2-int64 exchange
+        "async_per_sync": accumulators * (1 + moments) + meta,
+        # a ring all-reduce moves 2 (w-1)/w of the buffer per replica on the wire, for both
+        "ring_wire_factor": 2 * (world_size - 1) / world_size,
+    }
