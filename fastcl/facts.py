@@ -71,10 +71,12 @@ class Fact:
 
 
 def _company_names(rng: random.Random, n: int) -> list[str]:
-    names: set[str] = set()
+    names: list[str] = []  # a list, not a set: set order changes with the process's hash seed
     while len(names) < n:
-        names.add(f"{rng.choice(PREFIX)}{rng.choice(SUFFIX)} {rng.choice(KIND)}")
-    return sorted(names, key=lambda _: rng.random())
+        name = f"{rng.choice(PREFIX)}{rng.choice(SUFFIX)} {rng.choice(KIND)}"
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def fact_stream(n_companies: int = 20, seed: int = 0, n_options: int = 5) -> list[Fact]:
