@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastcl.errors import BackendUnavailable
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 
@@ -297,3 +299,15 @@ def test_pure_wheel_builds_installs_and_reports_why_cuda_is_unavailable(tmp_path
     assert cuda["reason"] == f"fastcl._C was not built: torch {torch.__version__} is a CPU build"
     build = report["info"]["build"]
     assert build["cuda_extension"] is False and build["version"] == "0.1.0+cpu" and build["torch"] == torch.__version__
+
+
+def test_backend_cuda_names_why_the_extension_is_missing():
+    from fastcl.ops import backends, cuda_backend
+
+    if importlib.util.find_spec("fastcl._C") is not None:
+        pytest.skip("fastcl._C is built in this checkout")
+    assert cuda_backend.UNAVAILABLE_REASON.startswith("fastcl._C was not built: ")
+    available, reason = backends.status("cuda", "cpu")
+    assert not available and reason == cuda_backend.UNAVAILABLE_REASON
+    with pytest.raises(BackendUnavailable, match="fastcl._C was not built"):
+        backends.resolve("cuda", "cpu")
