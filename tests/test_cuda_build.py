@@ -240,6 +240,18 @@ def test_invalid_local_version_label_is_refused(monkeypatch):
         SETUP.local_version(True, "12.4")
 
 
+def test_build_switch_on_cpu_torch(monkeypatch):
+    if torch.version.cuda is not None:
+        pytest.skip("torch here has CUDA")
+    monkeypatch.delenv("FASTCL_BUILD_CUDA", raising=False)
+    assert SETUP.cuda_build_wanted() == (False, f"torch {torch.__version__} is a CPU build")
+    monkeypatch.setenv("FASTCL_BUILD_CUDA", "0")
+    assert SETUP.cuda_build_wanted() == (False, "FASTCL_BUILD_CUDA=0")
+    monkeypatch.setenv("FASTCL_BUILD_CUDA", "1")
+    with pytest.raises(SystemExit, match="FASTCL_BUILD_CUDA=1 but the CUDA extension cannot be built: .*CPU build"):
+        SETUP.cuda_build_wanted()
+
+
 def test_base_version_is_the_package_version():
     import fastcl
 
