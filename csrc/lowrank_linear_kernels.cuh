@@ -14,7 +14,9 @@
 // that is  out[M, P] = in[M, Q] Wm[Q, P] + bias + c (in[M, Q] S[Q, r]) E[r, P].
 // The r sketch columns ride beside the GEMM's column tile in the same reduction loop, so `in`
 // is read once for both; each block keeps its (in S) rows in fp32 and applies E in the
-// epilogue. The backward also adds c dY^T s into grad_B from the dY tiles it has already
+// epilogue. Every column block recomputes the sketch of its rows: round_up(r, 16) / 64 extra
+// tensor-core work (a quarter at r <= 16), traded for no second pass over `in` and no
+// dependency between blocks. Whether the trade wins is for the benchmark to say. The backward also adds c dY^T s into grad_B from the dY tiles it has already
 // loaded, so dY is read once for dX and dB together (DESIGN.md: "one pass").
 #pragma once
 
@@ -138,6 +140,8 @@ template <typename T, typename TS, typename TE> struct TiledParams {
 // zero-filling outside [0, row_limit) x [0, col_limit), so the multiply needs no bounds
 // checks and padding rows and rank columns contribute exact zeros. Consecutive threads walk
 // along whichever dimension is contiguous in global memory, so a warp's loads coalesce.
+// One element per load keeps this correct for any stride and alignment; 16-byte vector loads
+// (and cp.async) are the first optimisation to try once a GPU profile shows the cost.
 template <typename TDst, typename TSrc>
 __device__ __forceinline__ void load_tile(TDst* dst, int ld_dst, const TSrc* src, int64_t s_row, int64_t s_col,
                                           int row0, int col0, int row_limit, int col_limit, int rows, int cols) {
