@@ -2,21 +2,63 @@
 
 FASTCL_BUILD_CUDA=1 requires the extension, =0 never builds it, unset builds it when torch has
 CUDA and nvcc is found. TORCH_CUDA_ARCH_LIST chooses the architectures (default "8.0;9.0a").
+FASTCL_LOCAL_VERSION sets the wheel's local version label (fastcl-0.1.0+<label>); unset, a
+CUDA build is labelled after torch's CUDA ("cu124"), a pure build gets no label.
 The Triton kernels live in kernels/ and install as fastcl.kernels.
+
+The helpers are importable without building (tests/test_cuda_build.py compiles csrc/ with the
+same sources and flags on a machine without a GPU); setup() runs only as a script, which is
+how pip and setuptools' PEP 517 backend run this file.
 """
 
+import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
-
 ROOT = Path(__file__).parent
 DEFAULT_ARCHS = "8.0;9.0a"
+# On top of what torch's BuildExtension adds itself (COMMON_NVCC_FLAGS, -std=c++20, -fPIC and
+# the -gencode flags of TORCH_CUDA_ARCH_LIST). No --use_fast_math: the kernels have nothing
+# transcendental to speed up, and its flush-to-zero would make the fp32 path differ from the
+# reference on denormals. -lineinfo lets compute-sanitizer name source lines.
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+CXX_FLAGS = ["-O3"]
+# PEP 440 local version label: alphanumerics separated by dots.
+_LOCAL_LABEL = re.compile(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*")
 
 
-def _cuda_build_wanted():
+def cuda_sources():
+    """The extension's translation units: kernels and launchers (.cu), the torch binding (.cpp)."""
+    csrc = ROOT / "csrc"
+    return [str(p.relative_to(ROOT)) for p in sorted(csrc.glob("*.cu")) + sorted(csrc.glob("*.cpp"))]
+
+
+def base_version():
+    text = (ROOT / "fastcl" / "_version.py").read_text()
+    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
+
+
+def local_version(built_cuda, cuda_version):
+    """The label after '+': FASTCL_LOCAL_VERSION if set (empty for none), else cuXYZ for a CUDA
+    build (the convention of torch's own wheels), else none."""
+    label = os.environ.get("FASTCL_LOCAL_VERSION")
+    if label is None:
+        label = "cu" + cuda_version.replace(".", "") if built_cuda and cuda_version else ""
+    if label and not _LOCAL_LABEL.fullmatch(label):
+        sys.exit(f"FASTCL_LOCAL_VERSION={label!r} is not a PEP 440 local version label "
+                 "(letters and digits, separated by dots, e.g. cu124 or cu124.torch213)")
+    return label
+
+
+def package_version(label):
+    return base_version() + (f"+{label}" if label else "")
+
+
+def cuda_build_wanted():
+    """(build the extension?, why not)."""
     flag = os.environ.get("FASTCL_BUILD_CUDA")
     if flag == "0":
         return False, "FASTCL_BUILD_CUDA=0"
@@ -37,51 +79,53 @@ def _cuda_build_wanted():
     return False, reason
 
 
-def _write_build_info(built_cuda, reason, archs):
-    import json
-
+def _torch_versions():
     try:
         import torch
-
-        torch_version, cuda_version = torch.__version__, torch.version.cuda
     except ImportError:
-        torch_version = cuda_version = None
-    info = {
-        "cuda_extension": built_cuda,
+        return None, None
+    return torch.__version__, torch.version.cuda
+
+
+def _write_build_info(info):
+    text = json.dumps(info, indent=4).replace("null", "None").replace("true", "True").replace("false", "False")
+    (ROOT / "fastcl" / "_build_info.py").write_text(
+        '"""Written by setup.py: what this build of fastcl was built with."""\n' f"BUILD_INFO = {text}\n"
+    )
+
+
+def main():
+    from setuptools import setup
+
+    built, reason = cuda_build_wanted()
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    torch_version, cuda_version = _torch_versions()
+    version = package_version(local_version(built, cuda_version))
+    _write_build_info({
+        "version": version,
+        "cuda_extension": built,
         "cuda_extension_reason": reason,
         "torch": torch_version,
         "cuda": cuda_version,
-        "arch_list": archs if built_cuda else None,
-    }
-    (ROOT / "fastcl" / "_build_info.py").write_text(
-        '"""Written by setup.py: what this build of fastcl was built with."""\n'
-        f"BUILD_INFO = {json.dumps(info, indent=4)}\n".replace("null", "None").replace("true", "True").replace("false", "False")
-    )
+        "arch_list": archs if built else None,
+    })
+    ext_modules, cmdclass = [], {}
+    if built:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-
-def _extensions():
-    built, reason = _cuda_build_wanted()
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    _write_build_info(built, reason, archs)
-    if not built:
+        ext_modules = [CUDAExtension("fastcl._C", cuda_sources(), extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})]
+        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    else:
         print(f"fastcl: building without the CUDA extension ({reason})")
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[pu]*"))
-    ext = CUDAExtension(
-        "fastcl._C",
-        sources,
-        extra_compile_args={"cxx": ["-O3", "-DFASTCL_WITH_CUDA_TORCH"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+    setup(
+        version=version,
+        packages=["fastcl", "fastcl.ops", "fastcl.kernels"],
+        package_dir={"fastcl": "fastcl", "fastcl.kernels": "kernels"},
+        package_data={"fastcl": ["data/*"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
-setup(
-    packages=["fastcl", "fastcl.ops", "fastcl.kernels"],
-    package_dir={"fastcl": "fastcl", "fastcl.kernels": "kernels"},
-    package_data={"fastcl": ["data/*"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":
+    main()
