@@ -24,7 +24,9 @@ def as_rows(name: str, value) -> list[list[int]]:
             return value.tolist()
         raise InputError(f"{name} must be 1-D or 2-D, got shape {tuple(value.shape)}")
     value = list(value)
-    if value and all(isinstance(v, int) for v in value):
+    if not value:
+        raise InputError(f"{name} is empty")
+    if all(isinstance(v, int) for v in value):
         return [value]
     rows = [v.tolist() if isinstance(v, torch.Tensor) else list(v) for v in value]
     for row in rows:

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 from .ops.backends import CHOICES as BACKEND_CHOICES
 
 OPTIMIZERS = ("adam", "sgd")
+OBJECTIVES = ("context_gain", "distill", "next_token")
 
 
 @dataclass
@@ -27,6 +28,16 @@ class LearnerConfig:
     # Replicas (fastcl.distributed): None all-reduces the accumulators in every step(); N lets each
     # replica step on its own traffic and averages the replicas every N steps.
     sync_every: Optional[int] = None
+    # The learn() recipe (fastcl.recipe). Defaults are the measured winner (bench/RESULTS.md).
+    objective: str = "context_gain"  # how a request with a context-free student prompt is learned
+    gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
+    passes: int = 1  # optimizer steps per scheduled step on the same requests
+    replay: int = 0  # capacity of the replay buffer, in requests (0: no replay)
+    replay_per_step: int = 0  # replayed requests added to every step
+    step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
+    consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
+    anchor_weight: float = 0.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
+    gate_tolerance: Optional[float] = None  # nats of log-likelihood the built-in gate probe may lose
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -45,6 +56,18 @@ class LearnerConfig:
         if self.sync_every is not None and (not isinstance(self.sync_every, int) or isinstance(self.sync_every, bool)
                                             or self.sync_every < 1):
             raise ValueError(f"sync_every must be None (synchronous) or a positive integer, got {self.sync_every!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("passes", "replay", "replay_per_step", "step_every", "consolidate_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "passes" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'passes' else 0}, got {value!r}")
+        if self.replay_per_step and not self.replay:
+            raise ValueError("replay_per_step needs a replay buffer: set replay= to its capacity")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
+        if self.gate_tolerance is not None and self.gate_tolerance < 0:
+            raise ValueError(f"gate_tolerance must be >= 0 or None, got {self.gate_tolerance!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 

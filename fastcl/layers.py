@@ -51,6 +51,7 @@ class FastLinear(nn.Module):
         self.register_buffer("grad_B", torch.zeros(d_out, rank, dtype=torch.float32, device=device), persistent=False)
         # Set by the learner: lets the served forward skip the adapter while B is known zero.
         self.b_is_zero = True
+        self.enabled = True  # False: behave exactly as the base layer (Learner.fast_weights_bypassed)
 
     def _projection(self, epoch: int, device) -> torch.Tensor:
         return make_projection(self.seed, self.layer_index, epoch, self.rank, self.in_features, self.weight.dtype, device)
@@ -68,7 +69,7 @@ class FastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         learning = torch.is_grad_enabled() and self.B.requires_grad
-        if self.b_is_zero and not learning:
+        if not self.enabled or (self.b_is_zero and not learning):
             return self.base(x)  # the original layer's own forward: bit-identical output
         return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -22,6 +23,7 @@ from .inputs import Weight, as_weight, check_vocabulary, validate_request
 from .layers import FastLinear
 from .loss import distillation_loss, next_token_loss
 from .patcher import PatchReport
+from .recipe import LearnReport, Recipe
 
 log = logging.getLogger("fastcl")
 
@@ -35,6 +37,7 @@ class Counters:
     skipped_steps: int = 0  # steps refused because an accumulator held NaN/inf
     consolidations: int = 0
     rollbacks: int = 0
+    gate_refusals: int = 0
     epoch: int = 0  # projection epoch: consolidations committed minus rolled back
 
 
@@ -42,7 +45,7 @@ class Learner:
     """Returned by fastcl.patch(); also reachable as model.fastcl."""
 
     def __init__(self, model: nn.Module, modules: dict[str, FastLinear], config: LearnerConfig,
-                 report: PatchReport, original_requires_grad: dict[str, bool], process_group=None):
+                 report: PatchReport, original_requires_grad: dict[str, bool], process_group=None, tokenizer=None):
         self.model = model
         self.modules = modules
         self.config = config
@@ -55,6 +58,7 @@ class Learner:
         self._vocab_size = model.get_input_embeddings().num_embeddings
         self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self.replicas = Replicas(self, process_group)  # learning together over torch.distributed
+        self.recipe = Recipe(self, tokenizer)  # learn(): replay, anchor, gate, schedule
 
     # ----------------------------------------------------------------- serving and learning
     def observe(self, input_ids, attention_mask=None, loss_mask=None, weight: Weight = 1.0, **model_kwargs):
@@ -117,13 +121,49 @@ class Learner:
             n_tokens)
         return float(token_kl.mean())
 
-    def _learn_from(self, forward, loss_fn, n_tokens: int):
-        """Run forward with grad, backpropagate loss_fn(logits) into the accumulators, count."""
+    def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight: Weight = 1.0) -> LearnReport:
+        """The one call a serving loop makes after answering a request.
+
+        prompt_ids is what the model saw (documents, earlier turns, the question); response_ids
+        what it answered. With student_prompt_ids (the same request without its context), the
+        in-context behaviour is consolidated: with the default objective "context_gain", the
+        response tokens that the context made likelier by more than gain_threshold nats are
+        learned by the context-free student. Without it, the response is learned after the
+        prompt. weight scales a request (0: ignore; negative is refused). Each argument is one
+        request or a batch (lists of ragged rows are padded). The learner then steps and
+        consolidates on its schedule (step_every, consolidate_every; 0 leaves it to the caller).
+        """
+        self._check_attached()
+        return self.recipe.learn(prompt_ids, response_ids, student_prompt_ids, weight)
+
+    def add_probe(self, score, tolerance: float, name: Optional[str] = None) -> None:
+        """Gate every consolidation on `score(model) -> float` (higher is better): a merge that
+        lowers it by more than `tolerance` below its baseline is refused and the fast weights
+        dropped. The baseline is measured the first time the gate runs, fast weights bypassed."""
+        self.recipe.gate.add(name or getattr(score, "__name__", f"probe{len(self.recipe.gate.probes)}"), score,
+                             tolerance)
+
+    @contextlib.contextmanager
+    def fast_weights_bypassed(self):
+        """Within this block every patched layer behaves exactly as the base layer."""
+        for module in self.modules.values():
+            module.enabled = False
+        try:
+            yield
+        finally:
+            for module in self.modules.values():
+                module.enabled = True
+
+    def _learn_from(self, forward, loss_fn, n_tokens):
+        """Run forward with grad, backpropagate loss_fn(logits) into the accumulators, count
+        n_tokens (an int, or a callable read after the loss, when the loss decides it)."""
         self._check_fast_weights_trainable()
         with torch.enable_grad():
             output = forward()
             loss_sum, per_token = loss_fn(output.logits)
-            loss_sum.backward()
+            if loss_sum.requires_grad:
+                loss_sum.backward()
+        n_tokens = n_tokens() if callable(n_tokens) else n_tokens
         self.counters.tokens_observed += n_tokens
         self.counters.tokens_pending += n_tokens
         self.counters.requests += 1
@@ -166,8 +206,13 @@ class Learner:
         return True
 
     # ----------------------------------------------------------------- consolidation
-    def consolidate(self) -> ConsolidationReport:
+    def consolidate(self, gate: bool = True) -> ConsolidationReport:
         """Fold scale * B A into W (fp32 maths, then cast), resample A, zero B, reset the optimizer.
+
+        With gate probes (gate_tolerance, add_probe) and gate=True, the probes score the model
+        with the live fast weights first; if one dropped more than its tolerance below its
+        baseline, nothing is merged, the fast weights are dropped and the report says so
+        (committed=False, gate=the scores).
 
         All or nothing: every merged weight is checked finite before any is written. The state
         before the call is kept so rollback() can restore it exactly. Accumulated gradients not
@@ -178,13 +223,21 @@ class Learner:
         start = time.perf_counter()
         live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
         check_mergeable(live)
+        gate = self.recipe.check_gate() if (gate and live) else None
+        if gate is not None and not gate.passed:
+            discarded = self._discard_pending("consolidate() refused by the gate")
+            log.warning("fastcl consolidation refused by the gate, fast weights dropped: %s", gate)
+            self._set_epoch(self.counters.epoch)  # same projection, B = 0, fresh optimizer
+            self.counters.gate_refusals += 1
+            return ConsolidationReport(self.counters.epoch, 0, 0.0, 0.0, discarded, time.perf_counter() - start,
+                                       committed=False, gate=gate)
         discarded = self._discard_pending("consolidate()")
         self._snapshot = self._take_snapshot(live)
         max_abs, relative = write_merge(live)
         self.counters.consolidations += 1
         self._set_epoch(self.counters.epoch + 1)
         report = ConsolidationReport(self.counters.epoch, len(live), max_abs, relative, discarded,
-                                     time.perf_counter() - start)
+                                     time.perf_counter() - start, gate=gate)
         self.replicas.after_consolidate()  # with replicas: check they hold bit-identical weights
         return report
 
@@ -248,7 +301,9 @@ class Learner:
             "rollback": nbytes(self._snapshot.weights.values()) if self._snapshot else 0,
         }
         held["total"] = sum(held.values())
-        return {**asdict(self.counters), "layers": len(modules), "bytes_held": held}
+        replay = len(self.recipe.replay)
+        return {**asdict(self.counters), "layers": len(modules), "bytes_held": held, "replay_buffer": replay,
+                "seconds": dict(self.recipe.costs), "tokens_processed": dict(self.recipe.tokens)}
 
     # ----------------------------------------------------------------- internals
     @property

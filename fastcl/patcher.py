@@ -150,6 +150,9 @@ def patch(
     backend="auto" defers to the FASTCL_BACKEND environment variable when it is set.
     process_group= (see fastcl.distributed): None learns with the default torch.distributed group
     when one is initialised, a ProcessGroup learns with that group, False learns alone.
+    tokenizer= is needed by the recipe's anchor term and built-in gate probe (they read text).
+    Recipe options (objective, passes, replay, step_every, consolidate_every, anchor_weight,
+    gate_tolerance, ...) are documented on LearnerConfig and in the README.
     """
     from .learner import Learner  # the learner imports the patcher's report type
 
@@ -157,7 +160,10 @@ def patch(
         backend = os.environ.get("FASTCL_BACKEND", "auto")
     # Not part of the config: a group is neither saved nor compared between replicas.
     process_group = check_process_group(options.pop("process_group", None))
+    tokenizer = options.pop("tokenizer", None)
     config = LearnerConfig(rank=rank, targets=targets, backend=backend, seed=seed, lr=lr, **options)
+    if tokenizer is None and (config.anchor_weight > 0 or config.gate_tolerance is not None):
+        raise PatchError("anchor_weight > 0 and gate_tolerance read shipped text: pass patch(model, tokenizer=tok, ...)")
     _refuse_if_wrapped(model)
     report = plan(model, config)
     base_modules = {name: model.get_submodule(name) for name, *_ in report.patched}
@@ -175,7 +181,7 @@ def patch(
     model.requires_grad_(False)
     for name, module in fast.items():
         _set_submodule(model, name, module)
-    learner = Learner(model, fast, config, report, requires_grad, process_group)
+    learner = Learner(model, fast, config, report, requires_grad, process_group, tokenizer)
     model.fastcl = learner
     return learner
 

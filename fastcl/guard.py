@@ -1,0 +1,144 @@
+"""The forgetting guard: an anchor term that holds general behaviour to the model as it was when
+learning started, and a consolidation gate that refuses merges which make a probe worse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+Probe = Callable[[torch.nn.Module], float]  # higher is better
+
+ANCHOR_TEXT = "anchor_text.txt"  # trains the anchor term
+GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
+
+
+def _text_ids(tokenizer, name: str) -> list[int]:
+    from .evaluate import load_text
+
+    return tokenizer(load_text(name), add_special_tokens=False)["input_ids"]
+
+
+class Anchor:
+    """KL(reference || current) on windows of general text, against the reference model's top-k
+    next-token distribution, cached once (the reference is the committed model when the anchor
+    is first used, with fast weights bypassed).
+
+    The targets are top-k only: the tail beyond k holds little mass and storing it would cost
+    vocabulary-sized rows per token.
+    """
+
+    def __init__(self, token_ids: list[int], window: int = 64, top_k: int = 32):
+        if len(token_ids) < 2:
+            raise ValueError("anchor text is too short")
+        self.windows = [token_ids[i: i + window + 1] for i in range(0, len(token_ids) - 1, window)]
+        self.windows = [w for w in self.windows if len(w) > 1]
+        self.top_k = top_k
+        self.targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        self._next = 0
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, **kwargs) -> "Anchor":
+        return cls(_text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
+
+    @torch.no_grad()
+    def prepare(self, learner) -> None:
+        if self.targets is not None:
+            return
+        self.targets = []
+        with learner.fast_weights_bypassed():
+            for window in self.windows:
+                logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0]
+                top = logits.float().log_softmax(-1).topk(self.top_k, dim=-1)
+                self.targets.append((top.indices, top.values.exp()))
+
+    def accumulate(self, learner, scale: float) -> tuple[float, int]:
+        """Add the gradient of scale * mean-token anchor loss over the next window into the
+        accumulators; return (mean KL estimate, tokens). Cross-entropy against the cached top-k
+        has the same gradient as the KL."""
+        self.prepare(learner)
+        index = self._next
+        self._next = (self._next + 1) % len(self.windows)
+        window = self.windows[index]
+        ids, probs = self.targets[index]
+        with torch.enable_grad():
+            logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0]
+            logprobs = logits.float().log_softmax(-1)
+            cross_entropy = -(probs * logprobs.gather(-1, ids)).sum(-1)
+            (cross_entropy.mean() * scale).backward()
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+            kl = float((cross_entropy.detach() - entropy).mean())
+        return kl, len(window) - 1
+
+
+def text_likelihood_probe(tokenizer, name: str = GATE_TEXT, window: int = 256) -> Probe:
+    """A probe scoring mean log-likelihood per token (nats, higher is better) on shipped text."""
+    ids = _text_ids(tokenizer, name)
+
+    @torch.no_grad()
+    def probe(model) -> float:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start: start + window + 1]], device=device)
+            if chunk.shape[1] < 2:
+                break
+            logits = model(input_ids=chunk[:, :-1]).logits[0].float()
+            total -= float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+        return total / count
+
+    probe.__name__ = f"loglik[{name}]"
+    return probe
+
+
+@dataclass
+class GateProbe:
+    name: str
+    score: Probe
+    tolerance: float  # the largest drop from the baseline that still commits
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    scores: dict = field(default_factory=dict)  # name -> {"baseline", "score", "drop", "tolerance"}
+
+    def __str__(self) -> str:
+        parts = [f"{n}: {s['score']:.4f} (baseline {s['baseline']:.4f}, drop {s['drop']:+.4f}, tol {s['tolerance']:g})"
+                 for n, s in self.scores.items()]
+        return ("passed" if self.passed else "REFUSED") + "; " + "; ".join(parts)
+
+
+class Gate:
+    """Scores every probe with the live fast weights before a merge and refuses the merge if
+    any score fell below its baseline by more than its tolerance. The baseline is measured once,
+    the first time the gate runs, on the committed weights (fast weights bypassed), so drift
+    cannot accumulate across merges beyond the tolerance."""
+
+    def __init__(self):
+        self.probes: list[GateProbe] = []
+        self.baseline: Optional[dict[str, float]] = None
+
+    def add(self, name: str, score: Probe, tolerance: float) -> None:
+        if tolerance < 0:
+            raise ValueError(f"gate tolerance must be >= 0, got {tolerance}")
+        if any(p.name == name for p in self.probes):
+            raise ValueError(f"a gate probe named {name!r} already exists")
+        self.probes.append(GateProbe(name, score, tolerance))
+        self.baseline = None  # re-measured with the new probe included
+
+    def check(self, learner) -> GateResult:
+        if self.baseline is None:
+            with learner.fast_weights_bypassed():
+                self.baseline = {p.name: float(p.score(learner.model)) for p in self.probes}
+        result = GateResult(passed=True)
+        for p in self.probes:
+            score = float(p.score(learner.model))
+            drop = self.baseline[p.name] - score
+            result.scores[p.name] = {"baseline": self.baseline[p.name], "score": score, "drop": drop,
+                                     "tolerance": p.tolerance}
+            result.passed &= drop <= p.tolerance
+        return result

@@ -1,0 +1,204 @@
+"""learn(): what a serving loop calls after answering, and the schedule around it.
+
+Per request, the first pass is the only cost on the serving path: one no-grad forward of the
+teacher (the prompt as served) and one forward+backward of the student (the prompt without its
+context). Replay, extra passes, the anchor and the gate cost extra compute, which `costs`
+records per component so the trade is visible.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .batching import as_rows, prompt_response_batch
+from .errors import InputError
+from .guard import Anchor, Gate, text_likelihood_probe
+from .inputs import as_weight, check_vocabulary
+from .loss import context_gain_loss, next_token_loss_on
+
+BUILTIN_PROBE = "general_text_loglik"
+
+
+@dataclass
+class Interaction:
+    """One served request, as learned: response tokens after the served (teacher) prompt and
+    after the context-free (student) prompt. teacher_logprobs holds, per response token, its
+    log-probability under the served prompt, fixed when the request was served."""
+
+    teacher: list[int]
+    student: Optional[list[int]]  # None: no context was removed, learn the response after `teacher`
+    response: list[int]
+    weight: float
+    teacher_logprobs: Optional[torch.Tensor] = None
+
+    @property
+    def prompt(self) -> list[int]:
+        """What the learning forward reads before the response."""
+        return self.student if self.student is not None else self.teacher
+
+
+@dataclass
+class LearnReport:
+    requests: int
+    tokens_learned: int  # response tokens that received a gradient in the first pass
+    stepped: bool = False
+    consolidation: Optional[object] = None  # a ConsolidationReport when one ran
+
+
+class Recipe:
+    """Holds the replay buffer, the anchor and the gate of one learner, and runs its schedule."""
+
+    def __init__(self, learner, tokenizer=None):
+        self.learner = learner
+        config = learner.config
+        self.replay: deque[Interaction] = deque(maxlen=config.replay or None)
+        self._rng = random.Random(config.seed)
+        self.pending: list[Interaction] = []
+        self.calls_since_step = 0
+        self.steps_since_consolidation = 0
+        self.costs: dict[str, float] = defaultdict(float)  # seconds per component
+        self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
+        self.anchor = Anchor.from_tokenizer(tokenizer) if config.anchor_weight > 0 else None
+        self.gate = Gate()
+        if config.gate_tolerance is not None:
+            self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
+
+    # ------------------------------------------------------------------ requests
+    def interactions(self, prompt_ids, response_ids, student_prompt_ids, weight) -> list[Interaction]:
+        prompts = as_rows("prompt_ids", prompt_ids)
+        responses = as_rows("response_ids", response_ids)
+        students = (as_rows("student_prompt_ids", student_prompt_ids) if student_prompt_ids is not None
+                    else [None] * len(prompts))
+        if not len(prompts) == len(responses) == len(students):
+            raise InputError(f"batch sizes differ: {len(prompts)} prompts, {len(students)} student prompts, "
+                             f"{len(responses)} responses")
+        weights = as_weight(weight, len(prompts), "cpu").tolist()
+        items = [Interaction(p, s, r, w) for p, s, r, w in zip(prompts, students, responses, weights)]
+        for name, rows in (("prompt_ids", prompts), ("student_prompt_ids", students), ("response_ids", responses)):
+            for row in rows:
+                if row:
+                    check_vocabulary(name, torch.tensor(row), self.learner._vocab_size)
+        prompt_response_batch([i.prompt for i in items], responses, 0)  # raises on an empty prompt or response
+        return items
+
+    @torch.no_grad()
+    def score_teacher(self, items: list[Interaction]) -> None:
+        """Fix each response token's log-probability under the served prompt."""
+        start = time.perf_counter()
+        learner = self.learner
+        batch = prompt_response_batch([i.teacher for i in items], [i.response for i in items], 0, learner.device)
+        logits = learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        token_logprobs = logits[batch.rows, batch.cols].float().log_softmax(-1).gather(
+            -1, batch.targets[:, None]).squeeze(-1)
+        offset = 0
+        for item in items:
+            item.teacher_logprobs = token_logprobs[offset: offset + len(item.response)]
+            offset += len(item.response)
+        self.costs["teacher"] += time.perf_counter() - start
+        self.tokens["teacher"] += int(batch.attention_mask.sum())
+
+    def accumulate(self, items: list[Interaction], component: str) -> int:
+        """Add the gradient of the configured objective over `items`; return tokens learned."""
+        items = [i for i in items if i.weight > 0]
+        if not items:
+            return 0
+        start = time.perf_counter()
+        learner = self.learner
+        objective = learner.config.objective
+        contextual = [i for i in items if i.student is not None]
+        plain = [i for i in items if i.student is None]
+        learned = 0
+        if contextual and objective == "distill":
+            learner.distill([i.teacher for i in contextual], [i.student for i in contextual],
+                            [i.response for i in contextual], [i.weight for i in contextual])
+            learned += sum(len(i.response) for i in contextual)
+        elif contextual and objective == "context_gain":
+            learned += self._accumulate_gain(contextual)
+        elif contextual:
+            plain += contextual
+        if plain:
+            learned += self._accumulate_next_token(plain)
+        self.costs[component] += time.perf_counter() - start
+        self.tokens[component] += sum(len(i.prompt) + len(i.response) for i in items)
+        return learned
+
+    def _accumulate_gain(self, items: list[Interaction]) -> int:
+        learner = self.learner
+        batch = prompt_response_batch([i.student for i in items], [i.response for i in items], 0, learner.device)
+        teacher = torch.cat([i.teacher_logprobs for i in items]).to(learner.device)
+        weights = torch.tensor([i.weight for i in items], device=learner.device)
+        learned_count = []
+
+        def loss(logits):
+            total, learned = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
+                                               learner.config.gain_threshold)
+            learned_count.append(int(learned.sum()))
+            # Nothing new in these responses: skip the backward altogether.
+            return (total if learned_count[0] else total.detach()), learned
+
+        learner._learn_from(lambda: learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
+                            loss, n_tokens=lambda: learned_count[0])
+        return learned_count[0]
+
+    def _accumulate_next_token(self, items: list[Interaction]) -> int:
+        learner = self.learner
+        batch = prompt_response_batch([i.prompt for i in items], [i.response for i in items], 0, learner.device)
+        weights = torch.tensor([i.weight for i in items], device=learner.device)
+        learner._learn_from(lambda: learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
+                            lambda logits: next_token_loss_on(logits, batch, weights), n_tokens=batch.num_targets)
+        return batch.num_targets
+
+    # ------------------------------------------------------------------ the schedule
+    def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight=1.0) -> LearnReport:
+        items = self.interactions(prompt_ids, response_ids, student_prompt_ids, weight)
+        contextual = [i for i in items if i.student is not None and i.weight > 0]
+        if self.learner.config.objective == "context_gain" and contextual:
+            self.score_teacher(contextual)
+        report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
+        self.pending += items
+        self.calls_since_step += 1
+        if self.learner.config.step_every and self.calls_since_step >= self.learner.config.step_every:
+            report.stepped, report.consolidation = self.scheduled_step()
+        return report
+
+    def scheduled_step(self):
+        """passes x (replay + anchor + step), then maybe a consolidation."""
+        learner, config = self.learner, self.learner.config
+        stepped = False
+        for p in range(config.passes):
+            if p > 0:
+                self.accumulate(self.pending, "passes")
+            if config.replay_per_step and self.replay:
+                sample = self._rng.sample(list(self.replay), min(config.replay_per_step, len(self.replay)))
+                self.accumulate(sample, "replay")
+            if self.anchor is not None and learner.counters.tokens_pending > 0:
+                start = time.perf_counter()
+                _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
+                self.costs["anchor"] += time.perf_counter() - start
+                self.tokens["anchor"] += tokens
+            stepped |= learner.step()
+        if config.replay:
+            self.replay.extend(self.pending)
+        self.pending = []
+        self.calls_since_step = 0
+        consolidation = None
+        if stepped:
+            self.steps_since_consolidation += 1
+        if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
+            consolidation = learner.consolidate()
+            self.steps_since_consolidation = 0
+        return stepped, consolidation
+
+    def check_gate(self):
+        if not self.gate.probes:
+            return None
+        start = time.perf_counter()
+        result = self.gate.check(self.learner)
+        self.costs["gate"] += time.perf_counter() - start
+        return result

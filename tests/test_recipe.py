@@ -1,0 +1,180 @@
+"""learn(), its schedule, replay, the anchor and the consolidation gate (tiny models; the real
+model's learning is in test_real_model.py)."""
+
+import pytest
+import torch
+
+import fastcl
+from helpers import VOCAB, assert_same_state, learner_state, tiny_model
+
+
+def rows(seed, n, low=3, high=9):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def patched(**kw):
+    model = tiny_model("llama")
+    kw.setdefault("rank", 4)
+    kw.setdefault("lr", 1e-2)
+    return model, fastcl.patch(model, **kw)
+
+
+def response_loss(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0].log_softmax(-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return float(-logprobs[positions, torch.tensor(response)].mean())
+
+
+def test_learn_without_context_learns_the_response_after_the_prompt():
+    model, learner = patched(consolidate_every=2)
+    prompt, response = rows(0, 1)[0], rows(1, 1)[0]
+    before = response_loss(model, prompt, response)
+    for _ in range(10):
+        report = learner.learn(prompt, response)
+    assert report.stepped and report.tokens_learned == len(response)
+    assert response_loss(model, prompt, response) < before - 0.5
+    assert learner.counters.consolidations == 5
+
+
+def test_context_gain_learns_only_what_the_context_made_likelier():
+    """With a threshold no token can pass nothing is learned; with -inf every token is."""
+    teacher, student, response = rows(2, 1)[0], rows(3, 1)[0], rows(4, 1)[0]
+    _, nothing = patched(gain_threshold=1e9, step_every=0)
+    assert nothing.learn(teacher, response, student).tokens_learned == 0
+    assert nothing.counters.tokens_pending == 0
+    assert all(not m.grad_B.any() for m in nothing.modules.values())
+    _, everything = patched(gain_threshold=-float("inf"), step_every=0)
+    assert everything.learn(teacher, response, student).tokens_learned == len(response)
+    # With every token selected, context gain is next-token learning on the student prompt.
+    _, plain = patched(step_every=0)
+    plain.learn(student, response)
+    for a, b in zip(everything.modules.values(), plain.modules.values()):
+        torch.testing.assert_close(a.grad_B, b.grad_B, rtol=1e-5, atol=1e-7)
+
+
+def test_batched_ragged_requests_match_one_at_a_time():
+    teachers, students, responses = rows(5, 3), rows(6, 3), rows(7, 3)
+    _, batched = patched(step_every=0, gain_threshold=-1.0)
+    batched.learn(teachers, responses, students, weight=[1.0, 0.5, 2.0])
+    _, alone = patched(step_every=0, gain_threshold=-1.0)
+    for t, s, r, w in zip(teachers, students, responses, [1.0, 0.5, 2.0]):
+        alone.learn(t, r, s, weight=w)
+    assert batched.counters.tokens_pending == alone.counters.tokens_pending
+    for a, b in zip(batched.modules.values(), alone.modules.values()):
+        torch.testing.assert_close(a.grad_B, b.grad_B, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_zero_is_ignored_and_negative_refused():
+    _, learner = patched(step_every=0)
+    prompt, response = rows(8, 2)
+    assert learner.learn(prompt, response, weight=0).tokens_learned == 0
+    assert learner.counters.tokens_pending == 0
+    before = learner_state(learner)
+    with pytest.raises(fastcl.InputError, match="negative"):
+        learner.learn(prompt, response, weight=-1)
+    with pytest.raises(fastcl.InputError, match="empty"):
+        learner.learn(prompt, [])
+    with pytest.raises(fastcl.InputError, match="batch sizes differ"):
+        learner.learn([prompt, prompt], [response])
+    with pytest.raises(fastcl.InputError, match=f"token id {VOCAB}"):
+        learner.learn(prompt, [1, VOCAB])
+    assert_same_state(before, learner_state(learner))
+
+
+def test_schedule_steps_and_consolidates_on_call_counts():
+    _, learner = patched(step_every=3, consolidate_every=2)
+    prompt, response = rows(9, 2)
+    reports = [learner.learn(prompt, response) for _ in range(6)]
+    assert [r.stepped for r in reports] == [False, False, True, False, False, True]
+    assert [r.consolidation is not None for r in reports] == [False] * 5 + [True]
+    assert learner.counters.steps == 2 and learner.counters.consolidations == 1
+
+
+def test_replay_buffer_is_bounded_and_replayed():
+    _, learner = patched(replay=4, replay_per_step=2, passes=2)
+    for prompt, response in zip(rows(10, 7), rows(11, 7)):
+        learner.learn(prompt, response)
+    stats = learner.stats()
+    assert stats["replay_buffer"] == 4
+    assert stats["steps"] == 14  # two passes per step
+    assert stats["tokens_processed"]["replay"] > 0 and stats["tokens_processed"]["passes"] > 0
+
+
+def test_anchor_pulls_general_behaviour_back_to_the_reference():
+    """Train hard on one response, then step on the anchor alone: the anchor KL falls."""
+    from fastcl.guard import Anchor
+
+    model, learner = patched(lr=3e-2, consolidate_every=0)
+    anchor = Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8)
+    anchor.prepare(learner)
+    prompt, response = rows(13, 2)
+    for _ in range(5):
+        learner.learn(prompt, response)
+    drifted = [anchor.accumulate(learner, scale=0.0)[0] for _ in anchor.windows]
+    learner._clear_accumulators()
+    assert sum(drifted) > 0
+    for _ in range(15):
+        for _ in anchor.windows:
+            anchor.accumulate(learner, scale=1.0)
+        learner.counters.tokens_pending = 1  # the anchor's gradient is already a mean
+        learner.step()
+    held = [anchor.accumulate(learner, scale=0.0)[0] for _ in anchor.windows]
+    learner._clear_accumulators()
+    assert sum(held) < 0.5 * sum(drifted)
+
+
+def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
+    model, learner = patched(consolidate_every=0)
+    probe_ids = torch.tensor([rows(14, 1, low=30, high=31)[0]])
+
+    with torch.no_grad():
+        reference = model(probe_ids).logits
+
+    def closeness(m):  # a user probe: how close outputs stay to the reference (higher is better)
+        with torch.no_grad():
+            return -float((m(probe_ids).logits - reference).abs().mean())
+
+    learner.add_probe(closeness, tolerance=0.05, name="probe")
+    prompt, response = rows(15, 2)
+    learner.learn(prompt, response)  # a small, harmless update
+    good = learner.consolidate()
+    assert good.committed and good.gate.passed
+    weights = {n: m.weight.detach().clone() for n, m in learner.modules.items()}
+    with torch.no_grad():  # plant a bad update
+        for module in learner.modules.values():
+            module.B.normal_(0, 5.0)
+            module.b_is_zero = False
+    bad = learner.consolidate()
+    assert not bad.committed and not bad.gate.passed
+    assert bad.gate.scores["probe"]["drop"] > 0.05
+    assert "REFUSED" in str(bad.gate)
+    assert all(torch.equal(m.weight, weights[n]) for n, m in learner.modules.items())
+    assert all(not m.B.any() and m.b_is_zero for m in learner.modules.values())
+    assert learner.counters.gate_refusals == 1
+
+
+def test_fast_weights_bypassed_restores_base_behaviour():
+    model, learner = patched(consolidate_every=0)
+    ids = torch.tensor([rows(16, 1)[0]])
+    with torch.no_grad():
+        base = model(ids).logits
+    learner.learn(ids[0].tolist()[:3], ids[0].tolist()[3:])
+    with torch.no_grad():
+        with learner.fast_weights_bypassed():
+            assert torch.equal(model(ids).logits, base)
+        assert not torch.equal(model(ids).logits, base)
+
+
+def test_recipe_options_are_validated_before_patching():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="objective"):
+        fastcl.patch(model, objective="magic")
+    with pytest.raises(ValueError, match="replay_per_step needs a replay buffer"):
+        fastcl.patch(model, replay_per_step=2)
+    with pytest.raises(fastcl.PatchError, match="tokenizer"):
+        fastcl.patch(model, anchor_weight=0.5)
+    assert not hasattr(model, "fastcl")
