@@ -20,6 +20,7 @@ class LearnerConfig:
     lr: float = 1e-3
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8  # Adam's; comparable to the gradient's scale, it damps updates of weak coordinates
     weight_decay: float = 0.0
     backend: str = "auto"
     targets: Optional[Sequence[str]] = None
@@ -49,6 +50,8 @@ class LearnerConfig:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -15,8 +15,8 @@ from .layers import FastLinear
 class ConsolidationReport:
     epoch: int  # the projection epoch after this call
     layers_merged: int
-    max_abs_delta: float
-    relative_delta: float  # ||delta||_F / ||W||_F over the merged layers
+    delta_norm: float  # ||delta||_F over the merged layers
+    relative_delta: float  # delta_norm / ||W||_F of the patched weights as they were at the first merge
     discarded_tokens: int  # observed but not stepped, dropped because A was resampled
     seconds: float
     committed: bool = True
@@ -25,7 +25,7 @@ class ConsolidationReport:
     def __str__(self) -> str:
         state = "committed" if self.committed else "rolled back"
         text = (f"consolidation {state}: epoch {self.epoch}, {self.layers_merged} layers merged, "
-                f"max |dW| {self.max_abs_delta:.3g}, ||dW||/||W|| {self.relative_delta:.3g}, {self.seconds:.2f}s")
+                f"||dW|| {self.delta_norm:.3g} ({self.relative_delta:.2e} of ||W||), {self.seconds:.2f}s")
         if self.gate is not None:
             text += f", gate {self.gate}"
         return text
@@ -42,33 +42,73 @@ class Snapshot:
     epoch: int
 
 
+def delta_norm_sq(module: FastLinear) -> float:
+    """||scale B A||_F^2 without forming B A: scale^2 trace(B (A A^T) B^T), all r x r work."""
+    A = module.A.float()
+    gram = A @ A.t()
+    return float((module.B @ gram * module.B).sum()) * module.scale**2
+
+
+def delta_abs_bound(module: FastLinear) -> float:
+    """An upper bound of max |scale B A|: scale * max_i sum_k |B_ik| * max |A|."""
+    return float(module.B.abs().sum(1).max()) * float(module.A.abs().max()) * abs(module.scale)
+
+
 def merged_weight(module: FastLinear) -> torch.Tensor:
     """W + scale B A computed in fp32, cast back to W's dtype; (d_out, d_in)."""
     W = module.weight_matrix()
-    return (W.float() + module.delta_weight()).to(W.dtype)
+    return W.float().addmm(module.B, module.A.float(), alpha=module.scale).to(W.dtype)
 
 
-def check_mergeable(modules: dict[str, FastLinear]) -> None:
-    """Raise, naming the layer, if any merged weight would be non-finite. Writes nothing."""
-    for name, module in modules.items():
-        delta = module.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise ConsolidationError(f"consolidate() refused: the update for {name} holds NaN/inf; nothing was changed")
-        if not torch.isfinite(merged_weight(module)).all():
-            raise ConsolidationError(
-                f"consolidate() refused: merging into {name} overflows {module.weight.dtype}; nothing was changed"
-            )
+class MergeChecker:
+    """Proves, before anything is written, that no merged weight can be non-finite.
+
+    Exact checking would form every merged weight twice. Instead each layer keeps an upper bound
+    of max |W| (measured once, then raised by each merge's bound); while bound + bound(B A) stays
+    well inside the dtype's range the merge cannot overflow, and only layers near the limit are
+    checked exactly (and their bound refreshed).
+    """
+
+    def __init__(self):
+        self.weight_bound: dict[str, float] = {}
+
+    def check(self, modules: dict[str, FastLinear]) -> dict[str, float]:
+        """Raise, naming the layer, if a merge would be non-finite; return each delta's bound."""
+        bounds = {}
+        for name, module in modules.items():
+            if not torch.isfinite(module.B).all():
+                raise ConsolidationError(f"consolidate() refused: the update for {name} holds NaN/inf; nothing was changed")
+            W = module.weight_matrix()
+            if name not in self.weight_bound:
+                self.weight_bound[name] = float(W.abs().max())
+            bounds[name] = delta_abs_bound(module)
+            if self.weight_bound[name] + bounds[name] < 0.5 * torch.finfo(W.dtype).max:
+                continue
+            merged = merged_weight(module)
+            if not torch.isfinite(merged).all():
+                raise ConsolidationError(
+                    f"consolidate() refused: merging into {name} overflows {W.dtype}; nothing was changed")
+            self.weight_bound[name] = float(W.abs().max())  # exact, so the bound stays tight near the limit
+        return bounds
+
+    def committed(self, bounds: dict[str, float]) -> None:
+        for name, bound in bounds.items():
+            self.weight_bound[name] += bound
+
+    def forget(self) -> None:
+        """Weights were overwritten (rollback, load): measure again on the next merge."""
+        self.weight_bound.clear()
 
 
 @torch.no_grad()
-def write_merge(modules: dict[str, FastLinear]) -> tuple[float, float]:
-    """Write W += scale B A into every module; return (max |delta|, relative Frobenius norm)."""
-    max_abs, delta_sq, weight_sq = 0.0, 0.0, 0.0
+def write_merge(modules: dict[str, FastLinear]) -> float:
+    """W += scale B A in every module, in fp32 (in place for fp32 weights); return ||delta||_F."""
+    delta_sq = 0.0
     for module in modules.values():
-        delta = module.delta_weight()
-        max_abs = max(max_abs, float(delta.abs().max()))
-        delta_sq += float(delta.pow(2).sum())
+        delta_sq += delta_norm_sq(module)
         W = module.weight_matrix()
-        weight_sq += float(W.float().pow(2).sum())
-        W.copy_(merged_weight(module))
-    return max_abs, (delta_sq / weight_sq) ** 0.5 if weight_sq > 0 else 0.0
+        if W.dtype == torch.float32:
+            W.addmm_(module.B, module.A, alpha=module.scale)
+        else:
+            W.copy_(merged_weight(module))
+    return delta_sq**0.5

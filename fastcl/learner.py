@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from . import state as state_io
 from .config import LearnerConfig
-from .consolidation import ConsolidationReport, Snapshot, check_mergeable, write_merge
+from .consolidation import ConsolidationReport, MergeChecker, Snapshot, write_merge
 from .distributed import Replicas
 from .batching import as_rows, prompt_response_batch
 from .errors import ConsolidationError, FastclError, InputError
@@ -54,6 +54,9 @@ class Learner:
         self.counters = Counters()
         self.optimizer = self._make_optimizer()
         self._snapshot: Optional[Snapshot] = None
+        self._rollback_buffers: dict[str, torch.Tensor] = {}  # reused by every snapshot: no allocation
+        self._merge_checker = MergeChecker()
+        self._weight_norm: Optional[float] = None
         self._attached = True
         self._vocab_size = model.get_input_embeddings().num_embeddings
         self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
@@ -121,7 +124,8 @@ class Learner:
             n_tokens)
         return float(token_kl.mean())
 
-    def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight: Weight = 1.0) -> LearnReport:
+    def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight: Weight = 1.0,
+              teacher_logprobs=None) -> LearnReport:
         """The one call a serving loop makes after answering a request.
 
         prompt_ids is what the model saw (documents, earlier turns, the question); response_ids
@@ -132,9 +136,14 @@ class Learner:
         prompt. weight scales a request (0: ignore; negative is refused). Each argument is one
         request or a batch (lists of ragged rows are padded). The learner then steps and
         consolidates on its schedule (step_every, consolidate_every; 0 leaves it to the caller).
+
+        teacher_logprobs (optional, one 1-D tensor per request): the log-probability of each
+        response token under the served prompt, as the serving loop already computed it while
+        generating (generate(..., output_logits=True)); given, learn() skips re-running the
+        teacher, so learning costs only the student's forward and backward.
         """
         self._check_attached()
-        return self.recipe.learn(prompt_ids, response_ids, student_prompt_ids, weight)
+        return self.recipe.learn(prompt_ids, response_ids, student_prompt_ids, weight, teacher_logprobs)
 
     def add_probe(self, score, tolerance: float, name: Optional[str] = None) -> None:
         """Gate every consolidation on `score(model) -> float` (higher is better): a merge that
@@ -222,7 +231,7 @@ class Learner:
         self.replicas.before_consolidate()  # asynchronous replicas average first: all merge the same B
         start = time.perf_counter()
         live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
-        check_mergeable(live)
+        bounds = self._merge_checker.check(live)
         gate = self.recipe.check_gate() if (gate and live) else None
         if gate is not None and not gate.passed:
             discarded = self._discard_pending("consolidate() refused by the gate")
@@ -233,10 +242,12 @@ class Learner:
                                        committed=False, gate=gate)
         discarded = self._discard_pending("consolidate()")
         self._snapshot = self._take_snapshot(live)
-        max_abs, relative = write_merge(live)
+        delta_norm = write_merge(live)
+        self._merge_checker.committed(bounds)
         self.counters.consolidations += 1
         self._set_epoch(self.counters.epoch + 1)
-        report = ConsolidationReport(self.counters.epoch, len(live), max_abs, relative, discarded,
+        report = ConsolidationReport(self.counters.epoch, len(live), delta_norm,
+                                     delta_norm / self._reference_weight_norm(), discarded,
                                      time.perf_counter() - start, gate=gate)
         self.replicas.after_consolidate()  # with replicas: check they hold bit-identical weights
         return report
@@ -252,6 +263,7 @@ class Learner:
             raise ConsolidationError("rollback() needs keep_rollback=True (the merged weights were not kept)")
         self._discard_pending("rollback()")
         self._set_epoch(snap.epoch)
+        self._merge_checker.forget()
         with torch.no_grad():
             for name, weight in snap.weights.items():
                 self.modules[name].weight_matrix().copy_(weight)
@@ -298,7 +310,7 @@ class Learner:
             "accumulators": nbytes(m.grad_B for m in modules),
             "projections": nbytes(m.A for m in modules),
             "optimizer": nbytes(optim),
-            "rollback": nbytes(self._snapshot.weights.values()) if self._snapshot else 0,
+            "rollback": nbytes(self._rollback_buffers.values()),
         }
         held["total"] = sum(held.values())
         replay = len(self.recipe.replay)
@@ -314,11 +326,24 @@ class Learner:
         params = [m.B for m in self.modules.values()]
         c = self.config
         if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+            return torch.optim.Adam(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
         return torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay)
 
+    def _reference_weight_norm(self) -> float:
+        if self._weight_norm is None:
+            self._weight_norm = sum(float(m.weight.float().pow(2).sum()) for m in self.modules.values()) ** 0.5
+        return self._weight_norm
+
+    @torch.no_grad()
     def _take_snapshot(self, live: dict[str, FastLinear]) -> Snapshot:
-        weights = {name: m.weight_matrix().detach().clone() for name, m in live.items()} if self.config.keep_rollback else {}
+        weights = {}
+        if self.config.keep_rollback:
+            for name, m in live.items():
+                W = m.weight_matrix()
+                buffer = self._rollback_buffers.get(name)
+                if buffer is None or buffer.shape != W.shape or buffer.dtype != W.dtype or buffer.device != W.device:
+                    buffer = self._rollback_buffers[name] = torch.empty_like(W, memory_format=torch.contiguous_format)
+                weights[name] = buffer.copy_(W)
         return Snapshot(
             live=set(live),
             weights=weights,

@@ -196,7 +196,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     if learner is None:
         raise PatchError("model is not patched by fastcl")
     if merge and learner.has_unmerged_updates():
-        learner.consolidate()
+        learner.consolidate(gate=False)  # asked for explicitly: merge what was learned
     for name, module in learner.modules.items():
         _set_submodule(model, name, module.base)
     for name, p in model.named_parameters():

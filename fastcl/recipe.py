@@ -70,7 +70,8 @@ class Recipe:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
 
     # ------------------------------------------------------------------ requests
-    def interactions(self, prompt_ids, response_ids, student_prompt_ids, weight) -> list[Interaction]:
+    def interactions(self, prompt_ids, response_ids, student_prompt_ids, weight,
+                     teacher_logprobs=None) -> list[Interaction]:
         prompts = as_rows("prompt_ids", prompt_ids)
         responses = as_rows("response_ids", response_ids)
         students = (as_rows("student_prompt_ids", student_prompt_ids) if student_prompt_ids is not None
@@ -85,6 +86,17 @@ class Recipe:
                 if row:
                     check_vocabulary(name, torch.tensor(row), self.learner._vocab_size)
         prompt_response_batch([i.prompt for i in items], responses, 0)  # raises on an empty prompt or response
+        if teacher_logprobs is not None:
+            given = [teacher_logprobs] if isinstance(teacher_logprobs, torch.Tensor) and teacher_logprobs.dim() == 1 \
+                else list(teacher_logprobs)
+            if len(given) != len(items):
+                raise InputError(f"teacher_logprobs has {len(given)} rows for {len(items)} requests")
+            for i, (item, lp) in enumerate(zip(items, given)):
+                lp = torch.as_tensor(lp, dtype=torch.float32).detach().cpu()
+                if lp.shape != (len(item.response),) or not torch.isfinite(lp).all():
+                    raise InputError(f"teacher_logprobs row {i} must be {len(item.response)} finite values, "
+                                     f"one per response token; got shape {tuple(lp.shape)}")
+                item.teacher_logprobs = lp
         return items
 
     @torch.no_grad()
@@ -155,9 +167,10 @@ class Recipe:
         return batch.num_targets
 
     # ------------------------------------------------------------------ the schedule
-    def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight=1.0) -> LearnReport:
-        items = self.interactions(prompt_ids, response_ids, student_prompt_ids, weight)
-        contextual = [i for i in items if i.student is not None and i.weight > 0]
+    def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight=1.0,
+              teacher_logprobs=None) -> LearnReport:
+        items = self.interactions(prompt_ids, response_ids, student_prompt_ids, weight, teacher_logprobs)
+        contextual = [i for i in items if i.student is not None and i.weight > 0 and i.teacher_logprobs is None]
         if self.learner.config.objective == "context_gain" and contextual:
             self.score_teacher(contextual)
         report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
@@ -191,7 +204,9 @@ class Recipe:
         if stepped:
             self.steps_since_consolidation += 1
         if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
+            start, gate_seconds = time.perf_counter(), self.costs["gate"]
             consolidation = learner.consolidate()
+            self.costs["consolidate"] += time.perf_counter() - start - (self.costs["gate"] - gate_seconds)
             self.steps_since_consolidation = 0
         return stepped, consolidation
 

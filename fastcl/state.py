@@ -160,6 +160,7 @@ def load(learner: "Learner", path) -> None:
     for _, module in modules:
         module.seed = config["seed"]
     learner._snapshot = None
+    learner._merge_checker.forget()
     learner._set_epoch(learner.counters.epoch)
     optimizer_state = {"state": {}, "param_groups": learner.optimizer.state_dict()["param_groups"]}
     with torch.no_grad():

@@ -66,3 +66,30 @@ def test_bytes_held_on_smollm_are_small_and_constant(fresh_smollm):
     d_out = sum(m.out_features for m in learner.modules.values())
     d_in = sum(m.in_features for m in learner.modules.values())
     assert first["total"] == 16 * 4 * (4 * d_out + d_in) + 4 * len(learner.modules)
+
+
+def test_learn_moves_a_served_fact_into_the_weights(fresh_smollm):
+    """Serve a fact with its document in context; after learn() the model, asked closed-book in a
+    phrasing it never served, gives the fact's value a higher probability."""
+    from fastcl import benchmark as B
+    from fastcl import evaluate as E
+    from fastcl.facts import fact_stream
+
+    model, tokenizer = fresh_smollm
+    fact = next(f for f in fact_stream(3, seed=7) if f.attribute == "city")
+    value = tokenizer(fact.value, add_special_tokens=False)["input_ids"]
+    held_out = E.chat_ids(tokenizer, fact.eval_questions[0])
+
+    def value_logprob():
+        return E.option_logprobs(model, held_out, [value])[0]
+
+    before = value_logprob()
+    learner = fastcl.patch(model, tokenizer=tokenizer, gate_tolerance=None)
+    teacher = E.chat_ids(tokenizer, E.with_context(fact.document, fact.served_question))
+    response, teacher_logprobs = B.answer(model, tokenizer, teacher)
+    assert fact.value in tokenizer.decode(response), "the model should answer from its context"
+    for _ in range(3):
+        report = learner.learn(teacher, response, E.chat_ids(tokenizer, fact.served_question),
+                               teacher_logprobs=teacher_logprobs)
+        assert report.tokens_learned > 0 and report.consolidation.committed
+    assert value_logprob() > before + 0.5

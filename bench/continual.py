@@ -1,0 +1,148 @@
+"""Continual-learning benchmark: does served in-context knowledge survive into the weights?
+
+    python bench/continual.py                       # the default recipe, 20 companies, seeds 0 1 2
+    python bench/continual.py --seeds 0 --companies 10 --ablation replay=0 anchor_weight=0
+    python bench/continual.py --json out.json       # also write every number
+
+For each seed it generates a fresh stream of fictional-company facts (fastcl.facts), measures the
+no-context floor and the in-context ceiling on held-out phrasings, serves every fact's served
+question with its document in context (greedy answer), learns with learner.learn(), and
+measures again closed-book. Forgetting is measured on 124 general-knowledge probes and on
+general-text perplexity (fastcl/data; neither is ever trained on). Costs are per served token,
+beside a plain no-grad forward over the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import fastcl
+from fastcl import benchmark as B
+from fastcl.facts import fact_stream
+
+# The shipped defaults of fastcl.patch() are the recipe under test; --ablation overrides them.
+DEFAULT = {"rank": 16}
+
+
+def parse_overrides(pairs):
+    out = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        out[key] = json.loads(value) if value not in ("", None) else True
+    return out
+
+
+def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool) -> dict:
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    facts = fact_stream(companies, seed=seed)
+    before = B.measure(model, tokenizer, facts, exact=exact)
+    ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
+    learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
+    served = B.serve(model, tokenizer, learner, facts)
+    forward = B.forward_seconds(model, tokenizer, facts, served.answers)
+    after = B.measure(model, tokenizer, facts, exact=exact)
+    stats = learner.stats()
+    fastcl.unpatch(model, merge=False)
+    model.load_state_dict(original)
+    costs = {k: v / forward for k, v in stats["seconds"].items()}  # in plain forwards of the served tokens
+    first_pass = sum(costs.get(k, 0.0) for k in ("teacher", "learn"))
+    return {
+        "seed": seed,
+        "floor": before["mc"],
+        "ceiling": ceiling,
+        "after": after["mc"],
+        "recovered": B.gap_recovered(after["mc"], before["mc"], ceiling),
+        "exact_before": before.get("exact"),
+        "exact_after": after.get("exact"),
+        "general_before": before["general"],
+        "general_after": after["general"],
+        "perplexity_before": before["perplexity"],
+        "perplexity_after": after["perplexity"],
+        "served_tokens": served.tokens,
+        "serve_s_per_token": served.serve_seconds / served.tokens,
+        "learn_s_per_token": served.learn_seconds / served.tokens,
+        "forward_s_per_token": forward / served.tokens,
+        "learn_cost_forwards": first_pass,  # one-pass learning, in plain forwards of the same tokens
+        "extra_cost_forwards": {k: v for k, v in costs.items() if k not in ("teacher", "learn")},
+        "steps": stats["steps"],
+        "consolidations": stats["consolidations"],
+        "gate_refusals": stats["gate_refusals"],
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and k != "seed" and v is not None]
+    out = {}
+    for k in keys:
+        values = [r[k] for r in runs]
+        out[k] = (statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def table(summary: dict) -> str:
+    def cell(key, fmt="{:.3f}", scale=1.0):
+        mean, spread = summary[key]
+        return f"{fmt.format(mean * scale)} ± {fmt.format(spread * scale)}"
+
+    def change(before, after, fmt="{:.3f}"):
+        return f"{cell(before, fmt)} -> {cell(after, fmt)}"
+
+    rows = [
+        ("closed-book MC, no context (floor)", cell("floor")),
+        ("in-context MC (ceiling)", cell("ceiling")),
+        ("closed-book MC after learning", cell("after")),
+        ("fraction of the gap recovered", cell("recovered")),
+        ("general probes (124 MC), before -> after", change("general_before", "general_after")),
+        ("general-text perplexity, before -> after", change("perplexity_before", "perplexity_after", "{:.2f}")),
+        ("serving, ms per served token", cell("serve_s_per_token", "{:.2f}", 1e3)),
+        ("learning, ms per served token (all of learn())", cell("learn_s_per_token", "{:.2f}", 1e3)),
+        ("plain no-grad forward, ms per served token", cell("forward_s_per_token", "{:.2f}", 1e3)),
+        ("one-pass learning cost, in plain forwards", cell("learn_cost_forwards", "{:.2f}")),
+    ]
+    if "exact_before" in summary:
+        rows.insert(4, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+    lines = ["| measure | mean ± spread over seeds |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--companies", type=int, default=20, help="4 facts each")
+    parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json, e.g. replay=0 lr=3e-3")
+    parser.add_argument("--no-exact", action="store_true", help="skip exact-match generation (faster)")
+    parser.add_argument("--json", help="write all numbers here")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    options = {**DEFAULT, **parse_overrides(args.ablation)}
+    model, tokenizer = fastcl.models.load_default()
+    runs = []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        runs.append(run_seed(model, tokenizer, seed, args.companies, options, exact=not args.no_exact))
+        print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    print(f"fastcl continual benchmark: SmolLM2-135M-Instruct, {args.companies} companies x 4 facts, "
+          f"seeds {args.seeds}, options {options}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads")
+    print(table(summary))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"options": options, "runs": runs, "summary": summary}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""The continual-learning benchmark: serve a stream of new facts with their documents in
+context, learn from the traffic with learn(), then measure closed-book recall on held-out
+phrasings against the in-context ceiling and the no-context floor, with forgetting beside it.
+Shared by bench/continual.py (seeds, ablations) and `fastcl demo`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import evaluate as E
+from .facts import Fact
+
+
+@dataclass
+class Served:
+    """Cost of serving the stream and of learning from it."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+    serve_seconds: float = 0.0  # generation with the document in context
+    learn_seconds: float = 0.0  # everything learn() did, extras included
+    answers: list = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.response_tokens
+
+
+@torch.no_grad()
+def answer(model, tokenizer, prompt: list[int], max_new_tokens: int = 40) -> tuple[list[int], torch.Tensor]:
+    """Greedy answer and, per answer token, its log-probability under the prompt (from the
+    logits generation computed anyway)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):]
+    logits = torch.stack(out.logits, 1)[0].float()
+    return tokens.tolist(), logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def serve(model, tokenizer, learner, facts: Sequence[Fact], progress=None,
+          every: int = 0, on_checkpoint: Optional[Callable[[int, Served], None]] = None,
+          max_new_tokens: int = 40) -> Served:
+    """Serve each fact's served question with its document in context, learn from the answer
+    (the student sees the question alone), and call on_checkpoint every `every` requests."""
+    served = Served()
+    for i, fact in enumerate(facts):
+        teacher = E.chat_ids(tokenizer, E.with_context(fact.document, fact.served_question))
+        student = E.chat_ids(tokenizer, fact.served_question)
+        start = time.perf_counter()
+        response, teacher_logprobs = answer(model, tokenizer, teacher, max_new_tokens)
+        served.serve_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        if learner is not None:
+            learner.learn(teacher, response, student, teacher_logprobs=teacher_logprobs)
+        served.learn_seconds += time.perf_counter() - start
+        served.requests += 1
+        served.prompt_tokens += len(teacher)
+        served.response_tokens += len(response)
+        served.answers.append(response)
+        if progress is not None:
+            progress.update(1)
+        if every and on_checkpoint is not None and (i + 1) % every == 0:
+            on_checkpoint(i + 1, served)
+    if learner is not None and learner.has_unmerged_updates() and learner.config.consolidate_every:
+        learner.consolidate()
+    return served
+
+
+@torch.no_grad()
+def forward_seconds(model, tokenizer, facts: Sequence[Fact], answers: Sequence[list[int]]) -> float:
+    """A plain no-grad forward over every served sequence: the unit learning costs are given in."""
+    start = time.perf_counter()
+    for fact, response in zip(facts, answers):
+        prompt = E.chat_ids(tokenizer, E.with_context(fact.document, fact.served_question))
+        model(input_ids=torch.tensor([prompt + list(response)]))
+    return time.perf_counter() - start
+
+
+def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False, exact: bool = True,
+            general: bool = True, probes=None) -> dict:
+    """Closed-book (or in-context) MC accuracy on held-out phrasings, and optionally exact-match
+    generation, general-knowledge probes and general-text perplexity."""
+    scores = {"mc": E.multiple_choice_accuracy(model, tokenizer, E.fact_items(facts, in_context))}
+    if exact and not in_context:
+        scores["exact"] = E.exact_match(model, tokenizer, facts)
+    if general:
+        scores["general"] = E.multiple_choice_accuracy(model, tokenizer, probes or E.load_probes())
+        scores["perplexity"] = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
+    return scores
+
+
+def gap_recovered(after: float, floor: float, ceiling: float) -> float:
+    return (after - floor) / (ceiling - floor) if ceiling > floor else float("nan")
