@@ -1,6 +1,6 @@
 """Continual-learning benchmark: does served in-context knowledge survive into the weights?
 
-    python bench/continual.py                       # the default recipe, 20 companies, seeds 0 1 2
+    python bench/continual.py                       # the default recipe, 20 companies, seeds 1 2 3
     python bench/continual.py --seeds 0 --companies 10 --ablation replay=0 anchor_weight=0
     python bench/continual.py --json out.json       # also write every number
 
@@ -116,7 +116,9 @@ def table(summary: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    # Seed 0 (10 companies) was the development stream the recipe was chosen on; the reported
+    # runs use other seeds, so the facts and their values were never looked at.
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--companies", type=int, default=20, help="4 facts each")
     parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json, e.g. replay=0 lr=3e-3")
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match generation (faster)")

@@ -17,10 +17,10 @@ class LearnerConfig:
     rank: int = 16
     alpha: Optional[float] = None  # scale c = alpha / rank; None means alpha = rank, so c = 1
     seed: int = 0
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8  # Adam's; comparable to the gradient's scale, it damps updates of weak coordinates
+    eps: float = 3e-4  # Adam's; near the gradients' scale (~1e-3) it damps updates of weak coordinates
     weight_decay: float = 0.0
     backend: str = "auto"
     targets: Optional[Sequence[str]] = None
@@ -33,12 +33,12 @@ class LearnerConfig:
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
     passes: int = 1  # optimizer steps per scheduled step on the same requests
-    replay: int = 0  # capacity of the replay buffer, in requests (0: no replay)
-    replay_per_step: int = 0  # replayed requests added to every step
+    replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
+    replay_per_step: int = 3  # replayed requests added to every step
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
-    anchor_weight: float = 0.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
-    gate_tolerance: Optional[float] = None  # nats of log-likelihood the built-in gate probe may lose
+    anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
+    gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
 
     def __post_init__(self):
         if isinstance(self.targets, str):

@@ -126,6 +126,23 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
     return report
 
 
+def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optional[str]:
+    """The anchor term and the built-in gate probe read shipped text, so they need the tokenizer.
+    Asked for explicitly without one, refuse; on by default, turn them off and say so."""
+    if tokenizer is not None:
+        return None
+    wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
+                                    ("gate_tolerance", config.gate_tolerance is not None)) if on]
+    explicit = [name for name in wanted if name in options]
+    if explicit:
+        raise PatchError(f"{', '.join(explicit)} read shipped text: pass patch(model, tokenizer=tok, ...)")
+    if not wanted:
+        return None
+    config.anchor_weight, config.gate_tolerance = 0.0, None
+    return ("no tokenizer given: the anchor term and the built-in gate probe are off "
+            "(pass tokenizer= to patch() to turn them on)")
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -138,7 +155,7 @@ def patch(
     targets: Optional[Sequence[str]] = None,
     backend: str = "auto",
     seed: int = 0,
-    lr: float = 1e-3,
+    lr: float = 1.5e-3,
     **options,
 ):
     """Turn `model` into a learner, in place. Returns the Learner, also at `model.fastcl`.
@@ -162,10 +179,11 @@ def patch(
     process_group = check_process_group(options.pop("process_group", None))
     tokenizer = options.pop("tokenizer", None)
     config = LearnerConfig(rank=rank, targets=targets, backend=backend, seed=seed, lr=lr, **options)
-    if tokenizer is None and (config.anchor_weight > 0 or config.gate_tolerance is not None):
-        raise PatchError("anchor_weight > 0 and gate_tolerance read shipped text: pass patch(model, tokenizer=tok, ...)")
+    text_note = _without_tokenizer(config, tokenizer, options)
     _refuse_if_wrapped(model)
     report = plan(model, config)
+    if text_note:
+        report.notes.append(text_note)
     base_modules = {name: model.get_submodule(name) for name, *_ in report.patched}
     device = next(iter(base_modules.values())).weight.device
     if backend != "auto":

@@ -108,7 +108,7 @@ def test_anchor_pulls_general_behaviour_back_to_the_reference():
     """Train hard on one response, then step on the anchor alone: the anchor KL falls."""
     from fastcl.guard import Anchor
 
-    model, learner = patched(lr=3e-2, consolidate_every=0)
+    model, learner = patched(lr=3e-2, eps=1e-8, consolidate_every=0)
     anchor = Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8)
     anchor.prepare(learner)
     prompt, response = rows(13, 2)
@@ -174,7 +174,14 @@ def test_recipe_options_are_validated_before_patching():
     with pytest.raises(ValueError, match="objective"):
         fastcl.patch(model, objective="magic")
     with pytest.raises(ValueError, match="replay_per_step needs a replay buffer"):
-        fastcl.patch(model, replay_per_step=2)
+        fastcl.patch(model, replay=0, replay_per_step=2)
     with pytest.raises(fastcl.PatchError, match="tokenizer"):
         fastcl.patch(model, anchor_weight=0.5)
     assert not hasattr(model, "fastcl")
+
+
+def test_without_a_tokenizer_the_text_guards_are_off_and_reported():
+    model, learner = patched()
+    assert learner.config.anchor_weight == 0 and learner.config.gate_tolerance is None
+    assert learner.recipe.anchor is None and not learner.recipe.gate.probes
+    assert any("no tokenizer" in note for note in learner.report.notes)
