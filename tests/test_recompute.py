@@ -56,7 +56,8 @@ def test_served_outputs_and_unpatch_are_unchanged():
         live = model(ids).logits
     assert torch.equal(learner.observe(ids).logits, live), "learning and serving forwards must agree bit for bit"
     fastcl.unpatch(model, merge=False)
-    assert not any("forward" in m.__dict__ for m in model.modules()), "unpatch must restore the class forward"
+    assert not any(k in m.__dict__ for m in model.modules() for k in ("forward", "_fastcl_act")), \
+        "unpatch must restore the class forward"
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
 
@@ -84,3 +85,31 @@ def test_an_mlp_that_computes_something_else_is_left_alone():
     notes = recompute.install(model)
     assert "forward" not in model.layers[0].__dict__
     assert notes and "is not down(act(gate(x)) * up(x))" in notes[0]
+
+
+class GatedMLP(ScaledMLP):
+    def __init__(self, act):
+        super().__init__()
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(approximate="tanh")], ids=["silu", "gelu_tanh"])
+def test_fused_backward_matches_autograd(act):
+    """SiLU takes the direct silu_backward path, any other activation autograd's; both must give
+    autograd's gradients for the input and every weight."""
+    torch.manual_seed(0)
+    own, fused = GatedMLP(act), GatedMLP(act)
+    fused.load_state_dict(own.state_dict())
+    assert recompute.install(fused) and "forward" in fused.__dict__
+    assert (fused._fastcl_act is torch.nn.functional.silu) == isinstance(act, nn.SiLU)
+    x = torch.randn(2, 5, 8)
+    grads = []
+    for mlp in (own, fused):
+        xi = x.clone().requires_grad_()
+        mlp(xi).pow(2).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in mlp.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
