@@ -5,7 +5,9 @@ Providers, side by side in each benchmark group:
     linear             nn.Linear (cuBLAS on a GPU): the base cost, no adapter
     peft               PEFT LoRA, eager, dropout 0 (trains A and B)
     compiled_reference fastcl.ops.reference under torch.compile (fwd; fwd then bwd)
-    fastcl_torch       the custom op, backend "torch"
+    fastcl_torch       fastcl.ops.lowrank_linear, backend "torch" (eager: a plain autograd.Function)
+    fastcl_torch_op    the registered custom op torch.ops.fastcl.lowrank_linear, backend "torch":
+                       what torch.compile calls; against fastcl_torch, its dispatch overhead
     fastcl_triton      the custom op, backend "triton" (GPU only)
 
 Shapes: Llama-3-8B and SmolLM2-135M projections, ranks 8/16/64. Forward+backward takes dX (the
@@ -44,7 +46,7 @@ LLAMA3_8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 SMOLLM2_135M = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 RANKS = [8, 16, 64]
 ROWS = [1, 16, 2048, 8192] if CUDA else [1, 16, 512]
-PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_triton"]
+PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_torch_op", "fastcl_triton"]
 # The 8B projections that the CPU run times at M = 512, at this rank only (see the docstring).
 CPU_LARGE_M, CPU_LARGE_SHAPES, CPU_LARGE_RANK = 512, [(4096, 4096), (4096, 1024)], 16
 CPU_SECONDS_PER_CASE = 0.4
@@ -123,6 +125,10 @@ def make_call(provider: str, p: Problem, mode: str):
 
         def forward():
             return module(x_leaf)
+
+    elif provider == "fastcl_torch_op":
+        def forward():
+            return torch.ops.fastcl.lowrank_linear(x_leaf, p.W, p.b, p.A, p.B, p.grad_B, p.scale, "torch")[0]
 
     elif provider in ("fastcl_torch", "fastcl_triton"):
         backend = provider.split("_")[1]

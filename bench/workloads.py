@@ -53,8 +53,14 @@ def serving(model: nn.Module, ids: torch.Tensor) -> Side:
 
 
 def observing(model: nn.Module, ids: torch.Tensor, rank: int = RANK):
-    """fastcl: the served forward that also accumulates the low-rank gradient. Returns (side, learner)."""
+    """fastcl: the served forward that also accumulates the low-rank gradient. Returns (side, learner).
+
+    One observe() and step() first, so that the timed calls run with live fast weights (B != 0),
+    as a learner does in steady state."""
     learner = fastcl.patch(model, rank=rank)
+    learner.observe(ids)
+    if not learner.step():
+        raise RuntimeError("the learner did not step: the fast weights would still be zero")
     return Side(model, lambda: learner.observe(ids)), learner
 
 
