@@ -147,11 +147,7 @@ def generation(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> C
 def learned_copy(model: nn.Module, ids: torch.Tensor, consolidate: bool, rank: int = RANK):
     """A patched copy of `model` whose fast weights are live (B != 0) after one observe and step,
     or merged into the weights again when consolidate is True. Returns (copy, learner)."""
-    patched = copy.deepcopy(model)
-    learner = fastcl.patch(patched, rank=rank, lr=1e-3)
-    learner.observe(ids)
-    if not learner.step() or not learner.has_unmerged_updates():
-        raise RuntimeError("the learner did not step: the adapter would not be live")
+    side, learner = observing(copy.deepcopy(model), ids, rank)
     if consolidate:
         learner.consolidate()
-    return patched, learner
+    return side.model, learner
