@@ -5,22 +5,31 @@ Providers, side by side in each benchmark group:
     linear             nn.Linear (cuBLAS on a GPU): the base cost, no adapter
     peft               PEFT LoRA, eager, dropout 0 (trains A and B)
     compiled_reference fastcl.ops.reference under torch.compile (fwd; fwd then bwd)
-    fastcl_torch       the custom op, backend "torch"
+    fastcl_torch       fastcl.ops.lowrank_linear, backend "torch" (eager: a plain autograd.Function)
+    fastcl_torch_op    the registered custom op torch.ops.fastcl.lowrank_linear, backend "torch":
+                       what torch.compile calls; against fastcl_torch, its dispatch overhead
     fastcl_triton      the custom op, backend "triton" (GPU only)
 
-Shapes: Llama-3-8B and SmolLM2-135M projections, ranks 8/16/64, M in {1, 16, 2048, 8192}.
-Forward+backward takes dX (the served path needs it) and the adapter's gradient.
+Shapes: Llama-3-8B and SmolLM2-135M projections, ranks 8/16/64. Forward+backward takes dX (the
+served path needs it) and the adapter's gradient.
 
-On a GPU (bf16) the whole matrix runs; it is long (every compiled_reference case compiles once),
-so select with -k, e.g. `-k "fwd and 4096x14336"`. On a CPU (fp32) only the SmolLM2 shapes at
-M <= 16 and r = 16 run, with few rounds, so the file stays quick; everything else is skipped
-with the reason. Run:
+On a GPU (bf16), M in {1, 16, 2048, 8192} and the whole matrix runs; it is long (every
+compiled_reference case compiles once), so select with -k, e.g. `-k "fwd and 4096x14336"`.
+
+On a CPU (fp32), M in {1, 16, 512}: every SmolLM2 case, and the Llama-3-8B shapes at M <= 16.
+At M = 512 an 8B projection costs 4 to 60 GFLOP a forward (about 0.1 to 1 s a call on one
+core, three times that forward+backward), so only the two smaller 8B projections run there,
+at r = 16; the others are skipped with that reason, which keeps all of `pytest bench/` within
+about 10 minutes. Rounds adapt to each case's cost (about 0.4 s of timing per case). Run:
 
     .venv/bin/python -m pytest bench/test_bench_lowrank_linear.py --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last-run.json
 """
 
 from __future__ import annotations
+
+import time
+from functools import lru_cache
 
 import pytest
 import torch
@@ -36,9 +45,11 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 LLAMA3_8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 SMOLLM2_135M = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 RANKS = [8, 16, 64]
-ROWS = [1, 16, 2048, 8192]
-PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_triton"]
-CPU_RANK, CPU_MAX_M = 16, 16
+ROWS = [1, 16, 2048, 8192] if CUDA else [1, 16, 512]
+PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_torch_op", "fastcl_triton"]
+# The 8B projections that the CPU run times at M = 512, at this rank only (see the docstring).
+CPU_LARGE_M, CPU_LARGE_SHAPES, CPU_LARGE_RANK = 512, [(4096, 4096), (4096, 1024)], 16
+CPU_SECONDS_PER_CASE = 0.4
 
 
 def skip_reason(provider: str, d_in: int, d_out: int, r: int, M: int) -> str | None:
@@ -53,14 +64,18 @@ def skip_reason(provider: str, d_in: int, d_out: int, r: int, M: int) -> str | N
             import peft  # noqa: F401
         except ImportError:
             return "peft is not installed (pip install -e '.[test]')"
-    if not CUDA:
-        if (d_in, d_out) in LLAMA3_8B:
-            return "Llama-3-8B shape: GPU-sized, skipped in the CPU run"
-        if M > CPU_MAX_M:
-            return f"M={M}: GPU-sized, the CPU run keeps M <= {CPU_MAX_M}"
-        if r != CPU_RANK:
-            return f"r={r}: the CPU run keeps r={CPU_RANK}; the GPU run sweeps {RANKS}"
+    if not CUDA and (d_in, d_out) in LLAMA3_8B and M >= CPU_LARGE_M:
+        if (d_in, d_out) not in CPU_LARGE_SHAPES or r != CPU_LARGE_RANK:
+            return (f"Llama-3-8B at M={M} on a CPU: 4-60 GFLOP a call; the CPU run keeps r={CPU_LARGE_RANK} on "
+                    f"{', '.join(_label(*s) for s in CPU_LARGE_SHAPES)} so that pytest bench/ stays within ~10 min")
     return None
+
+
+@lru_cache(maxsize=1)
+def _weights(d_in: int, d_out: int) -> torch.Tensor:
+    """W for one shape, shared by every rank, M and provider (an 8B W takes a while to draw)."""
+    g = torch.Generator().manual_seed(d_in * 100_003 + d_out)
+    return (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(DTYPE).to(DEVICE)
 
 
 class Problem:
@@ -70,7 +85,7 @@ class Problem:
         g = torch.Generator().manual_seed(0)
         on = dict(device=DEVICE)
         self.x = torch.randn(M, d_in, generator=g).to(DTYPE).to(**on)
-        self.W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(DTYPE).to(**on)
+        self.W = _weights(d_in, d_out)
         self.b = None  # Llama projections have no bias
         self.A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(DTYPE).to(**on)
         self.B = (torch.randn(d_out, r, generator=g) * 0.01).to(**on).requires_grad_()
@@ -110,6 +125,10 @@ def make_call(provider: str, p: Problem, mode: str):
 
         def forward():
             return module(x_leaf)
+
+    elif provider == "fastcl_torch_op":
+        def forward():
+            return torch.ops.fastcl.lowrank_linear(x_leaf, p.W, p.b, p.A, p.B, p.grad_B, p.scale, "torch")[0]
 
     elif provider in ("fastcl_torch", "fastcl_triton"):
         backend = provider.split("_")[1]
@@ -181,6 +200,7 @@ def test_lowrank_linear(benchmark, mode, d_in, d_out, r, M, provider):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         dtype=str(DTYPE),
+        threads=torch.get_num_threads(),
         adapter_flop_share=r * (d_in + d_out) / (d_in * d_out),
     )
     if provider == "fastcl_triton":
@@ -191,4 +211,15 @@ def test_lowrank_linear(benchmark, mode, d_in, d_out, r, M, provider):
     if CUDA:
         benchmark(run)
     else:
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(run, **_cpu_rounds(run))
+
+
+def _cpu_rounds(run) -> dict:
+    """Rounds and iterations for about CPU_SECONDS_PER_CASE of timing: at least 3 rounds, and
+    enough iterations per round that a round lasts a millisecond or more."""
+    start = time.perf_counter()
+    run()
+    once = max(time.perf_counter() - start, 1e-6)
+    iterations = max(1, int(1e-3 / once))
+    rounds = min(50, max(3, int(CPU_SECONDS_PER_CASE / (once * iterations))))
+    return dict(rounds=rounds, iterations=iterations, warmup_rounds=1)

@@ -21,7 +21,7 @@ from .batching import as_rows, prompt_response_batch
 from .errors import ConsolidationError, FastclError, InputError
 from .inputs import Weight, as_weight, check_vocabulary, validate_request
 from .layers import FastLinear
-from .loss import distillation_loss, next_token_loss
+from .loss import LogitsGradient, distillation_loss, next_token_gradient
 from .patcher import PatchReport
 from .recipe import LearnReport, Recipe
 
@@ -87,7 +87,7 @@ class Learner:
                 return self.model(input_ids=request.input_ids, **kwargs)
         output, token_loss = self._learn_from(
             lambda: self.model(input_ids=request.input_ids, **kwargs),
-            lambda logits: next_token_loss(logits, request), n_tokens)
+            lambda logits: next_token_gradient(logits, request), n_tokens)
         output.logits = output.logits.detach()
         output.loss = token_loss.mean()
         _detach_cache(output.get("cache", output.get("past_key_values")))
@@ -165,13 +165,18 @@ class Learner:
 
     def _learn_from(self, forward, loss_fn, n_tokens):
         """Run forward with grad, backpropagate loss_fn(logits) into the accumulators, count
-        n_tokens (an int, or a callable read after the loss, when the loss decides it)."""
+        n_tokens (an int, or a callable read after the loss, when the loss decides it).
+
+        loss_fn returns (loss, per-token values); the loss is a scalar, or a LogitsGradient (the
+        next-token loss, computed outside autograd so that nothing of it is saved)."""
         self._check_fast_weights_trainable()
         with torch.enable_grad():
             output = forward()
-            loss_sum, per_token = loss_fn(output.logits)
-            if loss_sum.requires_grad:
-                loss_sum.backward()
+            loss, per_token = loss_fn(output.logits)
+            if isinstance(loss, LogitsGradient):
+                output.logits.backward(loss.grad)
+            elif loss.requires_grad:
+                loss.backward()
         n_tokens = n_tokens() if callable(n_tokens) else n_tokens
         self.counters.tokens_observed += n_tokens
         self.counters.tokens_pending += n_tokens

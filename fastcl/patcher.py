@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
 
+from . import recompute
 from .config import LearnerConfig
 from .distributed import check_process_group
 from .errors import PatchError
@@ -199,6 +200,7 @@ def patch(
     model.requires_grad_(False)
     for name, module in fast.items():
         _set_submodule(model, name, module)
+    report.notes += recompute.install(model)
     learner = Learner(model, fast, config, report, requires_grad, process_group, tokenizer)
     model.fastcl = learner
     return learner
@@ -215,6 +217,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
         raise PatchError("model is not patched by fastcl")
     if merge and learner.has_unmerged_updates():
         learner.consolidate(gate=False)  # asked for explicitly: merge what was learned
+    recompute.remove(model)
     for name, module in learner.modules.items():
         _set_submodule(model, name, module.base)
     for name, p in model.named_parameters():

@@ -7,6 +7,15 @@ torch.compile traces through them, forward and backward.
 
 B takes part in autograd only so that a graph is built when everything else is frozen: its
 gradient goes into grad_B, never into B.grad.
+
+In eager mode `lowrank_linear` does not go through the registered ops. A custom op's Python
+dispatch (schema defaults, redispatch, the generated autograd Function) costs about 20 us per
+call on a CPU, and about 0.2 ms per forward+backward. That is a few percent of a SmolLM2 observe()
+over its 210 layers, and more in decode, where caches are cold. Eager mode calls the same
+backend functions through `LowRankLinearFunction`, a plain autograd.Function that saves the same
+tensors. Without grad it calls the forward directly. Under torch.compile the registered op runs,
+so graphs trace through its fake implementation. tests/test_op.py checks that both paths give
+bit-identical results.
 """
 
 from __future__ import annotations
@@ -83,6 +92,24 @@ def _backward(ctx, dy, _ds):
 _lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+class LowRankLinearFunction(torch.autograd.Function):
+    """The eager path: the registered op's forward and backward, without its dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, grad_B, scale, impl):
+        y, s = impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
+        ctx.save_for_backward(s, weight, A, B)
+        ctx.grad_B, ctx.scale, ctx.impl = grad_B, scale, impl  # state and constants, not activations
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        s, weight, A, B = ctx.saved_tensors
+        needs_dx = ctx.needs_input_grad[0]
+        dx = ctx.impl.lowrank_linear_bwd(dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx)
+        return dx, None, None, None, None, None, None, None
+
+
 def lowrank_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -98,5 +125,10 @@ def lowrank_linear(
     weight is (d_out, d_in) (a transposed view is fine), A is (r, d_in) in x's dtype, B and
     grad_B are (d_out, r) fp32. Leading dimensions of x are kept.
     """
-    y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend)
-    return y
+    if torch.compiler.is_compiling():
+        y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend)
+        return y
+    impl = backends.implementation(backend, x.device)
+    if not torch.is_grad_enabled():  # serving: no graph to build
+        return impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)[0]
+    return LowRankLinearFunction.apply(x, weight, bias, A, B, grad_B, float(scale), impl)

@@ -33,8 +33,9 @@ def lowrank_linear_fwd(
     """Return (y, s). The base product uses F.linear on x's own shape, exactly as nn.Linear
     does, so that with B = 0 the output is bit-identical to the unpatched layer."""
     y = F.linear(x, weight, bias)
-    s = torch.matmul(x, A.t())
-    y.view(-1, y.shape[-1]).addmm_(s.view(-1, s.shape[-1]), B.t().to(y.dtype), alpha=scale)
+    s = F.linear(x, A)
+    Bt = B.t() if B.dtype == y.dtype else B.t().to(y.dtype)
+    y.view(-1, y.shape[-1]).addmm_(s.view(-1, s.shape[-1]), Bt, alpha=scale)
     return y, s
 
 
