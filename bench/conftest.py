@@ -15,24 +15,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from fastcl.info import cpu_model  # noqa: E402
+
 if os.environ.get("FASTCL_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FASTCL_BENCH_THREADS"]))
 
 _LOAD_AT_START = os.getloadavg()
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform's answer where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -19,6 +19,18 @@ def build_info() -> dict:
     return dict(_build_info.BUILD_INFO)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or platform's answer where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def info() -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {}
@@ -29,7 +41,7 @@ def info() -> dict:
         "version": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "auto_backend": backends.resolve("auto", device),
         "backends": report,
         "build": build_info(),

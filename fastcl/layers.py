@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import lowrank_linear
+from .ops import backends, lowrank_linear
 from .projection import make_projection
 
 try:  # GPT-2 style layers store W as (d_in, d_out); patched through a transposed view.
@@ -53,6 +53,10 @@ class FastLinear(nn.Module):
         # Set by the learner: lets the served forward skip the adapter while B is known zero.
         self.b_is_zero = True
         self.enabled = True  # False: behave exactly as the base layer (Learner.fast_weights_bypassed)
+        # What no-grad forwards with live fast weights reuse: (key, backend module, B laid out for
+        # it). The key holds B's version counter, so any in-place change of B (step, load,
+        # consolidate, rollback) rebuilds it; at most one extra copy of B.
+        self._serving = None
 
     def _projection(self, epoch: int, device) -> torch.Tensor:
         return make_projection(self.seed, self.layer_index, epoch, self.rank, self.in_features, self.weight.dtype, device)
@@ -75,7 +79,20 @@ class FastLinear(nn.Module):
                 return self.base(x)
             # nn.Linear's own forward, without a second module call: bit-identical output.
             return F.linear(x, self.weight, self.bias)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Serving with live fast weights (decode): straight to the backend, B prepared once.
+            impl, B = self._serving_operands(x)
+            return impl.lowrank_linear_fwd(x, self.weight_matrix(), self.bias, self.A, B, self.scale)[0]
         return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend)
+
+    def _serving_operands(self, x: torch.Tensor):
+        B = self.B
+        key = (B._version, B.data_ptr(), x.dtype, x.device, self.backend)
+        serving = self._serving
+        if serving is None or serving[0] != key:
+            impl = backends.implementation(self.backend, x.device)
+            serving = self._serving = (key, impl, backends.serving_fast_weights(impl, B.detach(), x.dtype))
+        return serving[1], serving[2]
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must not demote the fast weights or the accumulator; A follows W.

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import fastcl
 from fastcl.layers import FastLinear
-from helpers import ARCHITECTURES, random_ids, tiny_model
+from helpers import ARCHITECTURES, assert_close, random_ids, tiny_model
 
 EXPECTED_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "gpt_neox": 4, "gpt2": 4}
 
@@ -154,3 +154,25 @@ def test_model_to_dtype_keeps_fast_weights_fp32():
     assert module.base.weight is module.weight
     learner.observe(random_ids())
     assert learner.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_serving_forward_follows_every_change_of_the_fast_weights(dtype):
+    """No-grad forwards reuse a prepared copy of B; it must be rebuilt whenever B changes
+    (step, rollback, load, a direct in-place edit), never serve stale fast weights."""
+    base = nn.Linear(40, 24, dtype=dtype)
+    layer = FastLinear(base, layer_index=0, rank=4, scale=0.5, seed=0, backend="torch")
+    layer.b_is_zero = False
+    x = torch.randn(3, 40, dtype=dtype)
+
+    def expected():
+        delta = (x.float() @ layer.A.float().t()) @ layer.B.detach().t() * 0.5
+        return (base(x).float() + delta).to(dtype)
+
+    for change in (lambda B: B.normal_(), lambda B: B.mul_(-3.0), lambda B: B.copy_(torch.ones_like(B))):
+        with torch.no_grad():
+            change(layer.B)
+            served = layer(x)
+        assert_close(served, expected(), dtype, what="served output after B changed")
+        with torch.enable_grad():
+            assert_close(layer(x), served, dtype, what="grad-mode output")

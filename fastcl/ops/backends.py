@@ -95,3 +95,10 @@ def implementation(backend: str, device: torch.device | str) -> ModuleType:
     """The module whose lowrank_linear_fwd/bwd run `backend` on `device`."""
     module, _ = _load(resolve(backend, device))
     return module
+
+
+def serving_fast_weights(impl: ModuleType, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B in the layout and dtype `impl` reads fastest over repeated no-grad forwards (B itself
+    where the backend has no preference: the kernels take fp32 B with any strides)."""
+    prepare = getattr(impl, "serving_fast_weights", None)
+    return prepare(B, dtype) if prepare is not None else B
