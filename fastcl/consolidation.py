@@ -51,7 +51,7 @@ def delta_norm_sq(module: FastLinear) -> float:
 
 def delta_abs_bound(module: FastLinear) -> float:
     """An upper bound of max |scale B A|: scale * max_i sum_k |B_ik| * max |A|."""
-    return float(module.B.abs().sum(1).max()) * float(module.A.abs().max()) * abs(module.scale)
+    return float(module.B.detach().abs().sum(1).max()) * float(module.A.abs().max()) * abs(module.scale)
 
 
 def merged_weight(module: FastLinear) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""The demo and the continual benchmark, end to end on SmolLM2-135M with a one-company stream."""
+
+import importlib.util
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+import fastcl
+import fastcl.demo
+import fastcl.evaluate
+
+pytestmark = pytest.mark.real_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_continual():
+    spec = importlib.util.spec_from_file_location("continual", ROOT / "bench" / "continual.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def shorter_evaluation(monkeypatch):
+    """Fewer general probes and shorter texts (perplexity, anchor, gate): the same code paths in
+    a fraction of the time. The full evaluation is bench/continual.py's job."""
+    probes, text = fastcl.evaluate.load_probes, fastcl.evaluate.load_text
+    monkeypatch.setattr(fastcl.evaluate, "load_probes", lambda *a: probes(*a)[:20])
+    monkeypatch.setattr(fastcl.evaluate, "load_text", lambda name: text(name)[:1500])
+
+
+def test_demo_prints_the_table_and_writes_the_plot(fresh_smollm, monkeypatch, capsys, tmp_path):
+    model, tokenizer = fresh_smollm
+    monkeypatch.setattr(fastcl.models, "load_default", lambda: (model, tokenizer))
+    out = tmp_path / "demo.png"
+    assert fastcl.demo.run_demo(seed=5, companies=1, out=str(out), checkpoints=2) == 0
+    printed = capsys.readouterr().out
+    for row in ("closed-book, held-out phrasings", "in-context (the ceiling)", "general-knowledge probes",
+                "general-text perplexity", "recovered"):
+        assert row in printed, f"the demo's table lacks {row!r}"
+    image = matplotlib.image.imread(out)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    learner = model.fastcl
+    assert learner.stats()["requests"] >= 4  # one company: four facts served and learned
+    assert learner.stats()["consolidations"] + learner.stats()["gate_refusals"] >= 1
+
+
+def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smollm):
+    model, tokenizer = fresh_smollm
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    continual = load_continual()
+    run = continual.run_seed(model, tokenizer, seed=7, companies=1, options={"rank": 8}, exact=False)
+    for key in ("floor", "ceiling", "after", "general_before", "general_after"):
+        assert 0.0 <= run[key] <= 1.0, key
+    assert run["ceiling"] > run["floor"], "the document in context should help: the stream is broken"
+    assert run["perplexity_after"] > 1.0 and run["served_tokens"] > 0 and run["learn_all_forwards"] > 0
+    assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), f"run_seed left {name} changed"
+    summary = continual.summarize([run, run])
+    assert summary["after"] == (run["after"], 0.0)
+    assert "fraction of the gap recovered" in continual.table(summary)
