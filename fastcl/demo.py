@@ -17,7 +17,7 @@ from . import evaluate as E
 from .facts import fact_stream
 
 
-def _plot(points: list[dict], path: str) -> None:
+def _plot(points: list[dict], path: str, ceiling: float, n_probes: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,12 +26,13 @@ def _plot(points: list[dict], path: str) -> None:
     tokens = [p["tokens"] for p in points]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(tokens, [p["closed"] for p in points], "o-", label="closed-book, held-out phrasings")
-    ax.plot(tokens, [p["general"] for p in points], "s-", label="general-knowledge probes")
+    ax.plot(tokens, [p["general"] for p in points], "s-", label=f"general-knowledge probes ({n_probes})")
+    ax.axhline(ceiling, color="gray", linestyle="--", label="in-context (the ceiling)")
     ax.set_xlabel("tokens served")
     ax.set_ylabel("accuracy (multiple choice)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     ax.set_title("fastcl: SmolLM2-135M learning from served traffic")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -80,6 +81,6 @@ def run_demo(seed: int = 0, companies: int = 6, out: str = "fastcl-demo.png", ch
           f"{served.tokens} tokens served in {served.serve_seconds:.0f}s, learning took {served.learn_seconds:.0f}s; "
           f"{stats['steps']} steps, {stats['consolidations']} consolidations, "
           f"{stats['gate_refusals']} refused by the gate; state held {stats['bytes_held']['total'] / 1e6:.0f} MB")
-    _plot(points, out)
+    _plot(points, out, ceiling, len(probes))
     print(f"plot written to {out} ({time.perf_counter() - start:.0f}s in all)")
     return 0
