@@ -74,7 +74,8 @@ def run_demo(seed: int = 0, companies: int = 6, out: str = "fastcl-demo.png", ch
     print(f"|{'-' * 36}|--------|--------|")
     print(f"| {'closed-book, held-out phrasings':34} | {before['mc']:6.3f} | {after['mc']:6.3f} |")
     print(f"| {'in-context (the ceiling)':34} | {ceiling:6.3f} |        |")
-    print(f"| {f'general-knowledge probes ({len(E.load_probes())})':34} | {before['general']:6.3f} | {after['general']:6.3f} |")
+    general = f"general-knowledge probes ({len(E.load_probes())})"
+    print(f"| {general:34} | {before['general']:6.3f} | {after['general']:6.3f} |")
     print(f"| {'general-text perplexity':34} | {before['perplexity']:6.2f} | {after['perplexity']:6.2f} |")
     recovered = B.gap_recovered(after["mc"], before["mc"], ceiling)
     print(f"\nrecovered {recovered:.0%} of the gap between no context and in-context; "

@@ -128,8 +128,9 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
 
 
 def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optional[str]:
-    """The anchor term and the built-in gate probe read shipped text, so they need the tokenizer.
-    Asked for explicitly without one, refuse; on by default, turn them off and say so."""
+    """The anchor term and the built-in gate probe read shipped text, and statement_view builds a
+    prompt, so they need the tokenizer. Asked for explicitly without one, refuse; on by default,
+    turn them off and say so."""
     if tokenizer is not None:
         return None
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
@@ -137,7 +138,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
                                     ("statement_view", config.statement_view)) if on]
     explicit = [name for name in wanted if name in options]
     if explicit:
-        raise PatchError(f"{', '.join(explicit)} read shipped text: pass patch(model, tokenizer=tok, ...)")
+        raise PatchError(f"{', '.join(explicit)} need the tokenizer: pass patch(model, tokenizer=tok, ...)")
     if not wanted:
         return None
     config.anchor_weight, config.gate_tolerance = 0.0, None
