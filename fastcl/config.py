@@ -32,9 +32,6 @@ class LearnerConfig:
     # The learn() recipe (fastcl.recipe). Defaults are the measured winner (bench/RESULTS.md).
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
-    # Also learn each response after a neutral prompt (an empty user turn), not only after the
-    # question: the fact stored as a statement, whatever way it is asked later. Needs a tokenizer.
-    statement_view: bool = False
     passes: int = 1  # optimizer steps per scheduled step on the same requests
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step

@@ -134,8 +134,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
     if tokenizer is not None:
         return None
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
-                                    ("gate_tolerance", config.gate_tolerance is not None),
-                                    ("statement_view", config.statement_view)) if on]
+                                    ("gate_tolerance", config.gate_tolerance is not None)) if on]
     explicit = [name for name in wanted if name in options]
     if explicit:
         raise PatchError(f"{', '.join(explicit)} need the tokenizer: pass patch(model, tokenizer=tok, ...)")

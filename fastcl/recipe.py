@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,18 +23,6 @@ from .inputs import as_weight, check_vocabulary
 from .loss import context_gain_loss, next_token_loss_on
 
 BUILTIN_PROBE = "general_text_loglik"
-
-
-def neutral_prompt(tokenizer) -> list[int]:
-    """A prompt that asks nothing: the chat template around an empty user turn, or the BOS (else
-    EOS) token for a tokenizer without one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if token is None:
-        raise ValueError("statement_view needs a chat template or a BOS/EOS token in the tokenizer")
-    return [token]
 
 
 @dataclass
@@ -78,7 +66,6 @@ class Recipe:
         self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
         self.anchor = Anchor.from_tokenizer(tokenizer) if config.anchor_weight > 0 else None
         self.gate = Gate()
-        self.neutral_prompt = neutral_prompt(tokenizer) if config.statement_view else None
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
 
@@ -144,8 +131,6 @@ class Recipe:
                             [i.response for i in contextual], [i.weight for i in contextual])
             learned += sum(len(i.response) for i in contextual)
         elif contextual and objective == "context_gain":
-            if self.neutral_prompt is not None:
-                contextual = contextual + [replace(i, student=self.neutral_prompt) for i in contextual]
             learned += self._accumulate_gain(contextual)
         elif contextual:
             plain += contextual

@@ -185,25 +185,3 @@ def test_without_a_tokenizer_the_text_guards_are_off_and_reported():
     assert learner.config.anchor_weight == 0 and learner.config.gate_tolerance is None
     assert learner.recipe.anchor is None and not learner.recipe.gate.probes
     assert any("no tokenizer" in note for note in learner.report.notes)
-
-
-class BosOnlyTokenizer:
-    """The least a tokenizer needs for statement_view: no chat template, a BOS token."""
-
-    chat_template = None
-    bos_token_id = 1
-    eos_token_id = 2
-
-
-def test_statement_view_also_learns_the_response_after_a_neutral_prompt():
-    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
-    options = dict(gain_threshold=-float("inf"), step_every=0, anchor_weight=0.0, gate_tolerance=None)
-    _, both = patched(tokenizer=BosOnlyTokenizer(), statement_view=True, **options)
-    assert both.learn(teacher, response, student).tokens_learned == 2 * len(response)
-    _, plain = patched(step_every=0)
-    plain.learn(student, response)
-    plain.learn([BosOnlyTokenizer.bos_token_id], response)
-    for a, b in zip(both.modules.values(), plain.modules.values()):
-        torch.testing.assert_close(a.grad_B, b.grad_B, rtol=1e-5, atol=1e-7)
-    with pytest.raises(fastcl.PatchError, match="statement_view"):
-        fastcl.patch(tiny_model("llama"), statement_view=True)
