@@ -128,9 +128,8 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
 
 
 def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optional[str]:
-    """The anchor term and the built-in gate probe read shipped text, and statement_view builds a
-    prompt, so they need the tokenizer. Asked for explicitly without one, refuse; on by default,
-    turn them off and say so."""
+    """The anchor term and the built-in gate probe read shipped text, so they need the tokenizer.
+    Asked for explicitly without one, refuse; on by default, turn them off and say so."""
     if tokenizer is not None:
         return None
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
