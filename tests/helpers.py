@@ -30,6 +30,18 @@ def assert_close(actual, expected, dtype=None, what="tensor", rtol=None, atol=No
         )
 
 
+def op_operands(M, d_in, d_out, r, dtype, bias=True, lead=()):
+    """(x, W, b, A, B, generator) for the op's tests, seeded by the shape; draw further tensors
+    from the returned generator so that they too are the same on every run."""
+    g = torch.Generator().manual_seed(M * 1000 + d_in + d_out + r)
+    x = torch.randn(*lead, M, d_in, generator=g).to(dtype)
+    W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype)
+    b = torch.randn(d_out, generator=g).to(dtype) if bias else None
+    A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(dtype)
+    B = torch.randn(d_out, r, generator=g) * 0.1
+    return x, W, b, A, B, g
+
+
 def tiny_model(arch: str, seed: int = 0):
     """A randomly initialised causal LM of about 50k parameters, in eval mode."""
     import transformers as tf

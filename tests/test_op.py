@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.ops import lowrank_linear, reference
-from helpers import assert_close
+from helpers import assert_close, op_operands
 
 
 def lora_fa(x, W, b, A, B, scale):
@@ -15,13 +15,7 @@ def lora_fa(x, W, b, A, B, scale):
 
 
 def make(M, d_in, d_out, r, dtype, bias=True, lead=()):
-    g = torch.Generator().manual_seed(M * 1000 + d_in + d_out + r)
-    x = torch.randn(*lead, M, d_in, generator=g).to(dtype)
-    W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype)
-    b = torch.randn(d_out, generator=g).to(dtype) if bias else None
-    A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(dtype)
-    B = torch.randn(d_out, r, generator=g) * 0.1
-    return x, W, b, A, B
+    return op_operands(M, d_in, d_out, r, dtype, bias, lead)[:5]
 
 
 def run_op(x, W, b, A, B, scale):

@@ -18,7 +18,7 @@ import torch
 
 import fastcl
 from fastcl.ops import backends, lowrank_linear, reference
-from helpers import assert_close, random_ids, tiny_model
+from helpers import assert_close, op_operands, random_ids, tiny_model
 
 kernels = pytest.importorskip("fastcl.kernels.lowrank_linear", reason="triton is not installed")
 from fastcl.ops import triton_backend  # noqa: E402
@@ -37,12 +37,7 @@ DB_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def make(M, d_in, d_out, r, dtype, bias=True, lead=()):
-    g = torch.Generator().manual_seed(M * 1000 + d_in + d_out + r)
-    x = torch.randn(*lead, M, d_in, generator=g).to(dtype)
-    W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype)
-    b = torch.randn(d_out, generator=g).to(dtype) if bias else None
-    A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(dtype)
-    B = torch.randn(d_out, r, generator=g) * 0.1
+    x, W, b, A, B, g = op_operands(M, d_in, d_out, r, dtype, bias, lead)
     dy = torch.randn(*lead, M, d_out, generator=g).to(dtype)
     grad_B0 = torch.randn(d_out, r, generator=g)  # accumulators already hold earlier gradients
     on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
