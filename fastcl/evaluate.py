@@ -7,9 +7,8 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from dataclasses import dataclass
 from importlib import resources
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -105,25 +104,20 @@ def load_text(name: str) -> str:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, window: int = 256) -> float:
-    """exp(mean next-token loss) over consecutive windows of the text."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def mean_log_likelihood(model, ids: Sequence[int], window: int = 256) -> float:
+    """Mean next-token log-likelihood (nats per token) over consecutive windows of ids."""
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[start: start + window + 1]])
+        chunk = torch.tensor([ids[start: start + window + 1]], device=device)
         if chunk.shape[1] < 2:
             break
-        logits = model(input_ids=chunk[:, :-1]).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-        total += float(loss)
+        logits = model(input_ids=chunk[:, :-1]).logits[0].float()
+        total -= float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
         count += chunk.shape[1] - 1
-    return math.exp(total / count)
+    return total / count
 
 
-@dataclass
-class Scores:
-    closed_book: float
-    in_context: Optional[float] = None
-    exact_match: Optional[float] = None
-    general: Optional[float] = None
-    perplexity: Optional[float] = None
+def perplexity(model, tokenizer, text: str, window: int = 256) -> float:
+    """exp(mean next-token loss) over consecutive windows of the text."""
+    return math.exp(-mean_log_likelihood(model, tokenizer(text, add_special_tokens=False)["input_ids"], window))

@@ -75,20 +75,12 @@ class Anchor:
 
 def text_likelihood_probe(tokenizer, name: str = GATE_TEXT, window: int = 256) -> Probe:
     """A probe scoring mean log-likelihood per token (nats, higher is better) on shipped text."""
+    from .evaluate import mean_log_likelihood
+
     ids = _text_ids(tokenizer, name)
 
-    @torch.no_grad()
     def probe(model) -> float:
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start: start + window + 1]], device=device)
-            if chunk.shape[1] < 2:
-                break
-            logits = model(input_ids=chunk[:, :-1]).logits[0].float()
-            total -= float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
-        return total / count
+        return mean_log_likelihood(model, ids, window)
 
     probe.__name__ = f"loglik[{name}]"
     return probe

@@ -94,6 +94,13 @@ class FastLinear(nn.Module):
             serving = self._serving = (key, impl, backends.serving_fast_weights(impl, B.detach(), x.dtype))
         return serving[1], serving[2]
 
+    def serving_copy_bytes(self) -> int:
+        """Bytes of the copy of B kept for no-grad forwards (0 where the backend reads B itself)."""
+        if self._serving is None or self._serving[2].data_ptr() == self.B.data_ptr():
+            return 0
+        copy = self._serving[2]
+        return copy.numel() * copy.element_size()
+
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must not demote the fast weights or the accumulator; A follows W.
         super()._apply(fn, recurse)

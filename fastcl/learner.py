@@ -316,9 +316,7 @@ class Learner:
             "projections": nbytes(m.A for m in modules),
             "optimizer": nbytes(optim),
             "rollback": nbytes(self._rollback_buffers.values()),
-            # B laid out for no-grad forwards (FastLinear._serving), where it is a copy
-            "serving": nbytes(m._serving[2] for m in modules
-                              if m._serving is not None and m._serving[2].data_ptr() != m.B.data_ptr()),
+            "serving": sum(m.serving_copy_bytes() for m in modules),  # B laid out for no-grad forwards
         }
         held["total"] = sum(held.values())
         replay = len(self.recipe.replay)

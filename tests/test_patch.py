@@ -176,3 +176,15 @@ def test_serving_forward_follows_every_change_of_the_fast_weights(dtype):
         assert_close(served, expected(), dtype, what="served output after B changed")
         with torch.enable_grad():
             assert_close(layer(x), served, dtype, what="grad-mode output")
+
+
+def test_the_serving_copy_of_b_is_counted_in_bytes_held(llama):
+    learner = fastcl.patch(llama, rank=4, lr=1e-2)
+    ids = random_ids(2, 9)
+    learner.observe(ids)
+    learner.step()
+    assert learner.stats()["bytes_held"]["serving"] == 0
+    with torch.no_grad():
+        llama(ids)  # serving with live fast weights lays B out once per layer
+    expected = sum(m.B.numel() * m.B.element_size() for m in learner.modules.values())
+    assert learner.stats()["bytes_held"]["serving"] == expected
