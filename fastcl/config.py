@@ -38,6 +38,9 @@ class LearnerConfig:
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
+    # A avoids this many leading directions of each layer's input on general text (fastcl.protection;
+    # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
+    protect_directions: int = 8
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
 
     def __post_init__(self):
@@ -61,7 +64,7 @@ class LearnerConfig:
             raise ValueError(f"sync_every must be None (synchronous) or a positive integer, got {self.sync_every!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("passes", "replay", "replay_per_step", "step_every", "consolidate_every"):
+        for name in ("passes", "replay", "replay_per_step", "step_every", "consolidate_every", "protect_directions"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "passes" else 0):
                 raise ValueError(f"{name} must be an integer >= {1 if name == 'passes' else 0}, got {value!r}")

@@ -14,7 +14,7 @@ ANCHOR_TEXT = "anchor_text.txt"  # trains the anchor term
 GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
 
 
-def _text_ids(tokenizer, name: str) -> list[int]:
+def text_ids(tokenizer, name: str) -> list[int]:
     from .evaluate import load_text
 
     return tokenizer(load_text(name), add_special_tokens=False)["input_ids"]
@@ -40,7 +40,7 @@ class Anchor:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, **kwargs) -> "Anchor":
-        return cls(_text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
+        return cls(text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
 
     @torch.no_grad()
     def prepare(self, learner) -> None:
@@ -77,7 +77,7 @@ def text_likelihood_probe(tokenizer, name: str = GATE_TEXT, window: int = 256) -
     """A probe scoring mean log-likelihood per token (nats, higher is better) on shipped text."""
     from .evaluate import mean_log_likelihood
 
-    ids = _text_ids(tokenizer, name)
+    ids = text_ids(tokenizer, name)
 
     def probe(model) -> float:
         return mean_log_likelihood(model, ids, window)

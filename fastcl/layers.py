@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,10 +34,12 @@ class FastLinear(nn.Module):
 
     Shares the base layer's weight and bias Parameters (state_dict keys stay the same) and keeps
     the original module, untouched, for unpatch. A is a non-persistent buffer regenerated from
-    (seed, layer_index, epoch); B and grad_B are fp32 whatever the model dtype.
+    (seed, layer_index, epoch), orthogonal to the `protected` input directions when given; B and
+    grad_B are fp32 whatever the model dtype.
     """
 
-    def __init__(self, base: nn.Module, *, layer_index: int, rank: int, scale: float, seed: int, backend: str):
+    def __init__(self, base: nn.Module, *, layer_index: int, rank: int, scale: float, seed: int, backend: str,
+                 protected: Optional[torch.Tensor] = None):
         super().__init__()
         if type(base) not in LINEAR_TYPES:
             raise TypeError(f"FastLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
@@ -47,6 +51,8 @@ class FastLinear(nn.Module):
         self.bias = base.bias
         object.__setattr__(self, "base", base)  # not a submodule: its Parameters are ours already
         device = base.weight.device
+        # (d_in, k) orthonormal input directions that A avoids (fastcl.protection), or None.
+        self.register_buffer("protected", None if protected is None else protected.float().to(device), persistent=False)
         self.register_buffer("A", self._projection(epoch=0, device=device), persistent=False)
         self.B = nn.Parameter(torch.zeros(d_out, rank, dtype=torch.float32, device=device))
         self.register_buffer("grad_B", torch.zeros(d_out, rank, dtype=torch.float32, device=device), persistent=False)
@@ -59,7 +65,8 @@ class FastLinear(nn.Module):
         self._serving = None
 
     def _projection(self, epoch: int, device) -> torch.Tensor:
-        return make_projection(self.seed, self.layer_index, epoch, self.rank, self.in_features, self.weight.dtype, device)
+        return make_projection(self.seed, self.layer_index, epoch, self.rank, self.in_features, self.weight.dtype, device,
+                               avoid=self.protected)
 
     def weight_matrix(self) -> torch.Tensor:
         """W as (d_out, d_in); a view for Conv1D, so writes go to the shared Parameter."""
@@ -103,12 +110,15 @@ class FastLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must not demote the fast weights or the accumulator; A follows W.
+        protected = self.protected  # it defines A: follows the device, never rounded
         super()._apply(fn, recurse)
         self.base.weight, self.base.bias = self.weight, self.bias  # in case torch swapped Parameters
         if self.B.dtype != torch.float32:
             self.B.data = self.B.data.float()
         if self.grad_B.dtype != torch.float32:
             self.grad_B = self.grad_B.float()
+        if protected is not None:
+            self.protected = protected.to(self.weight.device)
         if self.A.dtype != self.weight.dtype:
             self.A = self.A.to(self.weight.dtype)
         return self

@@ -17,6 +17,7 @@ from .config import LearnerConfig
 from .distributed import check_process_group
 from .errors import PatchError
 from .layers import LINEAR_TYPES, FastLinear, linear_shape
+from .protection import principal_input_directions
 
 
 @dataclass
@@ -128,20 +129,37 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
 
 
 def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optional[str]:
-    """The anchor term and the built-in gate probe read shipped text, so they need the tokenizer.
-    Asked for explicitly without one, refuse; on by default, turn them off and say so."""
+    """The anchor term, the built-in gate probe and the protected directions read shipped text,
+    so they need the tokenizer. Asked for explicitly without one, refuse; on by default, turn
+    them off and say so."""
     if tokenizer is not None:
         return None
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
-                                    ("gate_tolerance", config.gate_tolerance is not None)) if on]
+                                    ("gate_tolerance", config.gate_tolerance is not None),
+                                    ("protect_directions", config.protect_directions > 0)) if on]
     explicit = [name for name in wanted if name in options]
     if explicit:
         raise PatchError(f"{', '.join(explicit)} need the tokenizer: pass patch(model, tokenizer=tok, ...)")
     if not wanted:
         return None
-    config.anchor_weight, config.gate_tolerance = 0.0, None
-    return ("no tokenizer given: the anchor term and the built-in gate probe are off "
-            "(pass tokenizer= to patch() to turn them on)")
+    config.anchor_weight, config.gate_tolerance, config.protect_directions = 0.0, None, 0
+    return ("no tokenizer given: the anchor term, the built-in gate probe and the protected input directions "
+            "are off (pass tokenizer= to patch() to turn them on)")
+
+
+def _protected_directions(model: nn.Module, base_modules: dict, config: LearnerConfig, tokenizer) -> dict:
+    """Each layer's leading input directions on the anchor text (fastcl.protection), found with
+    the model as it is, before anything changes."""
+    k = config.protect_directions
+    if not k:
+        return {}
+    narrow = [name for name, m in base_modules.items() if linear_shape(m)[1] <= k]
+    if narrow:
+        raise PatchError(f"protect_directions={k} leaves nothing for A in {narrow[:3]} (input width <= {k}); "
+                         "lower it or exclude those layers")
+    from .guard import ANCHOR_TEXT, text_ids
+
+    return principal_input_directions(model, base_modules, text_ids(tokenizer, ANCHOR_TEXT), k)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -168,7 +186,8 @@ def patch(
     backend="auto" defers to the FASTCL_BACKEND environment variable when it is set.
     process_group= (see fastcl.distributed): None learns with the default torch.distributed group
     when one is initialised, a ProcessGroup learns with that group, False learns alone.
-    tokenizer= is needed by the recipe's anchor term and built-in gate probe (they read text).
+    tokenizer= is needed by the recipe's anchor term, built-in gate probe and protected input
+    directions (they read shipped text); with it, patch() runs one forward over that text first.
     Recipe options (objective, passes, replay, step_every, consolidate_every, anchor_weight,
     gate_tolerance, ...) are documented on LearnerConfig and in the README.
     """
@@ -191,8 +210,10 @@ def patch(
         from .ops import backends
 
         backends.resolve(backend, device)  # fail now, before anything changes
+    protected = _protected_directions(model, base_modules, config, tokenizer)
     fast = {
-        name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend)
+        name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend,
+                         protected=protected.get(name))
         for i, (name, base) in enumerate(base_modules.items())
     }
     # Everything that can fail has run; from here on the model changes.

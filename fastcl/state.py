@@ -56,6 +56,8 @@ def save(learner: "Learner", path, include_weights: Optional[bool] = None) -> No
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
         if include_weights:
             tensors[f"weight.{i}"] = module.weight.detach()
+        if module.protected is not None:  # with the seed and epoch, it defines A
+            tensors[f"protected.{i}"] = module.protected
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -136,6 +138,10 @@ def load(learner: "Learner", path) -> None:
             value = tensors[key]
             _expect(tensors, key, shape_B if value.dim() else (), path)
             entry["optim"][key.split(".", 2)[2]] = value
+        if f"protected.{i}" in tensors:
+            given = tensors[f"protected.{i}"]
+            width = given.shape[-1] if given.dim() == 2 else -1
+            entry["protected"] = _expect(tensors, f"protected.{i}", (module.in_features, width), path)
         if f"weight.{i}" in tensors:
             entry["weight"] = _expect(tensors, f"weight.{i}", tuple(module.weight.shape), path)
             if weight_checksum(entry["weight"].to(module.weight.dtype)) != checksums[i]:
@@ -157,8 +163,11 @@ def load(learner: "Learner", path) -> None:
     # Everything is read and checked; now write.
     learner.counters = restored_counters
     learner.config.seed = config["seed"]
-    for _, module in modules:
+    learner.config.protect_directions = int(config.get("protect_directions", 0))
+    for (_, module), entry in zip(modules, staged):
         module.seed = config["seed"]
+        # The file's projection, protected or not, is the one its fast weights were learned in.
+        module.protected = entry["protected"].float().to(module.weight.device) if "protected" in entry else None
     learner._snapshot = None
     learner._merge_checker.forget()
     learner._set_epoch(learner.counters.epoch)
