@@ -63,3 +63,32 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     summary = continual.summarize([run, run])
     assert summary["after"] == (run["after"], 0.0)
     assert "fraction of the gap recovered" in continual.table(summary)
+
+
+def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
+    model, tokenizer = fresh_smollm
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = importlib.util.spec_from_file_location("one_step", ROOT / "bench" / "one_step.py")
+    one_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(one_step)
+    (drift, rows), = one_step.run(model, tokenizer, [{"rank": 8}], seed=10, n_facts=1)
+    closed, gain, moved = rows[0]
+    assert gain > 0.5 and closed > 0, "one learn() call should close part of a fact's context gain"
+    assert abs(drift) < 1.0 and len(moved) == 2
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), f"one_step left {name} changed"
+
+
+def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
+    model, tokenizer = fresh_smollm
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = importlib.util.spec_from_file_location("diagnose_stream", ROOT / "bench" / "diagnose_stream.py")
+    diagnose_stream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose_stream)
+    result = diagnose_stream.diagnose(model, tokenizer, seed=7, companies=1, options={"rank": 8})
+    for key in ("floor", "ceiling", "after", "served_floor", "served_after", "immediate"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert len(result["after_by_quarter"]) == 4  # 4 facts, one per quarter
+    assert not hasattr(model, "fastcl")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), f"diagnose left {name} changed"

@@ -1,0 +1,99 @@
+"""Where a continual run loses its facts: closed-book accuracy on the served phrasing beside the
+held-out ones, right after each fact was learned ("immediate") beside the end of the stream,
+and by position in the stream. The development companion of bench/continual.py (use streams
+10+ for development; 1-3 are the reported ones).
+
+    python bench/diagnose_stream.py --seeds 10 12 --companies 10 --ablation lr=3e-3
+
+If served-phrasing accuracy is as low as held-out, the facts are not learned (not a transfer
+problem); if "immediate" is high and the end is low, later traffic overwrote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastcl
+from fastcl import benchmark as B
+from fastcl import evaluate as E
+from fastcl.facts import fact_stream
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from continual import DEFAULT, parse_overrides  # noqa: E402
+
+
+def correct(model, tokenizer, items) -> list[int]:
+    out = []
+    for prompt_text, options, answer in items:
+        encoded = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        scores = E.option_logprobs(model, E.chat_ids(tokenizer, prompt_text), encoded)
+        out.append(int(max(range(len(options)), key=scores.__getitem__) == answer))
+    return out
+
+
+def held_out(model, tokenizer, fact) -> float:
+    hits = correct(model, tokenizer, [(q, fact.options, fact.answer_index) for q in fact.eval_questions])
+    return sum(hits) / len(hits)
+
+
+def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict:
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    facts = fact_stream(companies, seed=seed)
+    served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
+    floor = [held_out(model, tokenizer, f) for f in facts]
+    served_floor = correct(model, tokenizer, served_items)
+    ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
+    learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
+    immediate = []
+    learn = learner.learn
+
+    def learn_then_score(*args, **kwargs):
+        report = learn(*args, **kwargs)
+        immediate.append(held_out(model, tokenizer, facts[len(immediate)]))
+        return report
+
+    learner.learn = learn_then_score
+    B.serve(model, tokenizer, learner, facts)
+    after = [held_out(model, tokenizer, f) for f in facts]
+    served_after = correct(model, tokenizer, served_items)
+    refused = learner.stats()["gate_refusals"]
+    fastcl.unpatch(model, merge=False)
+    model.load_state_dict(original)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    quarter = max(1, len(facts) // 4)
+    return {
+        "seed": seed, "floor": mean(floor), "ceiling": ceiling, "after": mean(after),
+        "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
+        "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
+        "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
+        "gate_refusals": refused,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[10, 12])
+    parser.add_argument("--companies", type=int, default=10)
+    parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    options = {**DEFAULT, **parse_overrides(args.ablation)}
+    model, tokenizer = fastcl.models.load_default()
+    for seed in args.seeds:
+        start = time.perf_counter()
+        result = diagnose(model, tokenizer, seed, args.companies, options)
+        print(json.dumps({"options": options, **result, "seconds": round(time.perf_counter() - start)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
