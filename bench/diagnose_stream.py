@@ -29,18 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import DEFAULT, parse_overrides  # noqa: E402
 
 
-def correct(model, tokenizer, items) -> list[int]:
-    out = []
-    for prompt_text, options, answer in items:
-        encoded = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-        scores = E.option_logprobs(model, E.chat_ids(tokenizer, prompt_text), encoded)
-        out.append(int(max(range(len(options)), key=scores.__getitem__) == answer))
-    return out
-
-
 def held_out(model, tokenizer, fact) -> float:
-    hits = correct(model, tokenizer, [(q, fact.options, fact.answer_index) for q in fact.eval_questions])
-    return sum(hits) / len(hits)
+    return E.multiple_choice_accuracy(model, tokenizer, [(q, fact.options, fact.answer_index) for q in fact.eval_questions])
 
 
 def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict:
@@ -48,7 +38,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     facts = fact_stream(companies, seed=seed)
     served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
     floor = [held_out(model, tokenizer, f) for f in facts]
-    served_floor = correct(model, tokenizer, served_items)
+    served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
     immediate = []
@@ -62,7 +52,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     learner.learn = learn_then_score
     B.serve(model, tokenizer, learner, facts)
     after = [held_out(model, tokenizer, f) for f in facts]
-    served_after = correct(model, tokenizer, served_items)
+    served_after = E.multiple_choice_hits(model, tokenizer, served_items)
     refused = learner.stats()["gate_refusals"]
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)

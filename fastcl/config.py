@@ -17,7 +17,7 @@ class LearnerConfig:
     rank: int = 16
     alpha: Optional[float] = None  # scale c = alpha / rank; None means alpha = rank, so c = 1
     seed: int = 0
-    lr: float = 1.5e-3
+    lr: float = 3e-3
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 3e-4  # Adam's; near the gradients' scale (~1e-3) it damps updates of weak coordinates

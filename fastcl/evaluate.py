@@ -54,15 +54,20 @@ def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int
     return scores
 
 
-def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]]) -> float:
-    """Accuracy over (user prompt, options, answer index): the option with the highest mean
-    token log-probability as the assistant's reply wins."""
-    correct = 0
+def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]]) -> list[bool]:
+    """Per (user prompt, options, answer index): whether the option with the highest mean token
+    log-probability as the assistant's reply is the answer."""
+    hits = []
     for prompt_text, options, answer in items:
         encoded = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
         scores = option_logprobs(model, chat_ids(tokenizer, prompt_text), encoded)
-        correct += int(max(range(len(options)), key=scores.__getitem__) == answer)
-    return correct / max(len(items), 1)
+        hits.append(max(range(len(options)), key=scores.__getitem__) == answer)
+    return hits
+
+
+def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]]) -> float:
+    """The fraction of multiple_choice_hits."""
+    return sum(multiple_choice_hits(model, tokenizer, items)) / max(len(items), 1)
 
 
 def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple[str, ...], int]]:

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.real_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_continual():
-    spec = importlib.util.spec_from_file_location("continual", ROOT / "bench" / "continual.py")
+def load_bench(name: str):
+    """A script from bench/ as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -51,7 +52,7 @@ def test_demo_prints_the_table_and_writes_the_plot(fresh_smollm, monkeypatch, ca
 def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smollm):
     model, tokenizer = fresh_smollm
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    continual = load_continual()
+    continual = load_bench("continual")
     run = continual.run_seed(model, tokenizer, seed=7, companies=1, options={"rank": 8}, exact=False)
     for key in ("floor", "ceiling", "after", "general_before", "general_after"):
         assert 0.0 <= run[key] <= 1.0, key
@@ -68,9 +69,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
     model, tokenizer = fresh_smollm
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = importlib.util.spec_from_file_location("one_step", ROOT / "bench" / "one_step.py")
-    one_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(one_step)
+    one_step = load_bench("one_step")
     (drift, rows), = one_step.run(model, tokenizer, [{"rank": 8}], seed=10, n_facts=1)
     closed, gain, moved = rows[0]
     assert gain > 0.5 and closed > 0, "one learn() call should close part of a fact's context gain"
@@ -82,9 +81,7 @@ def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
 def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
     model, tokenizer = fresh_smollm
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = importlib.util.spec_from_file_location("diagnose_stream", ROOT / "bench" / "diagnose_stream.py")
-    diagnose_stream = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diagnose_stream)
+    diagnose_stream = load_bench("diagnose_stream")
     result = diagnose_stream.diagnose(model, tokenizer, seed=7, companies=1, options={"rank": 8})
     for key in ("floor", "ceiling", "after", "served_floor", "served_after", "immediate"):
         assert 0.0 <= result[key] <= 1.0, key
