@@ -1,11 +1,11 @@
 """Protected input directions: where general text lives in each patched layer's input.
 
 A fast-weight update changes a layer's output by scale * B (A x). On general text a few input
-directions carry most of x's energy (in SmolLM2-135M the top direction alone holds 40-70% of
-the attention and MLP inputs' second moment), so through a random A any step on B also moves
-every general-text token. Rows of A orthogonal to those directions make the update nearly
-invisible to general text while inputs that differ from it (a new entity, a new fact) still
-reach B: the null-space idea of AlphaEdit, applied to the projection instead of to each edit.
+directions carry much of x's energy (in SmolLM2-135M the top direction alone holds 40-70% of
+the attention and MLP-gate inputs' second moment, 4-13% of the down projection's), so through
+a random A any step on B also moves every general-text token. Rows of A orthogonal to those
+directions make the update nearly invisible to general text while inputs that differ from it
+(a new entity, a new fact) still reach B: the null-space idea of AlphaEdit, applied to the projection instead of to each edit.
 
 principal_input_directions() finds them once, before the model is patched, from a forward over
 shipped general text; make_projection() then removes them from every A it draws.
