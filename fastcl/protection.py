@@ -30,7 +30,7 @@ def _top_eigenvectors(moment: torch.Tensor, k: int, seed: int = 0) -> torch.Tens
     moment = moment.double()
     for _ in range(ITERATIONS):
         q, _ = torch.linalg.qr(moment @ q)
-    return q.float()
+    return q.float().contiguous()  # QR returns column-major
 
 
 @torch.no_grad()

@@ -57,7 +57,8 @@ def save(learner: "Learner", path, include_weights: Optional[bool] = None) -> No
         if include_weights:
             tensors[f"weight.{i}"] = module.weight.detach()
         if module.protected is not None:  # with the seed and epoch, it defines A
-            tensors[f"protected.{i}"] = module.protected
+            # q, k and v hold one basis; safetensors refuses tensors that share memory.
+            tensors[f"protected.{i}"] = module.protected.clone()
     metadata = {
         "format": FORMAT,
         "version": VERSION,
