@@ -76,6 +76,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "steps": stats["steps"],
         "consolidations": stats["consolidations"],
         "gate_refusals": stats["gate_refusals"],
+        "gate_halved": stats["gate_halved"],
     }
 
 
@@ -109,6 +110,7 @@ def table(summary: dict) -> str:
         ("one-pass learning cost (teacher + student), in plain forwards", cell("learn_cost_forwards", "{:.2f}")),
         ("all of learn() (replay, anchor, gate, merges too), in plain forwards", cell("learn_all_forwards", "{:.2f}")),
         ("consolidations refused by the gate", cell("gate_refusals", "{:.1f}")),
+        ("consolidations halved to pass the gate", cell("gate_halved", "{:.1f}")),
     ]
     if "exact_before" in summary:
         rows.insert(4, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))

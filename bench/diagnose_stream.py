@@ -53,7 +53,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     B.serve(model, tokenizer, learner, facts)
     after = [held_out(model, tokenizer, f) for f in facts]
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
-    refused = learner.stats()["gate_refusals"]
+    refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
+    perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -63,7 +64,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
         "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
         "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
         "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
-        "gate_refusals": refused,
+        "perplexity_after": round(perplexity, 2), "gate_refusals": refused, "gate_halved": halved,
     }
 
 

@@ -33,6 +33,10 @@ class LearnerConfig:
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
     passes: int = 1  # optimizer steps per scheduled step on the same requests
+    # Further steps on the requests just learned, their own loss only (no replay, no anchor): each
+    # costs one forward+backward of the context-free prompts, and the loop stops as soon as no
+    # response token is gain_threshold nats short of the teacher (objective "context_gain").
+    inner_steps: int = 0
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
@@ -42,6 +46,7 @@ class LearnerConfig:
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
+    gate_backoff: int = 0  # a refused update is halved up to this many times, each checked again, before it is dropped
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -64,7 +69,8 @@ class LearnerConfig:
             raise ValueError(f"sync_every must be None (synchronous) or a positive integer, got {self.sync_every!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("passes", "replay", "replay_per_step", "step_every", "consolidate_every", "protect_directions"):
+        for name in ("passes", "inner_steps", "replay", "replay_per_step", "step_every", "consolidate_every", "protect_directions",
+                     "gate_backoff"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "passes" else 0):
                 raise ValueError(f"{name} must be an integer >= {1 if name == 'passes' else 0}, got {value!r}")

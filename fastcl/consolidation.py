@@ -21,11 +21,14 @@ class ConsolidationReport:
     seconds: float
     committed: bool = True
     gate: Optional[dict] = None  # filled in when a gate scored the merge
+    halvings: int = 0  # the update was merged at 2**-halvings of its strength to pass the gate
 
     def __str__(self) -> str:
         state = "committed" if self.committed else "rolled back"
         text = (f"consolidation {state}: epoch {self.epoch}, {self.layers_merged} layers merged, "
                 f"||dW|| {self.delta_norm:.3g} ({self.relative_delta:.2e} of ||W||), {self.seconds:.2f}s")
+        if self.halvings:
+            text += f", at 1/{2 ** self.halvings} strength to pass the gate"
         if self.gate is not None:
             text += f", gate {self.gate}"
         return text

@@ -38,6 +38,7 @@ class Counters:
     consolidations: int = 0
     rollbacks: int = 0
     gate_refusals: int = 0
+    gate_halved: int = 0  # merges committed at reduced strength (gate_backoff)
     epoch: int = 0  # projection epoch: consolidations committed minus rolled back
 
 
@@ -226,7 +227,8 @@ class Learner:
         With gate probes (gate_tolerance, add_probe) and gate=True, the probes score the model
         with the live fast weights first; if one dropped more than its tolerance below its
         baseline, nothing is merged, the fast weights are dropped and the report says so
-        (committed=False, gate=the scores).
+        (committed=False, gate=the scores). With config.gate_backoff = k, a refused update is first
+        halved up to k times and merged at the first strength that passes (report.halvings).
 
         All or nothing: every merged weight is checked finite before any is written. The state
         before the call is kept so rollback() can restore it exactly. Accumulated gradients not
@@ -238,6 +240,16 @@ class Learner:
         live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
         bounds = self._merge_checker.check(live)
         gate = self.recipe.check_gate() if (gate and live) else None
+        halvings, unhalved = 0, None
+        if gate is not None and not gate.passed and self.config.gate_backoff:
+            # Keep part of what was learned: halve the update (exact in fp32) until it passes.
+            unhalved = {name: m.B.detach().clone() for name, m in live.items()}
+            while not gate.passed and halvings < self.config.gate_backoff:
+                with torch.no_grad():
+                    for m in live.values():
+                        m.B.mul_(0.5)
+                halvings += 1
+                gate = self.recipe.check_gate()
         if gate is not None and not gate.passed:
             discarded = self._discard_pending("consolidate() refused by the gate")
             log.warning("fastcl consolidation refused by the gate, fast weights dropped: %s", gate)
@@ -247,13 +259,16 @@ class Learner:
                                        committed=False, gate=gate)
         discarded = self._discard_pending("consolidate()")
         self._snapshot = self._take_snapshot(live)
+        if halvings:
+            self._snapshot.fast_weights.update(unhalved)  # rollback() restores B as it was before the call
+            self.counters.gate_halved += 1
         delta_norm = write_merge(live)
         self._merge_checker.committed(bounds)
         self.counters.consolidations += 1
         self._set_epoch(self.counters.epoch + 1)
         report = ConsolidationReport(self.counters.epoch, len(live), delta_norm,
                                      delta_norm / self._reference_weight_norm(), discarded,
-                                     time.perf_counter() - start, gate=gate)
+                                     time.perf_counter() - start, gate=gate, halvings=halvings)
         self.replicas.after_consolidate()  # with replicas: check they hold bit-identical weights
         return report
 

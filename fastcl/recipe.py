@@ -181,7 +181,8 @@ class Recipe:
         return report
 
     def scheduled_step(self):
-        """passes x (replay + anchor + step), then maybe a consolidation."""
+        """passes x (replay + anchor + step), then up to inner_steps on the pending requests alone,
+        then maybe a consolidation."""
         learner, config = self.learner, self.learner.config
         stepped = False
         for p in range(config.passes):
@@ -196,6 +197,10 @@ class Recipe:
                 self.costs["anchor"] += time.perf_counter() - start
                 self.tokens["anchor"] += tokens
             stepped |= learner.step()
+        for _ in range(config.inner_steps if stepped else 0):
+            if not self.accumulate(self.pending, "inner"):
+                break  # every response token is within gain_threshold of the teacher
+            learner.step()
         if config.replay:
             self.replay.extend(self.pending)
         self.pending = []

@@ -21,12 +21,17 @@ def patched(**kw):
     return model, fastcl.patch(model, **kw)
 
 
-def response_loss(model, prompt, response):
+def response_losses(model, prompt, response):
+    """Per response token, its loss after the prompt."""
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
         logprobs = model(ids).logits[0].log_softmax(-1)
     positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
-    return float(-logprobs[positions, torch.tensor(response)].mean())
+    return -logprobs[positions, torch.tensor(response)]
+
+
+def response_loss(model, prompt, response):
+    return float(response_losses(model, prompt, response).mean())
 
 
 def test_learn_without_context_learns_the_response_after_the_prompt():
@@ -104,6 +109,33 @@ def test_replay_buffer_is_bounded_and_replayed():
     assert stats["tokens_processed"]["replay"] > 0 and stats["tokens_processed"]["passes"] > 0
 
 
+def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
+    """Inner steps step on the request's own context gain only (no replay, no anchor) and stop
+    once no response token is gain_threshold short of the teacher."""
+    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
+    # Every token short of the teacher by more than -1 nats: a gain that closing never ends.
+    model, endless = patched(gain_threshold=-1.0, inner_steps=4, consolidate_every=0)
+    endless.learn(teacher, response, student, teacher_logprobs=torch.zeros(len(response)))
+    assert endless.counters.steps == 5  # the scheduled step, then all four inner steps
+    assert endless.stats()["tokens_processed"]["inner"] > 0
+    # A teacher the student already matches: nothing to learn, no step at all.
+    _, closed = patched(inner_steps=4, consolidate_every=0)
+    closed.learn(teacher, response, student, teacher_logprobs=torch.full((len(response),), -1e3))
+    assert closed.counters.steps == 0 and "inner" not in closed.stats()["tokens_processed"]
+    # A reachable target: the loop ends early, and more steps close more of the gap.
+    def loss_after(inner_steps):
+        model, learner = patched(inner_steps=inner_steps, consolidate_every=0, lr=3e-2)
+        # The teacher 0.8 nats above the student on every token: closed 0.5 nats short of it.
+        target = -response_losses(model, student, response) + 0.8
+        learner.learn(teacher, response, student, teacher_logprobs=target)
+        return response_loss(model, student, response), learner.counters.steps
+
+    one, _ = loss_after(0)
+    many, steps = loss_after(50)
+    assert many < one
+    assert 1 < steps < 51  # stopped once every token was within gain_threshold of the teacher
+
+
 def test_anchor_pulls_general_behaviour_back_to_the_reference():
     """Train hard on one response, then step on the anchor alone: the anchor KL falls."""
     from fastcl.guard import Anchor
@@ -155,6 +187,44 @@ def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
     assert all(torch.equal(m.weight, weights[n]) for n, m in learner.modules.items())
     assert all(not m.B.any() and m.b_is_zero for m in learner.modules.values())
     assert learner.counters.gate_refusals == 1
+
+
+@pytest.mark.parametrize("backoff", [1, 2])
+def test_gate_backoff_merges_a_halved_update_or_refuses_and_rollback_restores_it(backoff):
+    from fastcl.consolidation import merged_weight
+
+    model, learner = patched(consolidate_every=0, gate_backoff=backoff)
+
+    def largest_fast_weight(m):  # a probe the halvings move predictably: -max |B| of the live layers
+        live = [mod.B.detach().abs().max() for mod in learner.modules.values() if mod.enabled]
+        return -float(max(live)) if live else 0.0
+
+    learner.add_probe(largest_fast_weight, tolerance=1.0, name="size")
+    with torch.no_grad():
+        for module in learner.modules.values():
+            module.B.uniform_(-3.0, 3.0)
+            module.B[0, 0] = 3.0  # max |B| = 3: passes at 3/4, after two halvings
+            module.b_is_zero = False
+    planted = {n: m.B.detach().clone() for n, m in learner.modules.items()}
+    weights = {n: m.weight.detach().clone() for n, m in learner.modules.items()}
+    expected = {}
+    for n, m in learner.modules.items():
+        with torch.no_grad():
+            m.B.mul_(0.25)
+            expected[n] = merged_weight(m)
+            m.B.copy_(planted[n])
+    report = learner.consolidate()
+    if backoff == 1:  # 3 -> 1.5 still drops more than 1.0: refused, nothing merged
+        assert not report.committed and learner.counters.gate_refusals == 1
+        assert all(torch.equal(m.weight, weights[n]) for n, m in learner.modules.items())
+        return
+    assert report.committed and report.halvings == 2 and "1/4 strength" in str(report)
+    assert learner.counters.gate_halved == 1 and learner.counters.gate_refusals == 0
+    for n, m in learner.modules.items():
+        assert torch.equal(m.weight, expected[n]), f"{n}: merged a quarter of the update"
+    learner.rollback()
+    for n, m in learner.modules.items():
+        assert torch.equal(m.weight, weights[n]) and torch.equal(m.B, planted[n]), f"{n}: rollback is exact"
 
 
 def test_fast_weights_bypassed_restores_base_behaviour():
