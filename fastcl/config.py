@@ -17,7 +17,7 @@ class LearnerConfig:
     rank: int = 16
     alpha: Optional[float] = None  # scale c = alpha / rank; None means alpha = rank, so c = 1
     seed: int = 0
-    lr: float = 3e-3
+    lr: float = 1.5e-3
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 3e-4  # Adam's; near the gradients' scale (~1e-3) it damps updates of weak coordinates
@@ -36,7 +36,7 @@ class LearnerConfig:
     # Further steps on the requests just learned, their own loss only (no replay, no anchor): each
     # costs one forward+backward of the context-free prompts, and the loop stops as soon as no
     # response token is gain_threshold nats short of the teacher (objective "context_gain").
-    inner_steps: int = 0
+    inner_steps: int = 3
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
@@ -46,7 +46,7 @@ class LearnerConfig:
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
-    gate_backoff: int = 0  # a refused update is halved up to this many times, each checked again, before it is dropped
+    gate_backoff: int = 2  # a refused update is halved up to this many times, each checked again, before it is dropped
 
     def __post_init__(self):
         if isinstance(self.targets, str):
