@@ -33,9 +33,10 @@ class LearnerConfig:
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
     passes: int = 1  # optimizer steps per scheduled step on the same requests
-    # Further steps on the requests just learned, their own loss only (no replay, no anchor): each
-    # costs one forward+backward of the context-free prompts, and the loop stops as soon as no
-    # response token is gain_threshold nats short of the teacher (objective "context_gain").
+    # Further steps on the context-gain requests just learned, their own loss only (no replay, no
+    # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
+    # soon as no response token is gain_threshold nats short of the teacher. Requests without a
+    # student prompt, and the other objectives, get none (they have no such stopping rule).
     inner_steps: int = 3
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step

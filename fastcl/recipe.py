@@ -197,10 +197,16 @@ class Recipe:
                 self.costs["anchor"] += time.perf_counter() - start
                 self.tokens["anchor"] += tokens
             stepped |= learner.step()
-        for _ in range(config.inner_steps if stepped else 0):
-            if not self.accumulate(self.pending, "inner"):
-                break  # every response token is within gain_threshold of the teacher
-            learner.step()
+        # Stop once a step finds nothing to learn (every response token within gain_threshold of
+        # the teacher). step() decides that for the whole group of synchronous replicas, so they
+        # stop together; asynchronous replicas keep every step, since they count step() calls.
+        # Only context-gain requests have that stopping rule; the others get no inner steps.
+        gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
+        may_stop = learner.replicas.group is None or not learner.replicas.asynchronous
+        for _ in range(config.inner_steps if stepped and gained else 0):
+            self.accumulate(gained, "inner")
+            if not learner.step() and may_stop:
+                break
         if config.replay:
             self.replay.extend(self.pending)
         self.pending = []

@@ -209,4 +209,14 @@ def scenarios(rank, world_size, tmp):
     result["async_adam"] = run_traffic(adam, [rank], 4, inject_nan=False)
     adam.consolidate()
     result["async_adam_W"] = weights(adam)
+
+    # learn() with inner steps: rank 1 has nothing to learn (its teacher is far below the student)
+    # while the others never close their gain; every rank must step as often as the group does.
+    from helpers import random_ids
+
+    contextual = patched(inner_steps=3)
+    teacher, student, response = (random_ids(1, n, seed=7000 + 10 * rank + n)[0].tolist() for n in (9, 4, 5))
+    floor = -1e3 if rank == 1 else 0.0
+    contextual.learn(teacher, response, student, teacher_logprobs=torch.full((len(response),), floor))
+    result["inner"] = {"steps": contextual.counters.steps, "W": weights(contextual)}
     return result

@@ -133,6 +133,11 @@ def test_async_adam_drifts_between_syncs_and_agrees_at_each(ranks, capsys):
 
 
 # ----------------------------------------------------------------------------- in one process
+def test_inner_steps_stop_together_when_one_rank_has_nothing_to_learn(ranks):
+    assert [r["inner"]["steps"] for r in ranks] == [4] * WORLD  # the scheduled step and 3 inner steps
+    assert_identical([r["inner"]["W"] for r in ranks], "W after learn() with inner steps")
+
+
 def test_alone_the_learner_never_communicates():
     learner = patched()
     assert learner.replicas.group is None and learner.replicas.world_size == 1
