@@ -17,7 +17,7 @@ class LearnerConfig:
     rank: int = 16
     alpha: Optional[float] = None  # scale c = alpha / rank; None means alpha = rank, so c = 1
     seed: int = 0
-    lr: float = 1.5e-3
+    lr: float = 3e-3
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 3e-4  # Adam's; near the gradients' scale (~1e-3) it damps updates of weak coordinates
@@ -37,7 +37,7 @@ class LearnerConfig:
     # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
     # soon as no response token is gain_threshold nats short of the teacher. Requests without a
     # student prompt, and the other objectives, get none (they have no such stopping rule).
-    inner_steps: int = 3
+    inner_steps: int = 0
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)

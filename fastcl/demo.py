@@ -81,7 +81,7 @@ def run_demo(seed: int = 0, companies: int = 6, out: str = "fastcl-demo.png", ch
     print(f"\nrecovered {recovered:.0%} of the gap between no context and in-context; "
           f"{served.tokens} tokens served in {served.serve_seconds:.0f}s, learning took {served.learn_seconds:.0f}s; "
           f"{stats['steps']} steps, {stats['consolidations']} consolidations, "
-          f"{stats['gate_refusals']} refused by the gate; state held {stats['bytes_held']['total'] / 1e6:.0f} MB")
+          f"{stats['gate_refusals']} refused by the gate, {stats['gate_halved']} halved to pass it; state held {stats['bytes_held']['total'] / 1e6:.0f} MB")
     _plot(points, out, ceiling, len(probes))
     print(f"plot written to {out} ({time.perf_counter() - start:.0f}s in all)")
     return 0

@@ -174,7 +174,7 @@ def patch(
     targets: Optional[Sequence[str]] = None,
     backend: str = "auto",
     seed: int = 0,
-    lr: float = 1.5e-3,
+    lr: float = 3e-3,
     **options,
 ):
     """Turn `model` into a learner, in place. Returns the Learner, also at `model.fastcl`.
