@@ -197,22 +197,24 @@ class Recipe:
                 self.costs["anchor"] += time.perf_counter() - start
                 self.tokens["anchor"] += tokens
             stepped |= learner.step()
-        # Stop once a step finds nothing to learn (every response token within gain_threshold of
-        # the teacher). step() decides that for the whole group of synchronous replicas, so they
-        # stop together; asynchronous replicas keep every step, since they count step() calls.
-        # Only context-gain requests have that stopping rule; the others get no inner steps.
+        # Inner steps stop once a step finds nothing to learn (every response token within
+        # gain_threshold of the teacher); only context-gain requests have that rule, so only they
+        # get inner steps. Replicas must call step() equally often: synchronous ones decide from
+        # `stepped` and step()'s answer, both group-wide; asynchronous ones take every round.
         gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
-        may_stop = learner.replicas.group is None or not learner.replicas.asynchronous
-        for _ in range(config.inner_steps if stepped and gained else 0):
+        replicas = learner.replicas
+        lockstep = replicas.group is not None and replicas.asynchronous
+        enter = lockstep or (stepped and (bool(gained) or replicas.group is not None))
+        for _ in range(config.inner_steps if enter else 0):
             self.accumulate(gained, "inner")
-            if not learner.step() and may_stop:
+            if not learner.step() and not lockstep:
                 break
         if config.replay:
             self.replay.extend(self.pending)
         self.pending = []
         self.calls_since_step = 0
         consolidation = None
-        if stepped:
+        if stepped or lockstep:  # asynchronous replicas count rounds, not local steps: all consolidate together
             self.steps_since_consolidation += 1
         if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
             start, gate_seconds = time.perf_counter(), self.costs["gate"]

@@ -214,9 +214,11 @@ def scenarios(rank, world_size, tmp):
     # while the others never close their gain; every rank must step as often as the group does.
     from helpers import random_ids
 
-    contextual = patched(inner_steps=3)
     teacher, student, response = (random_ids(1, n, seed=7000 + 10 * rank + n)[0].tolist() for n in (9, 4, 5))
     floor = -1e3 if rank == 1 else 0.0
-    contextual.learn(teacher, response, student, teacher_logprobs=torch.full((len(response),), floor))
-    result["inner"] = {"steps": contextual.counters.steps, "W": weights(contextual)}
+    for mode, options in (("inner", {}), ("inner_async", {"sync_every": 1})):
+        contextual = patched(inner_steps=3, **options)
+        contextual.learn(teacher, response, student, teacher_logprobs=torch.full((len(response),), floor))
+        result[mode] = {"steps": contextual.counters.steps, "syncs": contextual.replicas.stats.syncs,
+                        "W": weights(contextual)}
     return result

@@ -136,6 +136,10 @@ def test_async_adam_drifts_between_syncs_and_agrees_at_each(ranks, capsys):
 def test_inner_steps_stop_together_when_one_rank_has_nothing_to_learn(ranks):
     assert [r["inner"]["steps"] for r in ranks] == [4] * WORLD  # the scheduled step and 3 inner steps
     assert_identical([r["inner"]["W"] for r in ranks], "W after learn() with inner steps")
+    # Asynchronous replicas: rank 1 applies nothing, yet takes every round, so the syncs line up.
+    assert [r["inner_async"]["steps"] for r in ranks] == [4, 0, 4]
+    assert len({r["inner_async"]["syncs"] for r in ranks}) == 1
+    assert_identical([r["inner_async"]["W"] for r in ranks], "W after asynchronous learn() with inner steps")
 
 
 def test_alone_the_learner_never_communicates():
