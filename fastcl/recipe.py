@@ -197,24 +197,13 @@ class Recipe:
                 self.costs["anchor"] += time.perf_counter() - start
                 self.tokens["anchor"] += tokens
             stepped |= learner.step()
-        # Inner steps stop once a step finds nothing to learn (every response token within
-        # gain_threshold of the teacher); only context-gain requests have that rule, so only they
-        # get inner steps. Replicas must call step() equally often: synchronous ones decide from
-        # `stepped` and step()'s answer, both group-wide; asynchronous ones take every round.
-        gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
-        replicas = learner.replicas
-        lockstep = replicas.group is not None and replicas.asynchronous
-        enter = lockstep or (stepped and (bool(gained) or replicas.group is not None))
-        for _ in range(config.inner_steps if enter else 0):
-            self.accumulate(gained, "inner")
-            if not learner.step() and not lockstep:
-                break
+        self._inner_steps(stepped)
         if config.replay:
             self.replay.extend(self.pending)
         self.pending = []
         self.calls_since_step = 0
         consolidation = None
-        if stepped or lockstep:  # asynchronous replicas count rounds, not local steps: all consolidate together
+        if stepped or self._asynchronous_replica():  # they count rounds, not local steps: all consolidate together
             self.steps_since_consolidation += 1
         if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
             start, gate_seconds = time.perf_counter(), self.costs["gate"]
@@ -222,6 +211,25 @@ class Recipe:
             self.costs["consolidate"] += time.perf_counter() - start - (self.costs["gate"] - gate_seconds)
             self.steps_since_consolidation = 0
         return stepped, consolidation
+
+    def _asynchronous_replica(self) -> bool:
+        replicas = self.learner.replicas
+        return replicas.asynchronous and replicas.group is not None
+
+    def _inner_steps(self, stepped: bool) -> None:
+        """Up to inner_steps more steps on the pending context-gain requests alone, stopping once a
+        step finds nothing to learn (every response token within gain_threshold of the teacher);
+        other requests have no such rule and get none. Replicas must call step() equally often:
+        synchronous ones decide from `stepped` and step()'s answer, both group-wide; asynchronous
+        ones take every round."""
+        learner, config = self.learner, self.learner.config
+        gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
+        lockstep = self._asynchronous_replica()
+        enter = lockstep or (stepped and (bool(gained) or learner.replicas.group is not None))
+        for _ in range(config.inner_steps if enter else 0):
+            self.accumulate(gained, "inner")
+            if not learner.step() and not lockstep:
+                break
 
     def check_gate(self):
         if not self.gate.probes:
