@@ -5,7 +5,8 @@ directions carry much of x's energy (in SmolLM2-135M the top direction alone hol
 the attention and MLP-gate inputs' second moment, 4-13% of the down projection's), so through
 a random A any step on B also moves every general-text token. Rows of A orthogonal to those
 directions make the update nearly invisible to general text while inputs that differ from it
-(a new entity, a new fact) still reach B: the null-space idea of AlphaEdit, applied to the projection instead of to each edit.
+(a new entity, a new fact) still reach B: the null-space idea of AlphaEdit, applied to the
+projection instead of to each edit.
 
 principal_input_directions() finds them once, before the model is patched, from a forward over
 shipped general text; make_projection() then removes them from every A it draws.

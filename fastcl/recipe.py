@@ -223,6 +223,8 @@ class Recipe:
         synchronous ones decide from `stepped` and step()'s answer, both group-wide; asynchronous
         ones take every round."""
         learner, config = self.learner, self.learner.config
+        if not config.inner_steps:  # the default: nothing to decide on every request
+            return
         gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
         lockstep = self._asynchronous_replica()
         enter = lockstep or (stepped and (bool(gained) or learner.replicas.group is not None))
