@@ -9,6 +9,7 @@ Providers, side by side in each benchmark group:
     fastcl_torch_op    the registered custom op torch.ops.fastcl.lowrank_linear, backend "torch":
                        what torch.compile calls; against fastcl_torch, its dispatch overhead
     fastcl_triton      the custom op, backend "triton" (GPU only)
+    fastcl_cuda        the custom op, backend "cuda": fastcl._C's kernels (GPU only)
 
 Shapes: Llama-3-8B and SmolLM2-135M projections, ranks 8/16/64. Forward+backward takes dX (the
 served path needs it) and the adapter's gradient.
@@ -46,19 +47,20 @@ LLAMA3_8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 SMOLLM2_135M = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 RANKS = [8, 16, 64]
 ROWS = [1, 16, 2048, 8192] if CUDA else [1, 16, 512]
-PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_torch_op", "fastcl_triton"]
+PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_torch_op", "fastcl_triton", "fastcl_cuda"]
 # The 8B projections that the CPU run times at M = 512, at this rank only (see the docstring).
 CPU_LARGE_M, CPU_LARGE_SHAPES, CPU_LARGE_RANK = 512, [(4096, 4096), (4096, 1024)], 16
 CPU_SECONDS_PER_CASE = 0.4
 
 
 def skip_reason(provider: str, d_in: int, d_out: int, r: int, M: int) -> str | None:
-    if provider == "fastcl_triton":
-        ok, why = backends.status("triton", DEVICE)
+    if provider in ("fastcl_triton", "fastcl_cuda"):
+        backend = provider.split("_")[1]
+        ok, why = backends.status(backend, DEVICE)
         if not CUDA:
-            return "fastcl_triton needs a CUDA device: no GPU here (TRITON_INTERPRET is for correctness, not speed)"
+            return f"{provider} needs a CUDA device: no GPU here (TRITON_INTERPRET is for correctness, not speed)"
         if not ok:
-            return f"fastcl_triton unavailable: {why}"
+            return f"{provider} unavailable: {why}"
     if provider == "peft":
         try:
             import peft  # noqa: F401
@@ -74,23 +76,24 @@ def skip_reason(provider: str, d_in: int, d_out: int, r: int, M: int) -> str | N
 @lru_cache(maxsize=1)
 def _weights(d_in: int, d_out: int) -> torch.Tensor:
     """W for one shape, shared by every rank, M and provider (an 8B W takes a while to draw)."""
-    g = torch.Generator().manual_seed(d_in * 100_003 + d_out)
-    return (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(DTYPE).to(DEVICE)
+    g = torch.Generator(DEVICE).manual_seed(d_in * 100_003 + d_out)
+    return (torch.randn(d_out, d_in, generator=g, device=DEVICE) / d_in**0.5).to(DTYPE)
 
 
 class Problem:
     """One (shape, rank, M) case: inputs shared by every provider."""
 
     def __init__(self, d_in, d_out, r, M):
-        g = torch.Generator().manual_seed(0)
+        # Drawn where they are used: an 8B-sized x drawn on a CPU and copied takes seconds a case.
         on = dict(device=DEVICE)
-        self.x = torch.randn(M, d_in, generator=g).to(DTYPE).to(**on)
+        g = torch.Generator(DEVICE).manual_seed(0)
+        self.x = torch.randn(M, d_in, generator=g, **on).to(DTYPE)
         self.W = _weights(d_in, d_out)
         self.b = None  # Llama projections have no bias
-        self.A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(DTYPE).to(**on)
-        self.B = (torch.randn(d_out, r, generator=g) * 0.01).to(**on).requires_grad_()
+        self.A = (torch.randn(r, d_in, generator=g, **on) / d_in**0.5).to(DTYPE)
+        self.B = (torch.randn(d_out, r, generator=g, **on) * 0.01).requires_grad_()
         self.grad_B = torch.zeros(d_out, r, **on)
-        self.dy = torch.randn(M, d_out, generator=g).to(DTYPE).to(**on)
+        self.dy = torch.randn(M, d_out, generator=g, **on).to(DTYPE)
         self.scale = 1.0
         self.r = r
 
@@ -130,7 +133,7 @@ def make_call(provider: str, p: Problem, mode: str):
         def forward():
             return torch.ops.fastcl.lowrank_linear(x_leaf, p.W, p.b, p.A, p.B, p.grad_B, p.scale, "torch")[0]
 
-    elif provider in ("fastcl_torch", "fastcl_triton"):
+    elif provider in ("fastcl_torch", "fastcl_triton", "fastcl_cuda"):
         backend = provider.split("_")[1]
 
         def forward():

@@ -52,12 +52,13 @@ def serving(model: nn.Module, ids: torch.Tensor) -> Side:
     return Side(model, run)
 
 
-def observing(model: nn.Module, ids: torch.Tensor, rank: int = RANK):
+def observing(model: nn.Module, ids: torch.Tensor, rank: int = RANK, **patch_options):
     """fastcl: the served forward that also accumulates the low-rank gradient. Returns (side, learner).
+    patch_options go to fastcl.patch (backend=..., say).
 
     One observe() and step() first, so that the timed calls run with live fast weights (B != 0),
     as a learner does in steady state."""
-    learner = fastcl.patch(model, rank=rank)
+    learner = fastcl.patch(model, rank=rank, **patch_options)
     learner.observe(ids)
     if not learner.step():
         raise RuntimeError("the learner did not step: the fast weights would still be zero")
