@@ -53,17 +53,21 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 12"
 TIMEOUT=""
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout 120"
-# -v streams one line per test, so a step stopped at its limit still says what passed.
-step tests 220 $PY -m pytest tests/test_cuda_backend.py tests/test_triton.py -v -ra --tb=short \
-    -p no:cacheprovider $XDIST $TIMEOUT --durations=15 --junitxml="$OUT/tests.xml"
+# -v streams one line per test, so a step stopped at its limit still says what passed. One
+# pytest per backend: a kernel that breaks its process's CUDA context fails every later test
+# in that process, and that must not spill into the other backend's results.
+for suite in triton cuda_backend; do
+    step "tests_$suite" 150 $PY -m pytest "tests/test_$suite.py" -v -ra --tb=short \
+        -p no:cacheprovider $XDIST $TIMEOUT --durations=10 --junitxml="$OUT/tests_$suite.xml"
+done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/run.log" | tail -25
 
-step e2e_smollm 90 $PY bench/gpu_end_to_end.py --model SmolLM2-135M --batch 8 --seq 512 --full-step \
+step e2e_smollm 150 $PY bench/gpu_end_to_end.py --model SmolLM2-135M --batch 8 --seq 512 --full-step \
     --json "$OUT/e2e_smollm2.json"
 sed -n '/^SmolLM2-135M shapes/,/^Backends not run\|^=== /p' "$OUT/run.log" | head -40
 
 # Op level, bf16, r = 16: prefill (the Llama-3-8B projections at M = 2048 and 8192) and decode
-# (M = 1 and 16), PEFT LoRA and nn.Linear beside both fused backends. Two runs, two JSON files:
+# (M = 1 and 16), PEFT LoRA and nn.Linear beside the three backends. Two runs, two JSON files:
 # pytest-benchmark writes its JSON only at the end of a run.
 ops() {
     local rows=$1
@@ -74,7 +78,7 @@ shapes = ["4096x4096", "4096x1024", "4096x14336", "14336x4096", "576x1536", "153
 for mode in ("fwd", "fwd_bwd"):
     for shape in shapes:
         for M in rows:
-            for provider in ("linear", "peft", "fastcl_triton", "fastcl_cuda"):
+            for provider in ("linear", "peft", "fastcl_torch", "fastcl_triton", "fastcl_cuda"):
                 print(f"bench/test_bench_lowrank_linear.py::test_lowrank_linear[{mode}-{shape}-16-{M}-{provider}]")
 EOF
 }

@@ -137,7 +137,12 @@ def op_level(run: dict, full: bool) -> str:
         shares[key] = b["extra_info"].get("adapter_flop_share", float("nan"))
     if not cases:
         return ""
-    fast = "fastcl_triton" if any("fastcl_triton" in c for c in cases.values()) else "fastcl_torch"
+    gpu = [p for p in ("fastcl_triton", "fastcl_cuda") if any(p in c for c in cases.values())]
+    return "\n\n".join(_op_level_for(cases, shares, fast, full) for fast in (gpu or ["fastcl_torch"]))
+
+
+def _op_level_for(cases: dict, shares: dict, fast: str, full: bool) -> str:
+    """The op-level table of one fastcl provider against the baselines run beside it."""
     summary: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     detail = [f"| mode | shape | r | M | {fast} / linear - 1 | FLOP share | peft / {fast} | compiled / {fast} "
               "| custom op / fastcl_torch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -14,9 +14,8 @@ Kernels (STYLE.md: one name across languages):
 
     _lowrank_linear_fwd_kernel      y, and s in the same K loop (x tiles read once for both)
     _lowrank_shrink_kernel          s alone, for the split forward (see `shrink_plan`)
-    _lowrank_linear_bwd_kernel      dX, and the dB partials from the same dY tiles
-    _lowrank_grad_b_reduce_kernel   sums the dB partials in a fixed order (deterministic)
-    _lowrank_grad_b_kernel          dB alone, when dX is not needed
+    _lowrank_linear_bwd_kernel      dX
+    _lowrank_grad_b_kernel          dB, one writer per element (bitwise repeatable)
 
 Launchers `lowrank_linear_fwd` / `lowrank_linear_bwd` take 2-D tensors with any strides; the
 adapter in fastcl/ops/triton_backend.py handles leading dimensions and checks the inputs.
@@ -148,31 +147,25 @@ def _lowrank_shrink_kernel(
     tl.store(s_ptrs, s_acc.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
-# How the backward's dB partial of one (row tile, N tile) pair is added into the accumulator.
-GB_DIRECT = 0  # one row tile in all: its program owns those rows of grad_B (read-add-write)
-GB_PARTIAL = 1  # written to a per-row-tile workspace, then summed in order by the reduce kernel
-GB_ATOMIC = 2  # tl.atomic_add into grad_B: no workspace, but the fp32 sum order varies
-
-
 @triton.jit
 def _lowrank_linear_bwd_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, s_ptr, dx_ptr, gb_ptr, part_ptr,
+    dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr,
     M, N, K, R, M_BUCKET, scale,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_sm, stride_sr, stride_dxm, stride_dxk, stride_gbn, stride_gbr,
-    GB_MODE: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    stride_dxm, stride_dxk,
+    R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_K) tile of dX, and a share of the dB partials, in one sweep over N.
+    """One (BLOCK_M, BLOCK_K) tile of dX = dY W + c (dY B) A, in one sweep over N.
 
-    Each dY tile loaded for dX = dY W + c (dY B) A also serves dB = c dY^T s: of the K-tile
-    programs of one row tile, the one with pid_k == n_tile % num_k_tiles multiplies it by the
-    row tile's s. So every (row tile, N tile) partial is computed exactly once, the extra work
-    is spread over the K-tile programs, and dY is read once for both gradients.
+    dB is not computed here. An earlier version added c dY^T s from the same dY tiles, in a
+    branch taken by one K-tile program per N tile; on an H200 (triton 3.6) the software
+    pipeliner got that branch wrong: dB came out wrong in fp32 whenever num_stages > 1, and one
+    fp16 config read out of bounds. _lowrank_grad_b_kernel computes dB instead, at the price of
+    one more read of dY and s (bench/RESULTS.md).
     """
     pid = tl.program_id(0)
-    num_k_tiles = tl.cdiv(K, BLOCK_K)
-    pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), num_k_tiles, GROUP_M)
+    pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
@@ -183,31 +176,16 @@ def _lowrank_linear_bwd_kernel(
     dy_ptrs = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
-    s = tl.load(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_r[None, :] * stride_sr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     t_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)  # dY B for this row tile
-    for n_tile in range(0, tl.cdiv(N, BLOCK_N)):
-        mask_n = offs_n < N - n_tile * BLOCK_N
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
         b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dy_ptr.dtype.element_ty)
         t_acc = tl.dot(dy, b, t_acc, input_precision=PRECISION)
-        if n_tile % num_k_tiles == pid_k:
-            part = tl.dot(tl.trans(dy), s, input_precision=PRECISION) * scale  # (BLOCK_N, R_PAD)
-            rows = n_tile * BLOCK_N + offs_n
-            mask_part = mask_n[:, None] & mask_r[None, :]
-            gb_ptrs = gb_ptr + rows[:, None] * stride_gbn + offs_r[None, :] * stride_gbr
-            if GB_MODE == 0:
-                tl.store(gb_ptrs, tl.load(gb_ptrs, mask=mask_part, other=0.0) + part, mask=mask_part)
-            elif GB_MODE == 1:
-                # workspace (num_row_tiles, N, R), contiguous
-                part_ptrs = part_ptr + (pid_m.to(tl.int64) * N + rows[:, None]) * R + offs_r[None, :]
-                tl.store(part_ptrs, part, mask=mask_part)
-            else:
-                tl.atomic_add(gb_ptrs, part, mask=mask_part)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
         b_ptrs += BLOCK_N * stride_bn
@@ -221,31 +199,13 @@ def _lowrank_linear_bwd_kernel(
 
 
 @triton.jit
-def _lowrank_grad_b_reduce_kernel(
-    part_ptr, gb_ptr, N, R, num_row_tiles, stride_gbn, stride_gbr,
-    BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-):
-    """grad_B += sum over row tiles of the partials, always in row-tile order: the same inputs
-    give the same bits, run after run."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    mask = (rows < N)[:, None] & (offs_r < R)[None, :]
-    total = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for t in range(0, num_row_tiles):
-        total += tl.load(part_ptr + (t * N + rows[:, None]).to(tl.int64) * R + offs_r[None, :], mask=mask, other=0.0)
-    gb_ptrs = gb_ptr + rows[:, None] * stride_gbn + offs_r[None, :] * stride_gbr
-    tl.store(gb_ptrs, tl.load(gb_ptrs, mask=mask, other=0.0) + total, mask=mask)
-
-
-@triton.jit
 def _lowrank_grad_b_kernel(
     dy_ptr, s_ptr, gb_ptr, M, N, R, M_BUCKET, scale,
     stride_dym, stride_dyn, stride_sm, stride_sr, stride_gbn, stride_gbr,
     R_PAD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """grad_B[n tile] += c dY[:, n tile]^T s, looping over all rows: one writer per element, so
-    deterministic without a workspace. Used when the input needs no gradient."""
+    """grad_B[n tile] += c dY[:, n tile]^T s, looping over all rows: one writer per element and
+    a fixed order, so the same inputs give the same bits without a workspace or atomics."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -303,9 +263,11 @@ _FWD_DECODE = _configs(
 _SHRINK = _configs(
     [dict(BLOCK_K=128, warps=4, stages=4), dict(BLOCK_K=256, warps=4, stages=3), dict(BLOCK_K=64, warps=2, stages=4)],
     dict(BLOCK_K=32))
+# (BLOCK_N=64, BLOCK_K=64, 4 warps, 4 stages) is left out: on an H200 (triton 3.6) it gave
+# NaN dX in fp16 and bf16 at 64-row tiles and an illegal address inside the autotuner, with
+# these three configs right on the same inputs (bench/RESULTS.md, "GPU run").
 _BWD = _configs(
     [dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=8, warps=8, stages=3),
-     dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, warps=4, stages=4),
      dict(BLOCK_N=32, BLOCK_K=128, GROUP_M=8, warps=4, stages=4),
      dict(BLOCK_N=128, BLOCK_K=128, GROUP_M=8, warps=8, stages=3)],
     dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4))
@@ -316,12 +278,11 @@ _GRAD_B = _configs(
 _fwd_prefill = triton.autotune(_FWD_PREFILL, key=_TUNE_KEY)(_lowrank_linear_fwd_kernel)
 _fwd_decode = triton.autotune(_FWD_DECODE, key=_TUNE_KEY)(_lowrank_linear_fwd_kernel)
 _shrink = triton.autotune(_SHRINK, key=["M_BUCKET", "K", "R"])(_lowrank_shrink_kernel)
-# Benchmarking runs the kernel several times: the modes that write grad_B must have it restored.
-_bwd = triton.autotune(_BWD, key=_TUNE_KEY, restore_value=["gb_ptr"])(_lowrank_linear_bwd_kernel)
+_bwd = triton.autotune(_BWD, key=_TUNE_KEY)(_lowrank_linear_bwd_kernel)
+# Benchmarking runs the kernel several times: the accumulator it adds into must be restored.
 _grad_b = triton.autotune(_GRAD_B, key=["M_BUCKET", "N", "R"], restore_value=["gb_ptr"])(_lowrank_grad_b_kernel)
 
 DECODE_MAX_M = 16
-_REDUCE_BLOCK_N = 32
 
 
 def m_bucket(M: int) -> int:
@@ -331,7 +292,7 @@ def m_bucket(M: int) -> int:
 
 def block_m(M: int) -> int:
     """Rows per tile. 16 for decode (all rows in one tile). Larger tiles at prefill cut the
-    re-reads of W and, in backward, the dB workspace (one partial per row tile)."""
+    re-reads of W."""
     if M <= DECODE_MAX_M:
         return 16
     if INTERPRETED:
@@ -430,48 +391,29 @@ def lowrank_linear_fwd(x, weight, bias, A, B, scale, shrink: str | None = None):
     return y, s
 
 
-def lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx, deterministic: bool = True):
+def lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx):
     """grad_B += scale dY^T s (in place); return dX (M, K) or None. dy (M, N) and s (M, R) are
-    2-D with any strides.
-
-    With one row tile (decode) each dB element has a single writer, so it is added in place.
-    Otherwise, by default, each row tile writes its fp32 partial to a workspace and a second
-    small kernel sums them in row-tile order: the same inputs and tuned config give the same
-    bits. The workspace costs about 4 R / BLOCK_M of dY's half-precision bytes, written and read
-    once. deterministic=False adds the partials with atomics instead: no workspace, but the fp32
-    sum order, and so the last bits, vary from run to run."""
+    2-D with any strides. Two kernels: dX, then dB (one writer per element, so the same inputs
+    and tuned config give the same bits, run after run)."""
     M, N = dy.shape
     K, R = weight.shape[1], A.shape[0]
     if M == 0:
         return torch.zeros((0, K), dtype=dy.dtype, device=dy.device) if needs_dx else None
     bucket = m_bucket(M)
     precision = _precision(dy.dtype)
+    bm = block_m(M)
+    dx = None
     with _on_device(dy):
-        if not needs_dx:
-            _grad_b[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-                dy, s, grad_B, M, N, R, bucket, float(scale),
-                dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), grad_B.stride(0), grad_B.stride(1),
-                R_PAD=r_pad(R), PRECISION=precision, BLOCK_M=block_m(M))
-            return None
-        bm = block_m(M)
-        row_tiles = triton.cdiv(M, bm)
-        if row_tiles == 1:
-            mode = GB_DIRECT
-        elif deterministic:
-            mode = GB_PARTIAL
-        else:
-            mode = GB_ATOMIC
-        part = torch.empty((row_tiles, N, R) if mode == GB_PARTIAL else (1,), dtype=torch.float32, device=dy.device)
-        dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-        _bwd[lambda meta: (row_tiles * triton.cdiv(K, meta["BLOCK_K"]),)](
-            dy, weight, A, B, s, dx, grad_B, part,
-            M, N, K, R, bucket, float(scale),
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
-            B.stride(0), B.stride(1), s.stride(0), s.stride(1), dx.stride(0), dx.stride(1),
-            grad_B.stride(0), grad_B.stride(1),
-            GB_MODE=mode, R_PAD=r_pad(R), PRECISION=precision, BLOCK_M=bm)
-        if mode == GB_PARTIAL:
-            _lowrank_grad_b_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N),)](
-                part, grad_B, N, R, row_tiles, grad_B.stride(0), grad_B.stride(1),
-                BLOCK_N=_REDUCE_BLOCK_N, R_PAD=r_pad(R))
+        if needs_dx:
+            dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+            _bwd[lambda meta: (triton.cdiv(M, bm) * triton.cdiv(K, meta["BLOCK_K"]),)](
+                dy, weight, A, B, dx,
+                M, N, K, R, bucket, float(scale),
+                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), A.stride(0), A.stride(1),
+                B.stride(0), B.stride(1), dx.stride(0), dx.stride(1),
+                R_PAD=r_pad(R), PRECISION=precision, BLOCK_M=bm)
+        _grad_b[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+            dy, s, grad_B, M, N, R, bucket, float(scale),
+            dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), grad_B.stride(0), grad_B.stride(1),
+            R_PAD=r_pad(R), PRECISION=precision, BLOCK_M=bm)
     return dx

@@ -215,6 +215,25 @@ def test_binding_backward_names_the_bad_argument(extension, change, message):
         extension.lowrank_linear_bwd(**{**_bwd_inputs(), **change})
 
 
+def test_adapter_refuses_a_rank_above_the_kernels_limit_before_calling_the_extension(monkeypatch, extension):
+    """fastcl.ops.cuda_backend checks the rank in Python: on the lent H200's image, a message
+    formatted inside _C crashed the process instead of raising (bench/RESULTS.md)."""
+    from types import SimpleNamespace
+
+    from fastcl.ops import cuda_backend
+
+    def never(*args, **kwargs):
+        raise AssertionError("the extension must not be called with a rank it refuses")
+
+    monkeypatch.setattr(cuda_backend, "_C", SimpleNamespace(MAX_RANK=extension.MAX_RANK, lowrank_linear_fwd=never,
+                                                            lowrank_linear_bwd=never))
+    fwd, bwd = _fwd_inputs(r=65), _bwd_inputs(r=65)
+    with pytest.raises(RuntimeError, match="rank 65 is outside 1..64.*backend \"torch\" or \"triton\""):
+        cuda_backend.lowrank_linear_fwd(fwd["x"], fwd["weight"], fwd["bias"], fwd["A"], fwd["B"], 0.5)
+    with pytest.raises(RuntimeError, match="rank 65 is outside 1..64"):
+        cuda_backend.lowrank_linear_bwd(bwd["dy"], bwd["s"], bwd["weight"], bwd["A"], bwd["B"], bwd["grad_B"], 0.5, True)
+
+
 # --- setup.py's version label ---------------------------------------------------------------
 
 @pytest.mark.parametrize("env,built,cuda,expected", [

@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 import fastcl.kernels.lowrank_linear as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FP32_POINTERS = {"b_ptr", "gb_ptr", "part_ptr"}  # B, its accumulator and the dB workspace
+FP32_POINTERS = {"b_ptr", "gb_ptr"}  # B and its accumulator
 SMEM_LIMIT = 227 * 1024  # H100 per-block shared memory
 
 
@@ -53,13 +53,12 @@ CASES = [
     (K._lowrank_linear_fwd_kernel, "fp32", dict(HAS_BIAS=True, FUSE_SHRINK=True, R_PAD=16, PRECISION="tf32",
                                                 BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
     (K._lowrank_shrink_kernel, "bf16", dict(R_PAD=64, PRECISION="ieee", BLOCK_M=128, BLOCK_K=256), 4, 3),
-    (K._lowrank_linear_bwd_kernel, "bf16", dict(GB_MODE=K.GB_DIRECT, R_PAD=64, PRECISION="ieee", BLOCK_M=16,
+    (K._lowrank_linear_bwd_kernel, "bf16", dict(R_PAD=64, PRECISION="ieee", BLOCK_M=16,
                                                 BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 8, 3),
-    (K._lowrank_linear_bwd_kernel, "bf16", dict(GB_MODE=K.GB_PARTIAL, R_PAD=64, PRECISION="ieee", BLOCK_M=128,
+    (K._lowrank_linear_bwd_kernel, "bf16", dict(R_PAD=64, PRECISION="ieee", BLOCK_M=128,
                                                 BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 8, 3),
-    (K._lowrank_linear_bwd_kernel, "fp16", dict(GB_MODE=K.GB_ATOMIC, R_PAD=16, PRECISION="ieee", BLOCK_M=64,
+    (K._lowrank_linear_bwd_kernel, "fp32", dict(R_PAD=16, PRECISION="ieee", BLOCK_M=64,
                                                 BLOCK_N=64, BLOCK_K=64, GROUP_M=8), 4, 4),
-    (K._lowrank_grad_b_reduce_kernel, "fp32", dict(BLOCK_N=32, R_PAD=64), 4, 1),
     (K._lowrank_grad_b_kernel, "bf16", dict(R_PAD=64, PRECISION="ieee", BLOCK_M=128, BLOCK_N=128), 4, 3),
 ]
 

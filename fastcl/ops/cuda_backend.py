@@ -44,6 +44,15 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _check_rank(r: int) -> None:
+    """The extension checks this too. Checked here first because the rank is the one limit a
+    correct call can hit (patch(rank=128, backend="cuda")), and because on the lent H200's
+    image a message formatted inside _C crashed the process (bench/RESULTS.md, "GPU run")."""
+    if not 1 <= r <= _C.MAX_RANK:
+        raise RuntimeError(f"fastcl._C: rank {r} is outside 1..{_C.MAX_RANK} (the fused kernels keep the sketch "
+                           'beside the output tile in shared memory); use backend "torch" or "triton" for larger ranks')
+
+
 def _weight_for_kernels(weight: torch.Tensor) -> torch.Tensor:
     """The kernels read W row-major (nn.Linear) or column-major (Conv1D's transposed view);
     anything else is copied (rare: a sliced weight)."""
@@ -61,6 +70,7 @@ def lowrank_linear_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (y, s) with y = x W^T + b + scale s B^T and s = x A^T, as the reference."""
+    _check_rank(A.shape[0])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y, s = _C.lowrank_linear_fwd(
@@ -81,6 +91,7 @@ def lowrank_linear_bwd(
     needs_dx: bool,
 ) -> Optional[torch.Tensor]:
     """Add scale dY^T s into grad_B (fp32, in place) and return dX, or None if not needed."""
+    _check_rank(A.shape[0])
     dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
     s2 = s.reshape(-1, s.shape[-1]).contiguous()
     dx = _C.lowrank_linear_bwd(

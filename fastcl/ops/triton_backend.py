@@ -1,8 +1,7 @@
 """The "triton" backend: the reference's two functions, run by the kernels in fastcl.kernels.
 
-This adapter checks the inputs (a clear error instead of a wrong answer), folds leading
-dimensions into rows, and picks the backward's reduction: deterministic by default; atomic
-adds with FASTCL_TRITON_ATOMIC_DB=1, unless torch.use_deterministic_algorithms(True) is on.
+This adapter checks the inputs (a clear error instead of a wrong answer) and folds leading
+dimensions into rows.
 """
 
 from __future__ import annotations
@@ -66,12 +65,6 @@ def lowrank_linear_fwd(
     return y.view(*lead, y.shape[-1]), s.view(*lead, s.shape[-1])
 
 
-def _deterministic() -> bool:
-    if torch.are_deterministic_algorithms_enabled():
-        return True
-    return os.environ.get("FASTCL_TRITON_ATOMIC_DB", "0") != "1"
-
-
 def lowrank_linear_bwd(
     dy: torch.Tensor,
     s: torch.Tensor,
@@ -91,5 +84,5 @@ def lowrank_linear_bwd(
                          f"and A {tuple(A.shape)}")
     dy2 = dy.reshape(-1, dy.shape[-1])
     s2 = s.reshape(-1, s.shape[-1])
-    dx = _kernels.lowrank_linear_bwd(dy2, s2, weight, A, B, grad_B, scale, needs_dx, deterministic=_deterministic())
+    dx = _kernels.lowrank_linear_bwd(dy2, s2, weight, A, B, grad_B, scale, needs_dx)
     return None if dx is None else dx.view(*dy.shape[:-1], weight.shape[1])
