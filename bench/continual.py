@@ -8,8 +8,10 @@ For each seed it generates a fresh stream of fictional-company facts (fastcl.fac
 no-context floor and the in-context ceiling on held-out phrasings, serves every fact's served
 question with its document in context (greedy answer), learns with learner.learn(), and
 measures again closed-book. Forgetting is measured on 124 general-knowledge probes and on
-general-text perplexity (fastcl/data; neither is ever trained on). Costs are per served token,
-beside a plain no-grad forward over the same tokens.
+general-text perplexity (fastcl/data; neither is ever trained on). The multiple-choice items are
+also scored inside an answer frame ("The answer is <option>", fastcl.evaluate.ANSWER_FRAME),
+reported beside the bare score. Costs are per served token, beside a plain no-grad forward over
+the same tokens.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ def parse_overrides(pairs):
 def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool) -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
-    before = B.measure(model, tokenizer, facts, exact=exact)
-    ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
+    before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+    in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
+    ceiling = in_context["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
     served = B.serve(model, tokenizer, learner, facts)
     forward = B.forward_seconds(model, tokenizer, facts, served.answers)
-    after = B.measure(model, tokenizer, facts, exact=exact)
+    after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
     stats = learner.stats()
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
@@ -60,6 +63,12 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "ceiling": ceiling,
         "after": after["mc"],
         "recovered": B.gap_recovered(after["mc"], before["mc"], ceiling),
+        # The same items scored inside an answer frame (fastcl.evaluate.ANSWER_FRAME): beside the
+        # figures above, never instead of them.
+        "floor_framed": before["mc_framed"],
+        "ceiling_framed": in_context["mc_framed"],
+        "after_framed": after["mc_framed"],
+        "recovered_framed": B.gap_recovered(after["mc_framed"], before["mc_framed"], in_context["mc_framed"]),
         "exact_before": before.get("exact"),
         "exact_after": after.get("exact"),
         "general_before": before["general"],
@@ -102,6 +111,10 @@ def table(summary: dict) -> str:
         ("in-context MC (ceiling)", cell("ceiling")),
         ("closed-book MC after learning", cell("after")),
         ("fraction of the gap recovered", cell("recovered")),
+        ("the same in an answer frame ('The answer is <option>'): floor", cell("floor_framed")),
+        ("  ceiling", cell("ceiling_framed")),
+        ("  after learning", cell("after_framed")),
+        ("  fraction of the gap recovered", cell("recovered_framed")),
         ("general probes (124 MC), before -> after", change("general_before", "general_after")),
         ("general-text perplexity, before -> after", change("perplexity_before", "perplexity_after", "{:.2f}")),
         ("serving, ms per served token", cell("serve_s_per_token", "{:.2f}", 1e3)),
@@ -113,7 +126,7 @@ def table(summary: dict) -> str:
         ("consolidations halved to pass the gate", cell("gate_halved", "{:.1f}")),
     ]
     if "exact_before" in summary:
-        rows.insert(4, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+        rows.insert(8, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
     lines = ["| measure | mean ± spread over seeds |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)

@@ -83,10 +83,14 @@ def forward_seconds(model, tokenizer, facts: Sequence[Fact], answers: Sequence[l
 
 
 def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False, exact: bool = True,
-            general: bool = True, probes=None) -> dict:
-    """Closed-book (or in-context) MC accuracy on held-out phrasings, and optionally exact-match
-    generation, general-knowledge probes and general-text perplexity."""
-    scores = {"mc": E.multiple_choice_accuracy(model, tokenizer, E.fact_items(facts, in_context))}
+            general: bool = True, probes=None, framed: bool = False) -> dict:
+    """Closed-book (or in-context) MC accuracy on held-out phrasings, and optionally the same
+    items scored inside an answer frame ("mc_framed", E.ANSWER_FRAME), exact-match generation,
+    general-knowledge probes and general-text perplexity."""
+    items = E.fact_items(facts, in_context)
+    scores = {"mc": E.multiple_choice_accuracy(model, tokenizer, items)}
+    if framed:
+        scores["mc_framed"] = E.multiple_choice_accuracy(model, tokenizer, items, frame=E.ANSWER_FRAME)
     if exact and not in_context:
         scores["exact"] = E.exact_match(model, tokenizer, facts)
     if general:

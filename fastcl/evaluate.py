@@ -54,20 +54,33 @@ def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int
     return scores
 
 
-def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]]) -> list[bool]:
+# A second view of the same multiple-choice items, reported beside the first, never instead of
+# it. The first scores each option as the bare start of the assistant's reply, so "Winnipeg" is
+# scored as `W inn ipeg`, while a served answer ("... is in Winnipeg.") teaches ` Winnipeg`, one
+# token. Here the reply starts with this neutral frame and the option follows after a space, so
+# it is tokenized as it is inside an answer sentence. The frame is the same for every item and
+# names no attribute.
+ANSWER_FRAME = "The answer is"
+
+
+def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
+                         frame: str = "") -> list[bool]:
     """Per (user prompt, options, answer index): whether the option with the highest mean token
-    log-probability as the assistant's reply is the answer."""
+    log-probability as the assistant's reply is the answer. With a `frame` (ANSWER_FRAME), the
+    reply starts with it and each option follows after a space."""
+    frame_ids = tokenizer(frame, add_special_tokens=False)["input_ids"] if frame else []
     hits = []
     for prompt_text, options, answer in items:
-        encoded = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-        scores = option_logprobs(model, chat_ids(tokenizer, prompt_text), encoded)
+        encoded = [tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in options]
+        scores = option_logprobs(model, chat_ids(tokenizer, prompt_text) + frame_ids, encoded)
         hits.append(max(range(len(options)), key=scores.__getitem__) == answer)
     return hits
 
 
-def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]]) -> float:
+def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
+                             frame: str = "") -> float:
     """The fraction of multiple_choice_hits."""
-    return sum(multiple_choice_hits(model, tokenizer, items)) / max(len(items), 1)
+    return sum(multiple_choice_hits(model, tokenizer, items, frame)) / max(len(items), 1)
 
 
 def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple[str, ...], int]]:

@@ -54,7 +54,8 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     original = {k: v.clone() for k, v in model.state_dict().items()}
     continual = load_bench("continual")
     run = continual.run_seed(model, tokenizer, seed=7, companies=1, options={"rank": 8}, exact=False)
-    for key in ("floor", "ceiling", "after", "general_before", "general_after"):
+    for key in ("floor", "ceiling", "after", "floor_framed", "ceiling_framed", "after_framed", "general_before",
+                "general_after"):
         assert 0.0 <= run[key] <= 1.0, key
     assert run["ceiling"] > run["floor"], "the document in context should help: the stream is broken"
     assert run["perplexity_after"] > 1.0 and run["served_tokens"] > 0 and run["learn_all_forwards"] > 0
@@ -64,6 +65,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     summary = continual.summarize([run, run])
     assert summary["after"] == (run["after"], 0.0)
     assert "fraction of the gap recovered" in continual.table(summary)
+    assert "answer frame" in continual.table(summary)
 
 
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):

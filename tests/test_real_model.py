@@ -93,3 +93,22 @@ def test_learn_moves_a_served_fact_into_the_weights(fresh_smollm):
                                teacher_logprobs=teacher_logprobs)
         assert report.tokens_learned > 0 and report.consolidation.committed
     assert value_logprob() > before + 0.5
+
+
+def test_framed_multiple_choice_scores_each_option_after_the_frame_and_a_space(smollm, monkeypatch):
+    """fastcl.evaluate's second view of an MC item: the reply starts with ANSWER_FRAME and each
+    option follows after a space, so " Paris" is scored as the token an answer sentence uses."""
+    import fastcl.evaluate as E
+
+    model, tokenizer = smollm
+    seen = []
+    real = E.option_logprobs
+    monkeypatch.setattr(E, "option_logprobs", lambda m, prompt, options: seen.append((prompt, options)) or real(m, prompt, options))
+    item = [("What is the capital of France?", ("Lyon", "Paris", "Marseille"), 1)]
+    E.multiple_choice_hits(model, tokenizer, item)
+    E.multiple_choice_hits(model, tokenizer, item, frame=E.ANSWER_FRAME)
+    (bare_prompt, bare_options), (framed_prompt, framed_options) = seen
+    frame = tokenizer(E.ANSWER_FRAME, add_special_tokens=False)["input_ids"]
+    assert framed_prompt == bare_prompt + frame
+    assert framed_options[1] == tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    assert bare_options[1] == tokenizer("Paris", add_special_tokens=False)["input_ids"]
