@@ -160,9 +160,9 @@ def _lowrank_linear_bwd_kernel(
 
     dB is not computed here. An earlier version added c dY^T s from the same dY tiles, in a
     branch taken by one K-tile program per N tile; on an H200 (triton 3.6) the software
-    pipeliner got that branch wrong: dB came out wrong in fp32 whenever num_stages > 1, and one
-    fp16 config read out of bounds. _lowrank_grad_b_kernel computes dB instead, at the price of
-    one more read of dY and s (bench/RESULTS.md).
+    pipeliner got that branch wrong (dB wrong in fp32 whenever num_stages > 1, right with 1).
+    _lowrank_grad_b_kernel computes dB instead, at the price of one more read of dY and s
+    (bench/RESULTS.md, "GPU run").
     """
     pid = tl.program_id(0)
     pid_m, pid_k = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
