@@ -7,6 +7,9 @@ and by position in the stream. The development companion of bench/continual.py (
 
 If served-phrasing accuracy is as low as held-out, the facts are not learned (not a transfer
 problem); if "immediate" is high and the end is low, later traffic overwrote them.
+"wrong_is_learned_value" (before -> after) is the share of wrong held-out picks that are the
+value some other company of the stream has for that attribute: if it rises after learning, the
+model answers with learned values whichever company is asked about (interference).
 """
 
 from __future__ import annotations
@@ -33,11 +36,22 @@ def held_out(model, tokenizer, fact) -> float:
     return E.multiple_choice_accuracy(model, tokenizer, [(q, fact.options, fact.answer_index) for q in fact.eval_questions])
 
 
+def wrong_is_learned_value(model, tokenizer, facts) -> float:
+    """Of the wrong held-out picks, the share that are another company's value for the same
+    attribute in this stream (NaN if no pick is wrong)."""
+    items = [(q, f.options, f.answer_index, f) for f in facts for q in f.eval_questions]
+    picks = E.multiple_choice_picks(model, tokenizer, [item[:3] for item in items])
+    wrong = [(item[3], item[1][pick]) for item, pick in zip(items, picks) if pick != item[2]]
+    learned = {(f.attribute, f.value) for f in facts}
+    return sum((f.attribute, value) in learned for f, value in wrong) / len(wrong) if wrong else float("nan")
+
+
 def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
     served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
     floor = [held_out(model, tokenizer, f) for f in facts]
+    confused_before = wrong_is_learned_value(model, tokenizer, facts)
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
@@ -52,6 +66,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     learner.learn = learn_then_score
     B.serve(model, tokenizer, learner, facts)
     after = [held_out(model, tokenizer, f) for f in facts]
+    confused_after = wrong_is_learned_value(model, tokenizer, facts)
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
     refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
     perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
@@ -64,6 +79,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
         "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
         "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
         "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
+        "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
         "perplexity_after": round(perplexity, 2), "gate_refusals": refused, "gate_halved": halved,
     }
 

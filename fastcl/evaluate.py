@@ -63,18 +63,24 @@ def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int
 ANSWER_FRAME = "The answer is"
 
 
-def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
-                         frame: str = "") -> list[bool]:
-    """Per (user prompt, options, answer index): whether the option with the highest mean token
-    log-probability as the assistant's reply is the answer. With a `frame` (ANSWER_FRAME), the
-    reply starts with it and each option follows after a space."""
+def multiple_choice_picks(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
+                          frame: str = "") -> list[int]:
+    """Per (user prompt, options, answer index): the index of the option with the highest mean
+    token log-probability as the assistant's reply. With a `frame` (ANSWER_FRAME), the reply
+    starts with it and each option follows after a space."""
     frame_ids = tokenizer(frame, add_special_tokens=False)["input_ids"] if frame else []
-    hits = []
-    for prompt_text, options, answer in items:
+    picks = []
+    for prompt_text, options, _ in items:
         encoded = [tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in options]
         scores = option_logprobs(model, chat_ids(tokenizer, prompt_text) + frame_ids, encoded)
-        hits.append(max(range(len(options)), key=scores.__getitem__) == answer)
-    return hits
+        picks.append(max(range(len(options)), key=scores.__getitem__))
+    return picks
+
+
+def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
+                         frame: str = "") -> list[bool]:
+    """Per item: whether multiple_choice_picks chose the answer."""
+    return [pick == item[2] for pick, item in zip(multiple_choice_picks(model, tokenizer, items, frame), items)]
 
 
 def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],

@@ -43,3 +43,27 @@ def test_guard_data_is_disjoint_from_evaluation_data():
     probes = load_probes()
     assert len(probes) >= 100
     assert all(0 <= answer < len(options) for _, options, answer in probes)
+
+
+def test_wrong_picks_that_are_another_companys_learned_value_are_counted(monkeypatch):
+    """bench/diagnose_stream.py's interference measure, on stand-in picks (no model needed)."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "diagnose_stream.py"
+    spec = importlib.util.spec_from_file_location("diagnose_stream", path)
+    diagnose_stream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose_stream)
+
+    def city(company, value, options):
+        return F.Fact(company=company, attribute="city", value=value, document="", served_question="",
+                      eval_questions=("q1", "q2"), options=options, answer_index=options.index(value))
+
+    facts = [city("X", "Lyon", ("Lyon", "Porto", "Osaka", "Leeds", "Graz")),
+             city("Y", "Porto", ("Bilbao", "Porto", "Lyon", "Cork", "Perth"))]
+    # X: Porto (Y's city), Osaka (nobody's); Y: right, then Lyon (X's city). 2 of 3 wrong picks.
+    monkeypatch.setattr(diagnose_stream.E, "multiple_choice_picks", lambda model, tokenizer, items: [1, 2, 1, 2])
+    assert diagnose_stream.wrong_is_learned_value(None, None, facts) == 2 / 3
+    monkeypatch.setattr(diagnose_stream.E, "multiple_choice_picks", lambda model, tokenizer, items: [0, 0, 1, 1])
+    assert math.isnan(diagnose_stream.wrong_is_learned_value(None, None, facts))
