@@ -39,7 +39,8 @@ class LearnerConfig:
     # student prompt, and the other objectives, get none (they have no such stopping rule).
     inner_steps: int = 0
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
-    replay_per_step: int = 3  # replayed requests added to every step
+    replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
+    replay_recent: int = 0  # and this many of the newest requests in the buffer, every step
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
@@ -70,13 +71,14 @@ class LearnerConfig:
             raise ValueError(f"sync_every must be None (synchronous) or a positive integer, got {self.sync_every!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("passes", "inner_steps", "replay", "replay_per_step", "step_every", "consolidate_every", "protect_directions",
-                     "gate_backoff"):
+        for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "step_every",
+                     "consolidate_every", "protect_directions", "gate_backoff"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "passes" else 0):
                 raise ValueError(f"{name} must be an integer >= {1 if name == 'passes' else 0}, got {value!r}")
-        if self.replay_per_step and not self.replay:
-            raise ValueError("replay_per_step needs a replay buffer: set replay= to its capacity")
+        for name in ("replay_per_step", "replay_recent"):
+            if getattr(self, name) and not self.replay:
+                raise ValueError(f"{name} needs a replay buffer: set replay= to its capacity")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:

@@ -188,9 +188,8 @@ class Recipe:
         for p in range(config.passes):
             if p > 0:
                 self.accumulate(self.pending, "passes")
-            if config.replay_per_step and self.replay:
-                sample = self._rng.sample(list(self.replay), min(config.replay_per_step, len(self.replay)))
-                self.accumulate(sample, "replay")
+            if (config.replay_per_step or config.replay_recent) and self.replay:
+                self.accumulate(self._replay_sample(), "replay")
             if self.anchor is not None and learner.counters.tokens_pending > 0:
                 start = time.perf_counter()
                 _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
@@ -211,6 +210,15 @@ class Recipe:
             self.costs["consolidate"] += time.perf_counter() - start - (self.costs["gate"] - gate_seconds)
             self.steps_since_consolidation = 0
         return stepped, consolidation
+
+    def _replay_sample(self) -> list:
+        """The newest replay_recent requests of the buffer, and replay_per_step of the others at
+        random (the same draws as before replay_recent existed when it is 0)."""
+        config = self.learner.config
+        buffer = list(self.replay)
+        split = max(len(buffer) - config.replay_recent, 0)
+        older, recent = buffer[:split], buffer[split:]
+        return recent + self._rng.sample(older, min(config.replay_per_step, len(older)))
 
     def _asynchronous_replica(self) -> bool:
         replicas = self.learner.replicas

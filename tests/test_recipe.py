@@ -109,6 +109,27 @@ def test_replay_buffer_is_bounded_and_replayed():
     assert stats["tokens_processed"]["replay"] > 0 and stats["tokens_processed"]["passes"] > 0
 
 
+def test_replay_recent_replays_the_newest_requests_every_step(monkeypatch):
+    """replay_recent=k adds the k newest buffered requests to every step, beside the random
+    draws from the older ones."""
+    _, learner = patched(replay=8, replay_per_step=1, replay_recent=2)
+    recipe = learner.recipe
+    replayed = []
+    real = recipe.accumulate
+    monkeypatch.setattr(recipe, "accumulate",
+                        lambda items, component: (replayed.append(list(items)) if component == "replay" else None)
+                        or real(items, component))
+    requests = list(zip(rows(30, 6), rows(31, 6)))
+    for prompt, response in requests:
+        learner.learn(prompt, response)
+    # The first step has an empty buffer; from the second on, the two newest requests (those of
+    # the previous steps), then one older one once there is an older one.
+    assert [len(r) for r in replayed] == [1, 2, 3, 3, 3]
+    for i, batch in enumerate(replayed, start=1):
+        newest = [item.response for item in batch[:min(i, 2)]]
+        assert newest == [r for _, r in requests[max(0, i - 2):i]]
+
+
 def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
     """Inner steps step on the request's own context gain only (no replay, no anchor) and stop
     once no response token is gain_threshold short of the teacher."""
@@ -245,6 +266,10 @@ def test_recipe_options_are_validated_before_patching():
         fastcl.patch(model, objective="magic")
     with pytest.raises(ValueError, match="replay_per_step needs a replay buffer"):
         fastcl.patch(model, replay=0, replay_per_step=2)
+    with pytest.raises(ValueError, match="replay_recent needs a replay buffer"):
+        fastcl.patch(model, replay=0, replay_per_step=0, replay_recent=1)
+    with pytest.raises(ValueError, match="replay_recent must be an integer >= 0"):
+        fastcl.patch(model, replay_recent=-1)
     with pytest.raises(fastcl.PatchError, match="tokenizer"):
         fastcl.patch(model, anchor_weight=0.5)
     assert not hasattr(model, "fastcl")
