@@ -100,6 +100,35 @@ def test_split_shrink_forward_matches_reference(dtype, M, d_in, d_out, r):
     check_against_reference(*make(M, d_in, d_out, r, dtype), scale=0.5, dtype=dtype, shrink="split")
 
 
+@pytest.mark.parametrize("tuned_name", ["_fwd_prefill", "_fwd_decode", "_shrink", "_bwd", "_grad_b"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_every_tuned_config_matches_reference(monkeypatch, tuned_name, dtype):
+    """The autotuner keeps the fastest config per key, so the tests above check one config of
+    each kernel. A wrong config that is never fastest on the test shapes would pass them and be
+    picked on another GPU or shape: on an H200 one backward config gave NaN (bench/RESULTS.md).
+    Here each kernel runs with one config at a time (one each under the interpreter; the GPU
+    sets on a GPU), at decode and prefill sizes; a config the GPU cannot fit is skipped, as the
+    autotuner skips it."""
+    from triton.runtime.errors import OutOfResources
+
+    tuned = getattr(kernels, tuned_name)
+    rows = {"_fwd_decode": [7], "_fwd_prefill": [133] + ([1100] if CUDA else [])}.get(tuned_name, [7, 133])
+    shrink = "split" if tuned_name == "_shrink" else "fused"
+    try:
+        for config in list(tuned.configs):
+            monkeypatch.setattr(tuned, "configs", [config])
+            tuned.cache.clear()
+            for M in rows:
+                try:
+                    check_against_reference(*make(M, 72, 200, 16, dtype), scale=0.5, dtype=dtype, shrink=shrink)
+                except OutOfResources:
+                    continue
+                except AssertionError as exc:
+                    raise AssertionError(f"{tuned_name} with {config} at M={M}: {exc}") from None
+    finally:
+        tuned.cache.clear()
+
+
 def test_backward_is_bitwise_repeatable():
     x, W, b, A, B, dy, grad_B0 = make(133, 72, 200, 16, torch.float32)
     s = reference.lowrank_linear_fwd(x, W, b, A, B, 0.5)[1]
