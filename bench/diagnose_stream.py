@@ -36,12 +36,25 @@ def held_out(model, tokenizer, fact) -> float:
     return E.multiple_choice_accuracy(model, tokenizer, [(q, fact.options, fact.answer_index) for q in fact.eval_questions])
 
 
-def wrong_is_learned_value(model, tokenizer, facts) -> float:
+def held_out_picks(model, tokenizer, facts) -> list[int]:
+    """The option picked for every held-out phrasing of every fact, in order."""
+    return E.multiple_choice_picks(model, tokenizer, [(q, f.options, f.answer_index) for f in facts for q in f.eval_questions])
+
+
+def per_fact_accuracy(facts, picks) -> list[float]:
+    out, i = [], 0
+    for f in facts:
+        n = len(f.eval_questions)
+        out.append(sum(p == f.answer_index for p in picks[i:i + n]) / n)
+        i += n
+    return out
+
+
+def wrong_is_learned_value(facts, picks) -> float:
     """Of the wrong held-out picks, the share that are another company's value for the same
     attribute in this stream (NaN if no pick is wrong)."""
-    items = [(q, f.options, f.answer_index, f) for f in facts for q in f.eval_questions]
-    picks = E.multiple_choice_picks(model, tokenizer, [item[:3] for item in items])
-    wrong = [(item[3], item[1][pick]) for item, pick in zip(items, picks) if pick != item[2]]
+    asked = [f for f in facts for _ in f.eval_questions]
+    wrong = [(f, f.options[p]) for f, p in zip(asked, picks) if p != f.answer_index]
     learned = {(f.attribute, f.value) for f in facts}
     return sum((f.attribute, value) in learned for f, value in wrong) / len(wrong) if wrong else float("nan")
 
@@ -50,8 +63,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
     served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
-    floor = [held_out(model, tokenizer, f) for f in facts]
-    confused_before = wrong_is_learned_value(model, tokenizer, facts)
+    picks = held_out_picks(model, tokenizer, facts)
+    floor, confused_before = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
@@ -65,8 +78,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
 
     learner.learn = learn_then_score
     B.serve(model, tokenizer, learner, facts)
-    after = [held_out(model, tokenizer, f) for f in facts]
-    confused_after = wrong_is_learned_value(model, tokenizer, facts)
+    picks = held_out_picks(model, tokenizer, facts)
+    after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
     refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
     perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))

@@ -45,7 +45,7 @@ def test_guard_data_is_disjoint_from_evaluation_data():
     assert all(0 <= answer < len(options) for _, options, answer in probes)
 
 
-def test_wrong_picks_that_are_another_companys_learned_value_are_counted(monkeypatch):
+def test_wrong_picks_that_are_another_companys_learned_value_are_counted():
     """bench/diagnose_stream.py's interference measure, on stand-in picks (no model needed)."""
     import importlib.util
     import math
@@ -63,7 +63,6 @@ def test_wrong_picks_that_are_another_companys_learned_value_are_counted(monkeyp
     facts = [city("X", "Lyon", ("Lyon", "Porto", "Osaka", "Leeds", "Graz")),
              city("Y", "Porto", ("Bilbao", "Porto", "Lyon", "Cork", "Perth"))]
     # X: Porto (Y's city), Osaka (nobody's); Y: right, then Lyon (X's city). 2 of 3 wrong picks.
-    monkeypatch.setattr(diagnose_stream.E, "multiple_choice_picks", lambda model, tokenizer, items: [1, 2, 1, 2])
-    assert diagnose_stream.wrong_is_learned_value(None, None, facts) == 2 / 3
-    monkeypatch.setattr(diagnose_stream.E, "multiple_choice_picks", lambda model, tokenizer, items: [0, 0, 1, 1])
-    assert math.isnan(diagnose_stream.wrong_is_learned_value(None, None, facts))
+    assert diagnose_stream.wrong_is_learned_value(facts, [1, 2, 1, 2]) == 2 / 3
+    assert diagnose_stream.per_fact_accuracy(facts, [1, 2, 1, 2]) == [0.0, 0.5]
+    assert math.isnan(diagnose_stream.wrong_is_learned_value(facts, [0, 0, 1, 1]))

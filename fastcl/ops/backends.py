@@ -23,9 +23,9 @@ BACKENDS = ("torch", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
 # On a GPU too, the PyTorch implementation first: on an H200 (bench/RESULTS.md, "GPU run") it
 # served-and-learned faster than both fused backends (observe, SmolLM2-135M shapes, 8x512
-# tokens, bf16: torch 169 ms, triton 195, cuda 232), and the Triton kernels were 1.7-3.9x
-# nn.Linear at prefill where the reference's cuBLAS calls cost little more than nn.Linear.
-# The fused backends stay available by name until a GPU run shows them ahead.
+# tokens, bf16: torch 169 ms, triton 195, cuda 232), and the Triton forward was 1.7-3.9x
+# nn.Linear at prefill. The fused backends stay available by name until a GPU run shows them
+# ahead.
 _AUTO_ORDER_CUDA = ("torch", "triton", "cuda")
 
 

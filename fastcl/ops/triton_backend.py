@@ -6,7 +6,6 @@ dimensions into rows.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
