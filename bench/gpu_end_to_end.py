@@ -36,14 +36,14 @@ import fastcl  # noqa: E402
 from fastcl.ops import backends  # noqa: E402
 
 
-def median_ms(fn, warmup: int, repeat: int) -> float:
-    """Median wall time of fn() in ms: CUDA events on a GPU, the host clock elsewhere (--device cpu
-    only checks that this script runs)."""
+def median_ms(fn, warmup: int, repeat: int, cuda: bool = True) -> float:
+    """Median wall time of fn() in ms: CUDA events around GPU work, the host clock otherwise
+    (--device cpu only checks that this script runs)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        if torch.cuda.is_available():
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -67,7 +67,9 @@ def build(name: str, device: str) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M", choices=["SmolLM2-135M", "Llama-3-8B"])
+    parser.add_argument("--model", default="SmolLM2-135M", choices=["SmolLM2-135M", "Llama-3-8B"],
+                        help="Llama-3-8B: 16 GB a copy, and the generation part holds five copies at once "
+                             "(an H200, without --full-step)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -81,25 +83,26 @@ def main() -> None:
         sys.exit("gpu_end_to_end.py needs a CUDA device (bench/test_bench_end_to_end.py is the CPU benchmark)")
 
     torch.manual_seed(0)
+    cuda = args.device == "cuda"
+    time_ms = lambda fn, warmup=args.warmup, repeat=args.repeat: median_ms(fn, warmup, repeat, cuda)  # noqa: E731
     base = build(args.model, args.device)
     ids = w.token_batch(base.config.vocab_size, args.batch, args.seq).to(args.device)
     usable = [b for b in ("triton", "cuda", "torch") if backends.status(b, args.device)[0]]
     skipped = {b: backends.status(b, args.device)[1] for b in ("triton", "cuda") if b not in usable}
     ms = {}
-    ms["forward"] = median_ms(w.serving(copy.deepcopy(base), ids).run, args.warmup, args.repeat)
+    ms["forward"] = time_ms(w.serving(copy.deepcopy(base), ids).run)
     learner = None
     for backend in usable:
         side, learner = w.observing(copy.deepcopy(base), ids, backend=backend)
-        ms[f"observe[{backend}]"] = median_ms(side.run, args.warmup, args.repeat)
-        ms[f"step[{backend}]"] = median_ms(lambda: (side.run(), learner.step()), 1, 3) - ms[f"observe[{backend}]"]
+        ms[f"observe[{backend}]"] = time_ms(side.run)
+        ms[f"step[{backend}]"] = time_ms(lambda: (side.run(), learner.step()), 1, 3) - ms[f"observe[{backend}]"]
         del side
     peft_model = w.peft_lora(copy.deepcopy(base), w.leaf_names(learner))
-    ms["peft_step"] = median_ms(w.training_step(peft_model, ids).run, args.warmup, args.repeat)
+    ms["peft_step"] = time_ms(w.training_step(peft_model, ids).run)
     del peft_model
     if args.full_step:
-        ms["full_step"] = median_ms(w.training_step(w.full_fine_tuning(copy.deepcopy(base)), ids).run,
-                                         args.warmup, args.repeat)
-    if args.device == "cuda":
+        ms["full_step"] = time_ms(w.training_step(w.full_fine_tuning(copy.deepcopy(base)), ids).run)
+    if cuda:
         torch.cuda.empty_cache()
 
     prompt = ids[:1, :32]
@@ -112,9 +115,9 @@ def main() -> None:
     variants["consolidated"] = merged.model
     for name, model in variants.items():
         run = w.generation(model, prompt, args.new_tokens)
-        tokens_per_s[name] = args.new_tokens / (median_ms(run, 1, max(3, args.repeat // 3)) / 1e3)
+        tokens_per_s[name] = args.new_tokens / (time_ms(run, 1, max(3, args.repeat // 3)) / 1e3)
 
-    result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__, model=args.model,
+    result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, model=args.model,
                   batch=args.batch, seq=args.seq, dtype="bfloat16", rank=w.RANK, ms=ms,
                   generate_tokens_per_s=tokens_per_s, new_tokens=args.new_tokens, skipped_backends=skipped,
                   adapter_flop_share=w.adapter_flop_share(variants[f"live_adapter[{usable[0]}]"], learner))
