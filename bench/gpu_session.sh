@@ -66,6 +66,10 @@ step e2e_smollm 150 $PY bench/gpu_end_to_end.py --model SmolLM2-135M --batch 8 -
     --json "$OUT/e2e_smollm2.json"
 sed -n '/^SmolLM2-135M shapes/,/^Backends not run\|^=== /p' "$OUT/run.log" | head -40
 
+# Where observe() spends its time on the GPU (the PyTorch backend: what auto picks there).
+step profile 60 $PY bench/profile_observe.py --device cuda --batch 8 --seq 512 --backend torch --rows 20
+sed -n '/^=== profile/,$p' "$OUT/run.log" | grep -v "^=== " | tail -30
+
 # Op level, bf16, r = 16: prefill (the Llama-3-8B projections at M = 2048 and 8192) and decode
 # (M = 1 and 16), PEFT LoRA and nn.Linear beside the three backends. Two runs, two JSON files:
 # pytest-benchmark writes its JSON only at the end of a run.

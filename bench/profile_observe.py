@@ -1,11 +1,14 @@
 """Where observe() spends its time on SmolLM2-135M, 2 x 128 tokens: proportions, not speeds.
 
     FASTCL_BENCH_THREADS=1 .venv/bin/python bench/profile_observe.py [--rows 25]
+    python bench/profile_observe.py --device cuda --batch 8 --seq 512 [--backend triton]
 
 Prints the phases of one observe() timed apart (the no-grad forward of the same model, the
 forward with grad, the loss's gradient, the backward) and torch.profiler's operators by self
-CPU time with their share of the total. Shares stay meaningful on a loaded machine, where
-absolute times do not.
+time with their share of the total (CPU time; on a GPU, CUDA time, and CPU time beside it).
+Shares stay meaningful on a loaded machine, where absolute times do not. On a GPU the model is
+SmolLM2-135M's shapes with random weights in bf16 (bench/gpu_end_to_end.py; the GGUF does not
+travel to a lent GPU), unless --real-weights.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 import fastcl.models
 import workloads as w
+from gpu_end_to_end import build
 from fastcl.inputs import validate_request
 from fastcl.loss import next_token_gradient
 
@@ -26,17 +30,24 @@ def phases(model, ids, repeats: int = 5) -> dict[str, float]:
     """Median seconds of each phase of observe(), run by hand in the same order."""
     request = validate_request(ids, None, None, 1.0, model.config.vocab_size, ids.device)
     times: dict[str, list[float]] = {"no-grad forward": [], "forward with grad": [], "loss gradient": [], "backward": []}
+
+    def mark():  # GPU work is asynchronous: wait for it before reading the clock
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
     for _ in range(repeats + 1):
-        marks = [time.perf_counter()]
+        marks = []
+        mark()
         with torch.no_grad():
             model(input_ids=ids)
-        marks.append(time.perf_counter())
+        mark()
         out = model(input_ids=ids)
-        marks.append(time.perf_counter())
+        mark()
         grad, _ = next_token_gradient(out.logits, request)
-        marks.append(time.perf_counter())
+        mark()
         out.logits.backward(grad.grad)
-        marks.append(time.perf_counter())
+        mark()
         for name, start, end in zip(times, marks, marks[1:]):
             times[name].append(end - start)
     return {name: sorted(v[1:])[len(v) // 2] for name, v in times.items()}  # the first run warms up
@@ -45,24 +56,44 @@ def phases(model, ids, repeats: int = 5) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=w.BATCH)
+    parser.add_argument("--seq", type=int, default=w.SEQ)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--random-weights", action="store_true", help="SmolLM2's shapes, random bf16 weights "
+                        "(the default on a GPU, where the GGUF is not installed)")
+    parser.add_argument("--real-weights", action="store_true", help="load SmolLM2 on a GPU too")
     args = parser.parse_args()
     if os.environ.get("FASTCL_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["FASTCL_BENCH_THREADS"]))
-    model, _ = fastcl.models.load_default()
-    ids = w.token_batch(model.config.vocab_size)
-    _, learner = w.observing(model, ids)
+    if args.random_weights or (args.device != "cpu" and not args.real_weights):
+        model = build("SmolLM2-135M", args.device)
+    else:
+        model = fastcl.models.load_default()[0].to(args.device)
+    ids = w.token_batch(model.config.vocab_size, args.batch, args.seq).to(args.device)
+    _, learner = w.observing(model, ids, backend=args.backend)
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
     p = phases(model, ids)
     for name, seconds in p.items():
         print(f"{name:18s} {seconds * 1e3:8.1f} ms  {seconds / p['no-grad forward']:5.2f} x forward")
     learner.observe(ids)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    cuda = ids.is_cuda
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
         learner.observe(ids)
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events)
-    print(f"\nobserve() under the profiler: {total / 1e3:.1f} ms of self CPU time")
+        if cuda:
+            torch.cuda.synchronize()
+    # On a GPU: operators by self CUDA time, with their self CPU time beside it (host-bound
+    # work shows as CPU time far above CUDA time).
+    self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=lambda e: -self_time(e))
+    total = sum(self_time(e) for e in events)
+    cpu_total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nobserve() under the profiler: {total / 1e3:.1f} ms of self {'CUDA' if cuda else 'CPU'} time"
+          + (f", {cpu_total / 1e3:.1f} ms of self CPU time" if cuda else ""))
     for e in events[:args.rows]:
-        print(f"{100 * e.self_cpu_time_total / total:5.1f}%  {e.self_cpu_time_total / 1e3:8.1f} ms  {e.count:5d}x  {e.key[:80]}")
+        cpu = f"  cpu {e.self_cpu_time_total / 1e3:8.1f} ms" if cuda else ""
+        print(f"{100 * self_time(e) / total:5.1f}%  {self_time(e) / 1e3:8.1f} ms{cpu}  {e.count:5d}x  {e.key[:80]}")
 
 
 if __name__ == "__main__":
