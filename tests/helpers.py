@@ -1,4 +1,8 @@
-"""Shared test helpers: tiny models of several architectures, tolerance table, comparisons."""
+"""Shared test helpers: tiny models of several architectures, tolerance table, comparisons, and
+bench/ scripts loaded as modules."""
+
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -103,3 +107,12 @@ def assert_same_state(before, after):
             assert before[key] == after[key], f"counters changed: {before[key]} -> {after[key]}"
         else:
             assert torch.equal(before[key], after[key]), f"{key} changed"
+
+
+def load_bench(name: str):
+    """A script from bench/ as a module (bench/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,8 +1,5 @@
 """The demo and the continual benchmark, end to end on SmolLM2-135M with a one-company stream."""
 
-import importlib.util
-from pathlib import Path
-
 import matplotlib.image
 import pytest
 import torch
@@ -10,18 +7,9 @@ import torch
 import fastcl
 import fastcl.demo
 import fastcl.evaluate
+from helpers import load_bench
 
 pytestmark = pytest.mark.real_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench(name: str):
-    """A script from bench/ as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

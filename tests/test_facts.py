@@ -5,6 +5,7 @@ import sys
 
 from fastcl import facts as F
 from fastcl.evaluate import load_probes, load_text
+from helpers import load_bench
 
 
 def test_stream_is_deterministic_across_processes():
@@ -47,14 +48,9 @@ def test_guard_data_is_disjoint_from_evaluation_data():
 
 def test_wrong_picks_that_are_another_companys_learned_value_are_counted():
     """bench/diagnose_stream.py's interference measure, on stand-in picks (no model needed)."""
-    import importlib.util
     import math
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "diagnose_stream.py"
-    spec = importlib.util.spec_from_file_location("diagnose_stream", path)
-    diagnose_stream = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diagnose_stream)
+    diagnose_stream = load_bench("diagnose_stream")
 
     def city(company, value, options):
         return F.Fact(company=company, attribute="city", value=value, document="", served_question="",
