@@ -59,9 +59,8 @@ class FastLinear(nn.Module):
         # Set by the learner: lets the served forward skip the adapter while B is known zero.
         self.b_is_zero = True
         self.enabled = True  # False: behave exactly as the base layer (Learner.fast_weights_bypassed)
-        # What no-grad forwards with live fast weights reuse: (key, backend module, B laid out for
-        # it). The key holds B's version counter, so any in-place change of B (step, load,
-        # consolidate, rollback) rebuilds it; at most one extra copy of B.
+        # What no-grad forwards with live fast weights reuse: (key, run, copy of B it holds), see
+        # _serving_forward; at most one extra copy of B.
         self._serving = None
 
     def _projection(self, epoch: int, device) -> torch.Tensor:
@@ -87,30 +86,33 @@ class FastLinear(nn.Module):
             # nn.Linear's own forward, without a second module call: bit-identical output.
             return F.linear(x, self.weight, self.bias)
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Serving with live fast weights (decode): straight to the backend, B prepared once.
-            impl, B = self._serving_operands(x)
-            return impl.lowrank_linear_fwd(x, self.weight_matrix(), self.bias, self.A, B, self.scale)[0]
+            return self._serving_forward(x)(x)  # decode with live fast weights: operands prepared once
         return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend)
 
-    def _serving_operands(self, x: torch.Tensor):
-        B = self.B
-        key = (B._version, B.data_ptr(), x.dtype, x.device, self.backend)
+    def _serving_forward(self, x: torch.Tensor):
+        """The backend's forward with W, b, A and B bound, rebuilt whenever one of them may have
+        changed. B's version counter catches every in-place change (step, load, consolidate,
+        rollback); the data pointers catch replaced tensors (model.to, .data assignment)."""
+        params, buffers = self._parameters, self._buffers  # direct reads: nn.Module.__getattr__ is slow here
+        B, weight, bias, A = params["B"], params["weight"], params.get("bias"), buffers["A"]
+        key = (B._version, B.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), A.data_ptr(),
+               x.dtype, x.device, self.backend)
         serving = self._serving
         if serving is None or serving[0] != key:
             impl = backends.implementation(self.backend, x.device)
-            serving = self._serving = (key, impl, backends.serving_fast_weights(impl, B.detach(), x.dtype))
-        return serving[1], serving[2]
+            run, copy = backends.serving_forward(impl, self.weight_matrix(), bias, A, B.detach(), self.scale, x.dtype)
+            serving = self._serving = (key, run, copy)
+        return serving[1]
 
     def serving_copy_bytes(self) -> int:
         """Bytes of the copy of B kept for no-grad forwards (0 where the backend reads B itself)."""
-        if self._serving is None or self._serving[2].data_ptr() == self.B.data_ptr():
-            return 0
-        copy = self._serving[2]
-        return copy.numel() * copy.element_size()
+        copy = None if self._serving is None else self._serving[2]
+        return 0 if copy is None else copy.numel() * copy.element_size()
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must not demote the fast weights or the accumulator; A follows W.
         protected = self.protected  # it defines A: follows the device, never rounded
+        self._serving = None  # it holds the old tensors
         super()._apply(fn, recurse)
         self.base.weight, self.base.bias = self.weight, self.bias  # in case torch swapped Parameters
         if self.B.dtype != torch.float32:

@@ -178,6 +178,40 @@ def test_serving_forward_follows_every_change_of_the_fast_weights(dtype):
             assert_close(layer(x), served, dtype, what="grad-mode output")
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_serving_forward_follows_replaced_weights_and_keeps_the_input_shape(kind):
+    """The prepared forward binds W, b and A: a weight or A replaced (model.to, .data assignment)
+    or edited in place must show in the next no-grad output, for 3-D and 1-row inputs alike."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = nn.Linear(40, 24) if kind == "linear" else Conv1D(24, 40)
+    layer = FastLinear(base, layer_index=0, rank=4, scale=0.5, seed=0, backend="torch")
+    layer.b_is_zero = False
+    with torch.no_grad():
+        layer.B.normal_()
+
+    def expected(x):
+        W = layer.weight_matrix()
+        return x @ W.t() + layer.bias + 0.5 * (x @ layer.A.t()) @ layer.B.detach().t()
+
+    x = torch.randn(2, 5, 40)
+    changes = (
+        lambda: None,
+        lambda: setattr(layer.weight, "data", torch.randn_like(layer.weight)),  # replaced storage
+        lambda: layer.weight.mul_(2.0),  # in place
+        lambda: layer.bias.add_(1.0),
+        lambda: setattr(layer.bias, "data", torch.randn_like(layer.bias)),
+        lambda: setattr(layer, "A", torch.randn_like(layer.A)),  # replaced buffer
+    )
+    for change in changes:
+        with torch.no_grad():
+            change()
+            for inputs in (x, x[:1, :1]):
+                served = layer(inputs)
+                assert served.shape == inputs.shape[:-1] + (24,)
+                assert_close(served, expected(inputs), torch.float32, what="served output after a change")
+
+
 def test_the_serving_copy_of_b_is_counted_in_bytes_held(llama):
     learner = fastcl.patch(llama, rank=4, lr=1e-2)
     ids = random_ids(2, 9)

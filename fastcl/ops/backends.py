@@ -100,8 +100,12 @@ def implementation(backend: str, device: torch.device | str) -> ModuleType:
     return module
 
 
-def serving_fast_weights(impl: ModuleType, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """B in the layout and dtype `impl` reads fastest over repeated no-grad forwards (B itself
-    where the backend has no preference: the kernels take fp32 B with any strides)."""
-    prepare = getattr(impl, "serving_fast_weights", None)
-    return prepare(B, dtype) if prepare is not None else B
+def serving_forward(impl: ModuleType, weight, bias, A, B, scale: float, dtype: torch.dtype):
+    """(run, copy) where run(x) is impl's forward output for fixed W, b, A, B and copy is what it
+    holds besides them (a re-laid-out B, or None). Backends without a serving form of their own
+    call their forward with the operands bound."""
+    prepare = getattr(impl, "serving_forward", None)
+    if prepare is not None:
+        return prepare(weight, bias, A, B, scale, dtype)
+    forward = impl.lowrank_linear_fwd
+    return (lambda x: forward(x, weight, bias, A, B, scale)[0]), None
