@@ -10,6 +10,7 @@ from .ops.backends import CHOICES as BACKEND_CHOICES
 
 OPTIMIZERS = ("adam", "sgd")
 OBJECTIVES = ("context_gain", "distill", "next_token")
+PROJECTIONS = ("random", "whitened")
 
 
 @dataclass
@@ -47,6 +48,11 @@ class LearnerConfig:
     # A avoids this many leading directions of each layer's input on general text (fastcl.protection;
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
+    # How each projection epoch's A is drawn (fastcl.projection): "random", from the seed alone; or
+    # "whitened" (needs a tokenizer; learn() with context gain only): fitted, at the epoch's first
+    # learn(), to the directions in which that request's inputs stand out most from general text.
+    projection: str = "random"
+    projection_ridge: float = 0.1  # "whitened": general text's input moment + this x its mean eigenvalue
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
     gate_backoff: int = 2  # a refused update is halved up to this many times, each checked again, before it is dropped
 
@@ -83,6 +89,10 @@ class LearnerConfig:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:
             raise ValueError(f"gate_tolerance must be >= 0 or None, got {self.gate_tolerance!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if not self.projection_ridge > 0:
+            raise ValueError(f"projection_ridge must be positive, got {self.projection_ridge!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 

@@ -43,6 +43,7 @@ class Snapshot:
     fast_weights: dict[str, torch.Tensor]
     optimizer_state: dict
     epoch: int
+    fitted: dict[str, torch.Tensor]  # A of the layers whose projection was fitted, not drawn from the seed
 
 
 def delta_norm_sq(module: FastLinear) -> float:

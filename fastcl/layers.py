@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import backends, lowrank_linear
-from .projection import make_projection
+from .projection import fit_to_inputs, make_projection
 
 try:  # GPT-2 style layers store W as (d_in, d_out); patched through a transposed view.
     from transformers.pytorch_utils import Conv1D
@@ -39,7 +39,7 @@ class FastLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, *, layer_index: int, rank: int, scale: float, seed: int, backend: str,
-                 protected: Optional[torch.Tensor] = None):
+                 protected: Optional[torch.Tensor] = None, whitener=None):
         super().__init__()
         if type(base) not in LINEAR_TYPES:
             raise TypeError(f"FastLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
@@ -62,6 +62,12 @@ class FastLinear(nn.Module):
         # What no-grad forwards with live fast weights reuse: (key, run, copy of B it holds), see
         # _serving_forward; at most one extra copy of B.
         self._serving = None
+        # projection="whitened": general text's input geometry (fastcl.protection.Whitener); the
+        # learner sets fit_positions while B is zero, and the next grad forward fits A to its inputs
+        # there before the sketch is taken. fitted: A is not the seed's draw (saved with the state).
+        self.whitener = whitener.to(device) if whitener is not None else None
+        self.fit_positions: Optional[torch.Tensor] = None
+        self.fitted = False
 
     def _projection(self, epoch: int, device) -> torch.Tensor:
         return make_projection(self.seed, self.layer_index, epoch, self.rank, self.in_features, self.weight.dtype, device,
@@ -73,6 +79,16 @@ class FastLinear(nn.Module):
 
     def resample(self, epoch: int) -> None:
         self.A.copy_(self._projection(epoch, self.A.device))
+        self.fitted = False
+
+    def fit_projection(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """A := fit_to_inputs() on x's rows at `positions` (flat indices over x's leading dims).
+        Only while B is zero, so the layer's function does not change."""
+        if not self.b_is_zero:
+            raise RuntimeError("fit_projection() needs B = 0: A would change under live fast weights")
+        X = x.detach().reshape(-1, self.in_features)[positions]
+        self.A.copy_(fit_to_inputs(self.A, X, self.whitener, self.protected))
+        self.fitted = True
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A in fp32, shape (d_out, d_in)."""
@@ -87,6 +103,9 @@ class FastLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return self._serving_forward(x)(x)  # decode with live fast weights: operands prepared once
+        if self.fit_positions is not None:
+            positions, self.fit_positions = self.fit_positions, None
+            self.fit_projection(x, positions)
         return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend)
 
     def _serving_forward(self, x: torch.Tensor):
@@ -121,6 +140,8 @@ class FastLinear(nn.Module):
             self.grad_B = self.grad_B.float()
         if protected is not None:
             self.protected = protected.to(self.weight.device)
+        if self.whitener is not None:
+            self.whitener = self.whitener.to(self.weight.device)
         if self.A.dtype != self.weight.dtype:
             self.A = self.A.to(self.weight.dtype)
         return self

@@ -283,6 +283,7 @@ class Learner:
             raise ConsolidationError("rollback() needs keep_rollback=True (the merged weights were not kept)")
         self._discard_pending("rollback()")
         self._set_epoch(snap.epoch)
+        self._restore_fitted(snap.fitted)
         self._merge_checker.forget()
         with torch.no_grad():
             for name, weight in snap.weights.items():
@@ -371,6 +372,7 @@ class Learner:
             fast_weights={name: m.B.detach().clone() for name, m in self.modules.items()},
             optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
             epoch=self.counters.epoch,
+            fitted={name: m.A.clone() for name, m in self.modules.items() if m.fitted},
         )
 
     @torch.no_grad()
@@ -382,6 +384,14 @@ class Learner:
             module.B.zero_()
             module.b_is_zero = True
         self.optimizer = self._make_optimizer()
+
+    @torch.no_grad()
+    def _restore_fitted(self, projections: dict[str, torch.Tensor]) -> None:
+        """Put back projections fitted to inputs (projection="whitened"): the seed cannot."""
+        for name, A in projections.items():
+            module = self.modules[name]
+            module.A.copy_(A)
+            module.fitted = True
 
     def _clear_accumulators(self) -> None:
         for module in self.modules.values():

@@ -17,7 +17,7 @@ from .config import LearnerConfig
 from .distributed import check_process_group
 from .errors import PatchError
 from .layers import LINEAR_TYPES, FastLinear, linear_shape
-from .protection import principal_input_directions
+from .protection import input_moments, leading_directions, whiteners
 
 
 @dataclass
@@ -136,7 +136,8 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
         return None
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
                                     ("gate_tolerance", config.gate_tolerance is not None),
-                                    ("protect_directions", config.protect_directions > 0)) if on]
+                                    ("protect_directions", config.protect_directions > 0),
+                                    ("projection", config.projection == "whitened")) if on]
     explicit = [name for name in wanted if name in options]
     if explicit:
         raise PatchError(f"{', '.join(explicit)} need the tokenizer: pass patch(model, tokenizer=tok, ...)")
@@ -147,19 +148,21 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
             "are off (pass tokenizer= to patch() to turn them on)")
 
 
-def _protected_directions(model: nn.Module, base_modules: dict, config: LearnerConfig, tokenizer) -> dict:
-    """Each layer's leading input directions on the anchor text (fastcl.protection), found with
-    the model as it is, before anything changes."""
-    k = config.protect_directions
-    if not k:
-        return {}
+def _general_text_geometry(model: nn.Module, base_modules: dict, config: LearnerConfig, tokenizer):
+    """(protected directions, whiteners) per layer from one forward over the anchor text
+    (fastcl.protection), with the model as it is, before anything changes; empty when off."""
+    k, whiten = config.protect_directions, config.projection == "whitened"
+    if not (k or whiten):
+        return {}, {}
     narrow = [name for name, m in base_modules.items() if linear_shape(m)[1] <= k]
     if narrow:
         raise PatchError(f"protect_directions={k} leaves nothing for A in {narrow[:3]} (input width <= {k}); "
                          "lower it or exclude those layers")
     from .guard import ANCHOR_TEXT, text_ids
 
-    return principal_input_directions(model, base_modules, text_ids(tokenizer, ANCHOR_TEXT), k)
+    moments, owner, rows = input_moments(model, base_modules, text_ids(tokenizer, ANCHOR_TEXT))
+    protected = leading_directions(moments, owner, k) if k else {}
+    return protected, (whiteners(moments, owner, rows, config.projection_ridge) if whiten else {})
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -210,10 +213,10 @@ def patch(
         from .ops import backends
 
         backends.resolve(backend, device)  # fail now, before anything changes
-    protected = _protected_directions(model, base_modules, config, tokenizer)
+    protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
     fast = {
         name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend,
-                         protected=protected.get(name))
+                         protected=protected.get(name), whitener=whitening.get(name))
         for i, (name, base) in enumerate(base_modules.items())
     }
     # Everything that can fail has run; from here on the model changes.

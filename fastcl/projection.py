@@ -1,4 +1,5 @@
-"""The frozen random projection A, regenerated from (seed, layer index, epoch), never stored.
+"""The frozen projection A: random, regenerated from (seed, layer index, epoch), never stored;
+or fitted to one request's inputs (fit_to_inputs, projection="whitened"), then saved with the state.
 
 Entries are i.i.d. N(0, 1/d_in), so each row has unit norm in expectation and x A^T keeps the
 scale of x. Only the CPU generator and elementwise scaling are used (no QR or other BLAS call),
@@ -40,3 +41,32 @@ def make_projection(
         avoid = avoid.detach().to(device="cpu", dtype=torch.float32)
         A -= (A @ avoid) @ avoid.t()
     return A.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def fit_to_inputs(drawn: torch.Tensor, X: torch.Tensor, whitener, avoid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A (rank x d_in, fp32) for learning from inputs X (n x d_in): its rows span the directions
+    in which X stands out most from general text, so B's gradient keeps most of the full one
+    (dW lies in the span of the inputs) while general text sees the update no more than through
+    a random row.
+
+    The rows are the leading right singular vectors y of X C^-1/2 (the whitener), mapped back as
+    C^-1/2 y and scaled to tr(C)/d of general-text energy, a random row's expectation; without
+    the protected directions `avoid`. Rows beyond X's rank keep the random draw `drawn`, made
+    orthogonal to the fitted ones.
+    """
+    X = X.float()
+    if avoid is not None:
+        X = X - (X @ avoid) @ avoid.t()
+    _, S, Vh = torch.linalg.svd(whitener.apply(X), full_matrices=False)
+    rank = drawn.shape[0]
+    k = min(rank, int((S > S[0] * 1e-4).sum())) if S.numel() and S[0] > 0 else 0
+    A = drawn.float().clone()
+    if k:
+        V = whitener.apply(Vh[:k]) * whitener.level  # v^T C v = level^2 = tr(C)/d
+        if avoid is not None:
+            V = V - (V @ avoid) @ avoid.t()
+        basis = torch.linalg.qr(V.t())[0].t()
+        A[k:] -= (A[k:] @ basis.t()) @ basis
+        A[:k] = V
+    return A

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .batching import as_rows, prompt_response_batch
-from .errors import InputError
+from .errors import FastclError, InputError
 from .guard import Anchor, Gate, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
 from .loss import context_gain_loss, next_token_loss_on
@@ -146,6 +146,7 @@ class Recipe:
         teacher = torch.cat([i.teacher_logprobs for i in items]).to(learner.device)
         weights = torch.tensor([i.weight for i in items], device=learner.device)
         learned_count = []
+        fitting = self._fit_projection_to(batch)
 
         def loss(logits):
             total, learned = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
@@ -154,9 +155,31 @@ class Recipe:
             # Nothing new in these responses: skip the backward altogether.
             return (total if learned_count[0] else total.detach()), learned
 
-        learner._learn_from(lambda: learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
-                            loss, n_tokens=lambda: learned_count[0])
+        try:
+            learner._learn_from(lambda: learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
+                                loss, n_tokens=lambda: learned_count[0])
+        finally:
+            for module in fitting:  # a layer the forward did not reach must not fit later
+                module.fit_positions = None
         return learned_count[0]
+
+    def _fit_projection_to(self, batch) -> list:
+        """projection="whitened": at the first learn() of a projection epoch (every B zero, nothing
+        accumulated), every layer's A is fitted, during the learning forward, to its inputs at the
+        positions that predict response tokens. Returns the layers told to fit."""
+        learner = self.learner
+        if learner.config.projection == "random" or learner.counters.tokens_pending:
+            return []
+        modules = list(learner.modules.values())
+        if not all(m.b_is_zero for m in modules):
+            return []
+        if learner.replicas.group is not None:
+            raise FastclError("projection='whitened' fits A to each replica's own requests, so replicas would not "
+                              "share A; learn with projection='random' across replicas")
+        positions = batch.rows * batch.input_ids.shape[1] + batch.cols
+        for module in modules:
+            module.fit_positions = positions
+        return modules
 
     def _accumulate_next_token(self, items: list[Interaction]) -> int:
         learner = self.learner

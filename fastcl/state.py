@@ -59,6 +59,8 @@ def save(learner: "Learner", path, include_weights: Optional[bool] = None) -> No
         if module.protected is not None:  # with the seed and epoch, it defines A
             # q, k and v hold one basis; safetensors refuses tensors that share memory.
             tensors[f"protected.{i}"] = module.protected.clone()
+        if module.fitted:  # fitted to a request's inputs (projection="whitened"): no seed regenerates it
+            tensors[f"A.{i}"] = module.A.detach()
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -143,6 +145,8 @@ def load(learner: "Learner", path) -> None:
             given = tensors[f"protected.{i}"]
             width = given.shape[-1] if given.dim() == 2 else -1
             entry["protected"] = _expect(tensors, f"protected.{i}", (module.in_features, width), path)
+        if f"A.{i}" in tensors:
+            entry["A"] = _expect(tensors, f"A.{i}", (module.rank, module.in_features), path)
         if f"weight.{i}" in tensors:
             entry["weight"] = _expect(tensors, f"weight.{i}", tuple(module.weight.shape), path)
             if weight_checksum(entry["weight"].to(module.weight.dtype)) != checksums[i]:
@@ -172,6 +176,7 @@ def load(learner: "Learner", path) -> None:
     learner._snapshot = None
     learner._merge_checker.forget()
     learner._set_epoch(learner.counters.epoch)
+    learner._restore_fitted({name: entry["A"] for (name, _), entry in zip(modules, staged) if "A" in entry})
     optimizer_state = {"state": {}, "param_groups": learner.optimizer.state_dict()["param_groups"]}
     with torch.no_grad():
         for i, ((name, module), entry) in enumerate(zip(modules, staged)):
