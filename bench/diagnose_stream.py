@@ -5,6 +5,9 @@ and by position in the stream. The development companion of bench/continual.py (
 
     python bench/diagnose_stream.py --seeds 10 12 --companies 10 --ablation lr=3e-3
 
+"general_after" is the general-knowledge probes after the stream (the base model scores 0.452):
+the development runs and the reported ones have disagreed on it before.
+
 If served-phrasing accuracy is as low as held-out, the facts are not learned (not a transfer
 problem); if "immediate" is high and the end is low, later traffic overwrote them.
 "wrong_is_learned_value" (before -> after) is the share of wrong held-out picks that are the
@@ -83,6 +86,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
     refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
     perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
+    general = E.multiple_choice_accuracy(model, tokenizer, E.load_probes())
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -93,7 +97,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
         "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
         "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
         "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
-        "perplexity_after": round(perplexity, 2), "gate_refusals": refused, "gate_halved": halved,
+        "perplexity_after": round(perplexity, 2), "general_after": round(general, 3), "gate_refusals": refused, "gate_halved": halved,
     }
 
 

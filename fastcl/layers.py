@@ -123,6 +123,11 @@ class FastLinear(nn.Module):
             serving = self._serving = (key, run, copy)
         return serving[1]
 
+    def __getstate__(self):  # copy.deepcopy and pickle: the prepared forward is a closure over this instance
+        state = super().__getstate__()
+        state["_serving"] = None
+        return state
+
     def serving_copy_bytes(self) -> int:
         """Bytes of the copy of B kept for no-grad forwards (0 where the backend reads B itself)."""
         copy = None if self._serving is None else self._serving[2]

@@ -73,7 +73,7 @@ def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
     original = {k: v.clone() for k, v in model.state_dict().items()}
     diagnose_stream = load_bench("diagnose_stream")
     result = diagnose_stream.diagnose(model, tokenizer, seed=7, companies=1, options={"rank": 8})
-    for key in ("floor", "ceiling", "after", "served_floor", "served_after", "immediate"):
+    for key in ("floor", "ceiling", "after", "served_floor", "served_after", "immediate", "general_after"):
         assert 0.0 <= result[key] <= 1.0, key
     assert len(result["after_by_quarter"]) == 4  # 4 facts, one per quarter
     assert len(result["wrong_is_learned_value"]) == 2  # before -> after (NaN where no pick is wrong)

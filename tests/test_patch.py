@@ -212,6 +212,37 @@ def test_serving_forward_follows_replaced_weights_and_keeps_the_input_shape(kind
                 assert_close(served, expected(inputs), torch.float32, what="served output after a change")
 
 
+def _live_layer():
+    layer = FastLinear(nn.Linear(40, 24), layer_index=0, rank=4, scale=0.5, seed=0, backend="torch")
+    layer.b_is_zero = False
+    with torch.no_grad():
+        layer.B.normal_()
+    return layer
+
+
+def test_copies_serve_their_own_fast_weights():
+    """deepcopy and pickle (torch.save of a whole model) after serving with live fast weights: the
+    prepared forward is a closure over the original's tensors, which pickle refuses and a copy must
+    not serve from."""
+    import copy
+    import io
+
+    layer = _live_layer()
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        before = layer(x)
+        twin = copy.deepcopy(layer)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for clone in (twin, loaded):
+            clone.B.mul_(-1.0)
+            flipped = clone.base(x) + 0.5 * (x @ clone.A.t()) @ clone.B.detach().t()
+            assert_close(clone(x), flipped, torch.float32, what="a copy's served output")
+        assert torch.equal(layer(x), before), "changing a copy changed the original"
+
+
 def test_the_serving_copy_of_b_is_counted_in_bytes_held(llama):
     learner = fastcl.patch(llama, rank=4, lr=1e-2)
     ids = random_ids(2, 9)
