@@ -4,8 +4,10 @@
     python bench/profile_observe.py --device cuda --batch 8 --seq 512 [--backend triton]
 
 Prints the phases of one observe() timed apart (the no-grad forward of the same model, the
-forward with grad, the loss's gradient, the backward) and torch.profiler's operators by self
-time with their share of the total (CPU time; on a GPU, CUDA time, and CPU time beside it).
+forward with grad, the loss's gradient, the backward); beside them the floor, the same phases
+on an unpatched copy that backpropagates the same loss gradient to its input embeddings (what
+any learning from these tokens costs without fastcl: dX through every layer); and
+torch.profiler's operators by self time with their share of the total (CPU time; on a GPU, CUDA time, and CPU time beside it).
 Shares stay meaningful on a loaded machine, where absolute times do not. On a GPU the model is
 SmolLM2-135M's shapes with random weights in bf16 (bench/gpu_end_to_end.py; the GGUF does not
 travel to a lent GPU), unless --real-weights.
@@ -14,6 +16,7 @@ travel to a lent GPU), unless --real-weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 
@@ -26,30 +29,41 @@ from fastcl.inputs import validate_request
 from fastcl.loss import next_token_gradient
 
 
-def phases(model, ids, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of each phase of observe(), run by hand in the same order."""
+def phases(model, ids, repeats: int = 5, plain=None) -> dict[str, float]:
+    """Median seconds of each phase of observe(), run by hand in the same order; with `plain` (an
+    unpatched copy), the floor's phases too: its no-grad forward, and its forward, loss gradient
+    and backward to the input embeddings."""
     request = validate_request(ids, None, None, 1.0, model.config.vocab_size, ids.device)
-    times: dict[str, list[float]] = {"no-grad forward": [], "forward with grad": [], "loss gradient": [], "backward": []}
+    names = ["no-grad forward", "forward with grad", "loss gradient", "backward"]
+    if plain is not None:
+        names += ["floor: no-grad forward", "floor: forward with grad", "floor: loss gradient", "floor: backward"]
+        embeddings = plain.get_input_embeddings()(ids).detach()
+    times: dict[str, list[float]] = {name: [] for name in names}
 
-    def mark():  # GPU work is asynchronous: wait for it before reading the clock
+    def clock() -> float:  # GPU work is asynchronous: wait for it before reading the clock
         if ids.is_cuda:
             torch.cuda.synchronize()
-        marks.append(time.perf_counter())
+        return time.perf_counter()
+
+    def learning_phases(run, inputs) -> list[float]:
+        marks = [clock()]
+        with torch.no_grad():
+            run(**inputs)
+        marks.append(clock())
+        out = run(**inputs)
+        marks.append(clock())
+        grad, _ = next_token_gradient(out.logits, request)
+        marks.append(clock())
+        out.logits.backward(grad.grad)
+        marks.append(clock())
+        return [end - start for start, end in zip(marks, marks[1:])]
 
     for _ in range(repeats + 1):
-        marks = []
-        mark()
-        with torch.no_grad():
-            model(input_ids=ids)
-        mark()
-        out = model(input_ids=ids)
-        mark()
-        grad, _ = next_token_gradient(out.logits, request)
-        mark()
-        out.logits.backward(grad.grad)
-        mark()
-        for name, start, end in zip(times, marks, marks[1:]):
-            times[name].append(end - start)
+        seconds = learning_phases(model, {"input_ids": ids})
+        if plain is not None:
+            seconds += learning_phases(plain, {"inputs_embeds": embeddings.clone().requires_grad_(True)})
+        for name, value in zip(names, seconds):
+            times[name].append(value)
     return {name: sorted(v[1:])[len(v) // 2] for name, v in times.items()}  # the first run warms up
 
 
@@ -71,11 +85,17 @@ def main() -> None:
     else:
         model = fastcl.models.load_default()[0].to(args.device)
     ids = w.token_batch(model.config.vocab_size, args.batch, args.seq).to(args.device)
+    plain = copy.deepcopy(model).requires_grad_(False)
     _, learner = w.observing(model, ids, backend=args.backend)
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
-    p = phases(model, ids)
+    p = phases(model, ids, plain=plain)
+    del plain
+    forward = p["floor: no-grad forward"]  # the end-to-end benchmark's denominator: the unpatched forward
     for name, seconds in p.items():
-        print(f"{name:18s} {seconds * 1e3:8.1f} ms  {seconds / p['no-grad forward']:5.2f} x forward")
+        print(f"{name:26s} {seconds * 1e3:8.1f} ms  {seconds / forward:5.2f} x unpatched forward")
+    for label, prefix in (("observe()", ""), ("floor", "floor: ")):
+        extra = sum(p[prefix + n] for n in ("forward with grad", "loss gradient", "backward")) - forward
+        print(f"extra cost of learning, {label:9s} (phases - unpatched forward) / unpatched forward: {extra / forward:.2f}")
     learner.observe(ids)
     cuda = ids.is_cuda
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

@@ -30,5 +30,6 @@ def test_profile_observe_runs_with_random_weights_at_toy_sizes():
          "--rows", "3"], capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     for phase in ("no-grad forward", "forward with grad", "loss gradient", "backward"):
-        assert phase in proc.stdout
+        assert phase in proc.stdout and f"floor: {phase}" in proc.stdout
+    assert "extra cost of learning, observe()" in proc.stdout and "extra cost of learning, floor" in proc.stdout
     assert "observe() under the profiler" in proc.stdout and "aten::mm" in proc.stdout
