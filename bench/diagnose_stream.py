@@ -97,7 +97,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
         "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
         "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
         "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
-        "perplexity_after": round(perplexity, 2), "general_after": round(general, 3), "gate_refusals": refused, "gate_halved": halved,
+        "perplexity_after": round(perplexity, 2), "general_after": round(general, 3),
+        "gate_refusals": refused, "gate_halved": halved,
     }
 
 

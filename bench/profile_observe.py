@@ -7,7 +7,8 @@ Prints the phases of one observe() timed apart (the no-grad forward of the same 
 forward with grad, the loss's gradient, the backward); beside them the floor, the same phases
 on an unpatched copy that backpropagates the same loss gradient to its input embeddings (what
 any learning from these tokens costs without fastcl: dX through every layer); and
-torch.profiler's operators by self time with their share of the total (CPU time; on a GPU, CUDA time, and CPU time beside it).
+torch.profiler's operators by self time with their share of the total (CPU time; on a GPU,
+CUDA time, and CPU time beside it).
 Shares stay meaningful on a loaded machine, where absolute times do not. On a GPU the model is
 SmolLM2-135M's shapes with random weights in bf16 (bench/gpu_end_to_end.py; the GGUF does not
 travel to a lent GPU), unless --real-weights.
@@ -95,7 +96,8 @@ def main() -> None:
         print(f"{name:26s} {seconds * 1e3:8.1f} ms  {seconds / forward:5.2f} x unpatched forward")
     for label, prefix in (("observe()", ""), ("floor", "floor: ")):
         extra = sum(p[prefix + n] for n in ("forward with grad", "loss gradient", "backward")) - forward
-        print(f"extra cost of learning, {label:9s} (phases - unpatched forward) / unpatched forward: {extra / forward:.2f}")
+        print(f"extra cost of learning, {label:9s} (phases - unpatched forward) / unpatched forward: "
+              f"{extra / forward:.2f}")
     learner.observe(ids)
     cuda = ids.is_cuda
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

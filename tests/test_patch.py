@@ -212,14 +212,6 @@ def test_serving_forward_follows_replaced_weights_and_keeps_the_input_shape(kind
                 assert_close(served, expected(inputs), torch.float32, what="served output after a change")
 
 
-def _live_layer():
-    layer = FastLinear(nn.Linear(40, 24), layer_index=0, rank=4, scale=0.5, seed=0, backend="torch")
-    layer.b_is_zero = False
-    with torch.no_grad():
-        layer.B.normal_()
-    return layer
-
-
 def test_copies_serve_their_own_fast_weights():
     """deepcopy and pickle (torch.save of a whole model) after serving with live fast weights: the
     prepared forward is a closure over the original's tensors, which pickle refuses and a copy must
@@ -227,9 +219,11 @@ def test_copies_serve_their_own_fast_weights():
     import copy
     import io
 
-    layer = _live_layer()
+    layer = FastLinear(nn.Linear(40, 24), layer_index=0, rank=4, scale=0.5, seed=0, backend="torch")
+    layer.b_is_zero = False
     x = torch.randn(2, 40)
     with torch.no_grad():
+        layer.B.normal_()
         before = layer(x)
         twin = copy.deepcopy(layer)
         buffer = io.BytesIO()
