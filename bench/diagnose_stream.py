@@ -8,6 +8,10 @@ and by position in the stream. The development companion of bench/continual.py (
 "general_after" is the general-knowledge probes after the stream (the base model scores 0.452):
 the development runs and the reported ones have disagreed on it before.
 
+"answer_probability" (before -> after) is the true option's mean share of a softmax over the
+options' scores: graded, it moves before a pick flips, so two recipes' difference in it is less
+noisy than in accuracy over the same 160 items.
+
 If served-phrasing accuracy is as low as held-out, the facts are not learned (not a transfer
 problem); if "immediate" is high and the end is low, later traffic overwrote them.
 "wrong_is_learned_value" (before -> after) is the share of wrong held-out picks that are the
@@ -39,9 +43,15 @@ def held_out(model, tokenizer, fact) -> float:
     return E.multiple_choice_accuracy(model, tokenizer, [(q, fact.options, fact.answer_index) for q in fact.eval_questions])
 
 
-def held_out_picks(model, tokenizer, facts) -> list[int]:
-    """The option picked for every held-out phrasing of every fact, in order."""
-    return E.multiple_choice_picks(model, tokenizer, [(q, f.options, f.answer_index) for f in facts for q in f.eval_questions])
+def held_out_picks(model, tokenizer, facts) -> tuple[list[int], float]:
+    """The option picked for every held-out phrasing of every fact, in order; and the answer's
+    mean probability over the options (E.answer_probability)."""
+    asked = [f for f in facts for _ in f.eval_questions]
+    scores = E.multiple_choice_scores(model, tokenizer, [(q, f.options, f.answer_index) for f in facts
+                                                         for q in f.eval_questions])
+    picks = [E.best_option(row) for row in scores]
+    probability = sum(E.answer_probability(row, f.answer_index) for row, f in zip(scores, asked)) / len(asked)
+    return picks, probability
 
 
 def per_fact_accuracy(facts, picks) -> list[float]:
@@ -66,7 +76,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
     served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
-    picks = held_out_picks(model, tokenizer, facts)
+    picks, probability_before = held_out_picks(model, tokenizer, facts)
     floor, confused_before = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
@@ -81,7 +91,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
 
     learner.learn = learn_then_score
     B.serve(model, tokenizer, learner, facts)
-    picks = held_out_picks(model, tokenizer, facts)
+    picks, probability_after = held_out_picks(model, tokenizer, facts)
     after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
     refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
@@ -94,6 +104,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     return {
         "seed": seed, "floor": mean(floor), "ceiling": ceiling, "after": mean(after),
         "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
+        "answer_probability": [round(probability_before, 4), round(probability_after, 4)],
         "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
         "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
         "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],

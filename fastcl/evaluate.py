@@ -63,18 +63,33 @@ def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int
 ANSWER_FRAME = "The answer is"
 
 
-def multiple_choice_picks(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
-                          frame: str = "") -> list[int]:
-    """Per (user prompt, options, answer index): the index of the option with the highest mean
-    token log-probability as the assistant's reply. With a `frame` (ANSWER_FRAME), the reply
-    starts with it and each option follows after a space."""
+def multiple_choice_scores(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
+                           frame: str = "") -> list[list[float]]:
+    """Per (user prompt, options, answer index): each option's mean token log-probability as the
+    assistant's reply. With a `frame` (ANSWER_FRAME), the reply starts with it and each option
+    follows after a space."""
     frame_ids = tokenizer(frame, add_special_tokens=False)["input_ids"] if frame else []
-    picks = []
+    scores = []
     for prompt_text, options, _ in items:
         encoded = [tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in options]
-        scores = option_logprobs(model, chat_ids(tokenizer, prompt_text) + frame_ids, encoded)
-        picks.append(max(range(len(options)), key=scores.__getitem__))
-    return picks
+        scores.append(option_logprobs(model, chat_ids(tokenizer, prompt_text) + frame_ids, encoded))
+    return scores
+
+
+def multiple_choice_picks(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
+                          frame: str = "") -> list[int]:
+    """Per item: the index of the option with the highest multiple_choice_scores."""
+    return [best_option(row) for row in multiple_choice_scores(model, tokenizer, items, frame)]
+
+
+def best_option(scores: Sequence[float]) -> int:
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def answer_probability(scores: Sequence[float], answer: int) -> float:
+    """The answer's share of a softmax over the options' scores: a graded version of "picked the
+    answer" that moves before the pick flips, so it separates two recipes with fewer items."""
+    return float(torch.tensor(scores, dtype=torch.float64).softmax(0)[answer])
 
 
 def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],

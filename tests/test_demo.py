@@ -77,6 +77,7 @@ def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
         assert 0.0 <= result[key] <= 1.0, key
     assert len(result["after_by_quarter"]) == 4  # 4 facts, one per quarter
     assert len(result["wrong_is_learned_value"]) == 2  # before -> after (NaN where no pick is wrong)
+    assert all(0.0 < p < 1.0 for p in result["answer_probability"]) and len(result["answer_probability"]) == 2
     assert not hasattr(model, "fastcl")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), f"diagnose left {name} changed"

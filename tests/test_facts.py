@@ -1,7 +1,10 @@
 """The benchmark's fact stream: deterministic, and evaluation phrasings never served."""
 
+import math
 import subprocess
 import sys
+
+import pytest
 
 from fastcl import facts as F
 from fastcl.evaluate import load_probes, load_text
@@ -48,8 +51,6 @@ def test_guard_data_is_disjoint_from_evaluation_data():
 
 def test_wrong_picks_that_are_another_companys_learned_value_are_counted():
     """bench/diagnose_stream.py's interference measure, on stand-in picks (no model needed)."""
-    import math
-
     diagnose_stream = load_bench("diagnose_stream")
 
     def city(company, value, options):
@@ -62,3 +63,13 @@ def test_wrong_picks_that_are_another_companys_learned_value_are_counted():
     assert diagnose_stream.wrong_is_learned_value(facts, [1, 2, 1, 2]) == 2 / 3
     assert diagnose_stream.per_fact_accuracy(facts, [1, 2, 1, 2]) == [0.0, 0.5]
     assert math.isnan(diagnose_stream.wrong_is_learned_value(facts, [0, 0, 1, 1]))
+
+
+def test_answer_probability_is_the_answers_softmax_share_of_the_option_scores():
+    from fastcl.evaluate import answer_probability, best_option
+
+    assert answer_probability([-2.0, -2.0, -2.0, -2.0], 1) == pytest.approx(0.25)
+    scores = [-1.0, -3.0, -3.0]  # the answer leads by 2 nats: e^2 / (e^2 + 2)
+    assert answer_probability(scores, 0) == pytest.approx(math.exp(2) / (math.exp(2) + 2))
+    assert answer_probability(scores, 1) == pytest.approx(1 / (math.exp(2) + 2))
+    assert best_option(scores) == 0 and best_option([-5.0, -0.5, -9.0]) == 1
