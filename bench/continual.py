@@ -69,10 +69,14 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "ceiling_framed": in_context["mc_framed"],
         "after_framed": after["mc_framed"],
         "recovered_framed": B.gap_recovered(after["mc_framed"], before["mc_framed"], in_context["mc_framed"]),
+        "probability_before": before["mc_probability"],  # the answer's softmax share of the option scores
+        "probability_after": after["mc_probability"],
         "exact_before": before.get("exact"),
         "exact_after": after.get("exact"),
         "general_before": before["general"],
         "general_after": after["general"],
+        "general_framed_before": before["general_framed"],
+        "general_framed_after": after["general_framed"],
         "perplexity_before": before["perplexity"],
         "perplexity_after": after["perplexity"],
         "served_tokens": served.tokens,
@@ -115,7 +119,10 @@ def table(summary: dict) -> str:
         ("  ceiling", cell("ceiling_framed")),
         ("  after learning", cell("after_framed")),
         ("  fraction of the gap recovered", cell("recovered_framed")),
+        ("the answer's probability over the options (closed-book), before -> after",
+         change("probability_before", "probability_after")),
         ("general probes (124 MC), before -> after", change("general_before", "general_after")),
+        ("  the same in the answer frame", change("general_framed_before", "general_framed_after")),
         ("general-text perplexity, before -> after", change("perplexity_before", "perplexity_after", "{:.2f}")),
         ("serving, ms per served token", cell("serve_s_per_token", "{:.2f}", 1e3)),
         ("learning, ms per served token (all of learn())", cell("learn_s_per_token", "{:.2f}", 1e3)),
@@ -126,7 +133,7 @@ def table(summary: dict) -> str:
         ("consolidations halved to pass the gate", cell("gate_halved", "{:.1f}")),
     ]
     if "exact_before" in summary:
-        rows.insert(8, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+        rows.insert(9, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
     lines = ["| measure | mean ± spread over seeds |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)

@@ -97,6 +97,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
     perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
     general = E.multiple_choice_accuracy(model, tokenizer, E.load_probes())
+    general_framed = E.multiple_choice_accuracy(model, tokenizer, E.load_probes(), frame=E.ANSWER_FRAME)
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -109,6 +110,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
         "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
         "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
         "perplexity_after": round(perplexity, 2), "general_after": round(general, 3),
+        "general_framed_after": round(general_framed, 3),
         "gate_refusals": refused, "gate_halved": halved,
     }
 

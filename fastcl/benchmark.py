@@ -84,19 +84,29 @@ def forward_seconds(model, tokenizer, facts: Sequence[Fact], answers: Sequence[l
 
 def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False, exact: bool = True,
             general: bool = True, probes=None, framed: bool = False) -> dict:
-    """Closed-book (or in-context) MC accuracy on held-out phrasings, and optionally the same
-    items scored inside an answer frame ("mc_framed", E.ANSWER_FRAME), exact-match generation,
-    general-knowledge probes and general-text perplexity."""
+    """Closed-book (or in-context) MC accuracy on held-out phrasings ("mc") and the answer's mean
+    probability over the options ("mc_probability", E.answer_probability), exact-match generation,
+    general-knowledge probes and general-text perplexity; with `framed`, the MC items and the
+    probes also scored inside an answer frame ("mc_framed", "general_framed"; E.ANSWER_FRAME)."""
     items = E.fact_items(facts, in_context)
-    scores = {"mc": E.multiple_choice_accuracy(model, tokenizer, items)}
+    scores = E.multiple_choice_scores(model, tokenizer, items)
+    results = {"mc": _accuracy(scores, items),
+               "mc_probability": sum(E.answer_probability(row, item[2]) for row, item in zip(scores, items)) / len(items)}
     if framed:
-        scores["mc_framed"] = E.multiple_choice_accuracy(model, tokenizer, items, frame=E.ANSWER_FRAME)
+        results["mc_framed"] = E.multiple_choice_accuracy(model, tokenizer, items, frame=E.ANSWER_FRAME)
     if exact and not in_context:
-        scores["exact"] = E.exact_match(model, tokenizer, facts)
+        results["exact"] = E.exact_match(model, tokenizer, facts)
     if general:
-        scores["general"] = E.multiple_choice_accuracy(model, tokenizer, probes or E.load_probes())
-        scores["perplexity"] = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
-    return scores
+        probes = probes or E.load_probes()
+        results["general"] = E.multiple_choice_accuracy(model, tokenizer, probes)
+        if framed:
+            results["general_framed"] = E.multiple_choice_accuracy(model, tokenizer, probes, frame=E.ANSWER_FRAME)
+        results["perplexity"] = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
+    return results
+
+
+def _accuracy(scores: Sequence[Sequence[float]], items) -> float:
+    return sum(E.best_option(row) == item[2] for row, item in zip(scores, items)) / max(len(items), 1)
 
 
 def gap_recovered(after: float, floor: float, ceiling: float) -> float:

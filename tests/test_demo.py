@@ -43,8 +43,10 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     continual = load_bench("continual")
     run = continual.run_seed(model, tokenizer, seed=7, companies=1, options={"rank": 8}, exact=False)
     for key in ("floor", "ceiling", "after", "floor_framed", "ceiling_framed", "after_framed", "general_before",
-                "general_after"):
+                "general_after", "general_framed_before", "general_framed_after"):
         assert 0.0 <= run[key] <= 1.0, key
+    # graded: a softmax share, so strictly inside (0, 1)
+    assert all(0.0 < run[key] < 1.0 for key in ("probability_before", "probability_after"))
     assert run["ceiling"] > run["floor"], "the document in context should help: the stream is broken"
     assert run["perplexity_after"] > 1.0 and run["served_tokens"] > 0 and run["learn_all_forwards"] > 0
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
@@ -54,6 +56,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert summary["after"] == (run["after"], 0.0)
     assert "fraction of the gap recovered" in continual.table(summary)
     assert "answer frame" in continual.table(summary)
+    assert "probability over the options" in continual.table(summary)
 
 
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
@@ -73,7 +76,8 @@ def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
     original = {k: v.clone() for k, v in model.state_dict().items()}
     diagnose_stream = load_bench("diagnose_stream")
     result = diagnose_stream.diagnose(model, tokenizer, seed=7, companies=1, options={"rank": 8})
-    for key in ("floor", "ceiling", "after", "served_floor", "served_after", "immediate", "general_after"):
+    for key in ("floor", "ceiling", "after", "served_floor", "served_after", "immediate", "general_after",
+                "general_framed_after"):
         assert 0.0 <= result[key] <= 1.0, key
     assert len(result["after_by_quarter"]) == 4  # 4 facts, one per quarter
     assert len(result["wrong_is_learned_value"]) == 2  # before -> after (NaN where no pick is wrong)
