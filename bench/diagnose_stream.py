@@ -4,6 +4,10 @@ and by position in the stream. The development companion of bench/continual.py (
 10+ for development; 1-3 are the reported ones).
 
     python bench/diagnose_stream.py --seeds 10 12 --companies 10 --ablation lr=3e-3
+    python bench/diagnose_stream.py --seeds 14 15 16 17 18 19 --companies 20 --ablation rank=64 lr=1.5e-3 --against
+
+--against [KEY=VALUE ...] runs a second recipe on the same streams (bare --against: the default)
+and prints the paired differences with their standard error.
 
 "general_after" is the general-knowledge probes after the stream (the base model scores 0.452):
 the development runs and the reported ones have disagreed on it before.
@@ -115,21 +119,50 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     }
 
 
+def paired_difference(ours: list[dict], theirs: list[dict], key: str) -> tuple[list[float], float, float]:
+    """Per stream, ours[key] - theirs[key] (a pair of [before, after] compares the afters); their
+    mean and its standard error. One stream's difference is mostly noise (160 items); the mean
+    over many streams, judged against its standard error, is what a recipe decision can rest on."""
+    def value(result):
+        v = result[key]
+        return v[-1] if isinstance(v, list) else v
+
+    differences = [value(a) - value(b) for a, b in zip(ours, theirs)]
+    mean = sum(differences) / len(differences)
+    if len(differences) < 2:
+        return differences, mean, float("nan")
+    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    return differences, mean, (variance / len(differences)) ** 0.5
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 12])
     parser.add_argument("--companies", type=int, default=10)
     parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json")
+    parser.add_argument("--against", nargs="*", help="a second recipe (patch() overrides as key=json) run on the "
+                        "same streams; the paired differences are printed at the end")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    options = {**DEFAULT, **parse_overrides(args.ablation)}
+    recipes = [{**DEFAULT, **parse_overrides(args.ablation)}]
+    if args.against is not None:
+        recipes.append({**DEFAULT, **parse_overrides(args.against)})
     model, tokenizer = fastcl.models.load_default()
+    results: list[list[dict]] = [[] for _ in recipes]
     for seed in args.seeds:
-        start = time.perf_counter()
-        result = diagnose(model, tokenizer, seed, args.companies, options)
-        print(json.dumps({"options": options, **result, "seconds": round(time.perf_counter() - start)}), flush=True)
+        for options, done in zip(recipes, results):
+            start = time.perf_counter()
+            done.append(diagnose(model, tokenizer, seed, args.companies, options))
+            print(json.dumps({"options": options, **done[-1], "seconds": round(time.perf_counter() - start)}),
+                  flush=True)
+    if len(recipes) == 2:
+        print(f"{recipes[0]} minus {recipes[1]}, streams {args.seeds}:")
+        for key in ("recovered", "answer_probability", "general_after", "perplexity_after"):
+            differences, mean, error = paired_difference(*results, key)
+            print(f"  {key:20s} {mean:+.4f} +- {error:.4f} (standard error)   per stream: "
+                  + " ".join(f"{d:+.4f}" for d in differences))
     return 0
 
 

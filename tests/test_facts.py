@@ -73,3 +73,17 @@ def test_answer_probability_is_the_answers_softmax_share_of_the_option_scores():
     assert answer_probability(scores, 0) == pytest.approx(math.exp(2) / (math.exp(2) + 2))
     assert answer_probability(scores, 1) == pytest.approx(1 / (math.exp(2) + 2))
     assert best_option(scores) == 0 and best_option([-5.0, -0.5, -9.0]) == 1
+
+
+def test_paired_difference_compares_recipes_stream_by_stream():
+    diagnose_stream = load_bench("diagnose_stream")
+    ours = [{"recovered": 0.30, "answer_probability": [0.2, 0.40]},
+            {"recovered": 0.50, "answer_probability": [0.2, 0.30]}]
+    theirs = [{"recovered": 0.20, "answer_probability": [0.2, 0.35]},
+              {"recovered": 0.20, "answer_probability": [0.2, 0.30]}]
+    differences, mean, error = diagnose_stream.paired_difference(ours, theirs, "recovered")
+    assert differences == pytest.approx([0.1, 0.3]) and mean == pytest.approx(0.2)
+    assert error == pytest.approx(0.1)  # sd of (0.1, 0.3) is 0.1414; over sqrt(2) streams
+    differences, mean, _ = diagnose_stream.paired_difference(ours, theirs, "answer_probability")
+    assert differences == pytest.approx([0.05, 0.0])  # the afters are compared
+    assert math.isnan(diagnose_stream.paired_difference(ours[:1], theirs[:1], "recovered")[2])
