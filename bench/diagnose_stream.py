@@ -135,6 +135,16 @@ def paired_difference(ours: list[dict], theirs: list[dict], key: str) -> tuple[l
     return differences, mean, (variance / len(differences)) ** 0.5
 
 
+def comparison(recipes: list[dict], results: list[list[dict]], seeds: list[int]) -> str:
+    """The first recipe minus the second, measure by measure: mean, standard error, per stream."""
+    lines = [f"{recipes[0]} minus {recipes[1]}, streams {seeds}:"]
+    for key in ("recovered", "answer_probability", "general_after", "perplexity_after"):
+        differences, mean, error = paired_difference(results[0], results[1], key)
+        lines.append(f"  {key:20s} {mean:+.4f} +- {error:.4f} (standard error)   per stream: "
+                     + " ".join(f"{d:+.4f}" for d in differences))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 12])
@@ -158,11 +168,7 @@ def main(argv=None) -> int:
             print(json.dumps({"options": options, **done[-1], "seconds": round(time.perf_counter() - start)}),
                   flush=True)
     if len(recipes) == 2:
-        print(f"{recipes[0]} minus {recipes[1]}, streams {args.seeds}:")
-        for key in ("recovered", "answer_probability", "general_after", "perplexity_after"):
-            differences, mean, error = paired_difference(*results, key)
-            print(f"  {key:20s} {mean:+.4f} +- {error:.4f} (standard error)   per stream: "
-                  + " ".join(f"{d:+.4f}" for d in differences))
+        print(comparison(recipes, results, args.seeds))
     return 0
 
 
