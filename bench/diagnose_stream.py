@@ -50,12 +50,9 @@ def held_out(model, tokenizer, fact) -> float:
 def held_out_picks(model, tokenizer, facts) -> tuple[list[int], float]:
     """The option picked for every held-out phrasing of every fact, in order; and the answer's
     mean probability over the options (E.answer_probability)."""
-    asked = [f for f in facts for _ in f.eval_questions]
-    scores = E.multiple_choice_scores(model, tokenizer, [(q, f.options, f.answer_index) for f in facts
-                                                         for q in f.eval_questions])
-    picks = [E.best_option(row) for row in scores]
-    probability = sum(E.answer_probability(row, f.answer_index) for row, f in zip(scores, asked)) / len(asked)
-    return picks, probability
+    items = [(q, f.options, f.answer_index) for f in facts for q in f.eval_questions]
+    scores = E.multiple_choice_scores(model, tokenizer, items)
+    return [E.best_option(row) for row in scores], E.mean_answer_probability(scores, items)
 
 
 def per_fact_accuracy(facts, picks) -> list[float]:

@@ -90,8 +90,7 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     probes also scored inside an answer frame ("mc_framed", "general_framed"; E.ANSWER_FRAME)."""
     items = E.fact_items(facts, in_context)
     scores = E.multiple_choice_scores(model, tokenizer, items)
-    probability = sum(E.answer_probability(row, item[2]) for row, item in zip(scores, items)) / max(len(items), 1)
-    results = {"mc": _accuracy(scores, items), "mc_probability": probability}
+    results = {"mc": _accuracy(scores, items), "mc_probability": E.mean_answer_probability(scores, items)}
     if framed:
         results["mc_framed"] = E.multiple_choice_accuracy(model, tokenizer, items, frame=E.ANSWER_FRAME)
     if exact and not in_context:

@@ -92,6 +92,12 @@ def answer_probability(scores: Sequence[float], answer: int) -> float:
     return float(torch.tensor(scores, dtype=torch.float64).softmax(0)[answer])
 
 
+def mean_answer_probability(scores: Sequence[Sequence[float]],
+                            items: Sequence[tuple[str, Sequence[str], int]]) -> float:
+    """answer_probability averaged over items, given multiple_choice_scores of those items."""
+    return sum(answer_probability(row, item[2]) for row, item in zip(scores, items)) / max(len(items), 1)
+
+
 def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
                          frame: str = "") -> list[bool]:
     """Per item: whether multiple_choice_picks chose the answer."""
