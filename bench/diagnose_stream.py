@@ -97,8 +97,9 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
     refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
     perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
-    general = E.multiple_choice_accuracy(model, tokenizer, E.load_probes())
-    general_framed = E.multiple_choice_accuracy(model, tokenizer, E.load_probes(), frame=E.ANSWER_FRAME)
+    probes = E.load_probes()
+    general = E.multiple_choice_accuracy(model, tokenizer, probes)
+    general_framed = E.multiple_choice_accuracy(model, tokenizer, probes, frame=E.ANSWER_FRAME)
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731

@@ -90,7 +90,7 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     probes also scored inside an answer frame ("mc_framed", "general_framed"; E.ANSWER_FRAME)."""
     items = E.fact_items(facts, in_context)
     scores = E.multiple_choice_scores(model, tokenizer, items)
-    results = {"mc": _accuracy(scores, items), "mc_probability": E.mean_answer_probability(scores, items)}
+    results = {"mc": E.accuracy_of_scores(scores, items), "mc_probability": E.mean_answer_probability(scores, items)}
     if framed:
         results["mc_framed"] = E.multiple_choice_accuracy(model, tokenizer, items, frame=E.ANSWER_FRAME)
     if exact and not in_context:
@@ -102,10 +102,6 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
             results["general_framed"] = E.multiple_choice_accuracy(model, tokenizer, probes, frame=E.ANSWER_FRAME)
         results["perplexity"] = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
     return results
-
-
-def _accuracy(scores: Sequence[Sequence[float]], items) -> float:
-    return sum(E.best_option(row) == item[2] for row, item in zip(scores, items)) / max(len(items), 1)
 
 
 def gap_recovered(after: float, floor: float, ceiling: float) -> float:

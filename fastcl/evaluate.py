@@ -107,7 +107,12 @@ def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[s
 def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
                              frame: str = "") -> float:
     """The fraction of multiple_choice_hits."""
-    return sum(multiple_choice_hits(model, tokenizer, items, frame)) / max(len(items), 1)
+    return accuracy_of_scores(multiple_choice_scores(model, tokenizer, items, frame), items)
+
+
+def accuracy_of_scores(scores: Sequence[Sequence[float]], items: Sequence[tuple[str, Sequence[str], int]]) -> float:
+    """The fraction of items whose best-scored option is the answer, given multiple_choice_scores."""
+    return sum(best_option(row) == item[2] for row, item in zip(scores, items)) / max(len(items), 1)
 
 
 def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple[str, ...], int]]:

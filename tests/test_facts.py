@@ -66,7 +66,7 @@ def test_wrong_picks_that_are_another_companys_learned_value_are_counted():
 
 
 def test_answer_probability_is_the_answers_softmax_share_of_the_option_scores():
-    from fastcl.evaluate import answer_probability, best_option, mean_answer_probability
+    from fastcl.evaluate import accuracy_of_scores, answer_probability, best_option, mean_answer_probability
 
     assert answer_probability([-2.0, -2.0, -2.0, -2.0], 1) == pytest.approx(0.25)
     scores = [-1.0, -3.0, -3.0]  # the answer leads by 2 nats: e^2 / (e^2 + 2)
@@ -74,6 +74,7 @@ def test_answer_probability_is_the_answers_softmax_share_of_the_option_scores():
     assert answer_probability(scores, 1) == pytest.approx(1 / (math.exp(2) + 2))
     assert best_option(scores) == 0 and best_option([-5.0, -0.5, -9.0]) == 1
     items = [("q", ("a", "b", "c"), 0), ("q", ("a", "b", "c"), 1)]
+    assert accuracy_of_scores([scores, scores], items) == 0.5
     assert mean_answer_probability([scores, scores], items) == pytest.approx((math.exp(2) + 1) / (math.exp(2) + 2) / 2)
 
 
