@@ -57,6 +57,17 @@ def median_ms(fn, warmup: int, repeat: int, cuda: bool = True) -> float:
     return statistics.median(times)
 
 
+def step_ms(observe, step, repeat: int, cuda: bool) -> float:
+    """Median time of step() alone, each after an untimed observe() that fills the accumulators.
+    (Timing observe + step and subtracting observe's median gave negative figures on an H200:
+    the difference of two host-bound medians is noise.)"""
+    times = []
+    for _ in range(repeat + 1):
+        observe()
+        times.append(median_ms(step, 0, 1, cuda))
+    return statistics.median(times[1:])  # the first step builds the optimizer's state
+
+
 def build(name: str, device: str) -> torch.nn.Module:
     import transformers as tf
 
@@ -95,7 +106,7 @@ def main() -> None:
     for backend in usable:
         side, learner = w.observing(copy.deepcopy(base), ids, backend=backend)
         ms[f"observe[{backend}]"] = time_ms(side.run)
-        ms[f"step[{backend}]"] = time_ms(lambda: (side.run(), learner.step()), 1, 3) - ms[f"observe[{backend}]"]
+        ms[f"step[{backend}]"] = step_ms(side.run, learner.step, args.repeat, cuda)
         del side
     peft_model = w.peft_lora(copy.deepcopy(base), w.leaf_names(learner))
     ms["peft_step"] = time_ms(w.training_step(peft_model, ids).run)

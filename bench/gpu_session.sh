@@ -57,7 +57,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout 120"
 # pytest per backend: a kernel that breaks its process's CUDA context fails every later test
 # in that process, and that must not spill into the other backend's results.
 for suite in triton cuda_backend; do
-    step "tests_$suite" 150 $PY -m pytest "tests/test_$suite.py" -v -ra --tb=short \
+    step "tests_$suite" 230 $PY -m pytest "tests/test_$suite.py" -v -ra --tb=short \
         -p no:cacheprovider $XDIST $TIMEOUT --durations=10 --junitxml="$OUT/tests_$suite.xml"
 done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/run.log" | tail -25

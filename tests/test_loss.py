@@ -24,9 +24,11 @@ def by_autograd(logits, req):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["all", "loss_mask", "weights", "padded", "one_row_unlearned"])
-def test_next_token_gradient_matches_autograd(monkeypatch, dtype, case):
-    # Tiny chunks, so that a chunk boundary falls inside every row and some chunks hold no target.
-    monkeypatch.setattr(loss, "CHUNK_BYTES", 3 * VOCAB * 4)
+@pytest.mark.parametrize("chunk_rows", [3, 64])
+def test_next_token_gradient_matches_autograd(monkeypatch, dtype, case, chunk_rows):
+    # 3: a chunk boundary falls inside every row and some chunks hold no target. 64: a whole
+    # sequence in one chunk, as GPU_CHUNK_BYTES gives on a GPU.
+    monkeypatch.setattr(loss, "CHUNK_BYTES", chunk_rows * VOCAB * 4)
     batch, seq = 3, 17
     kwargs = {}
     if case == "loss_mask":
