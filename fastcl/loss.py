@@ -12,7 +12,7 @@ from .inputs import Request
 # Rows of logits handled at once by next_token_gradient. On a CPU, 2 MB of fp32 stays in a
 # core's L2 across the passes over a chunk (max, exp-sum, then exp written into the gradient).
 # On a GPU each chunk costs about ten kernel launches: with 2 MB chunks SmolLM2's 8 x 512 tokens
-# took 416 chunks and 92 ms, 2.7 forwards, on an H200 (bench/RESULTS.md); 256 MB makes it 16.
+# took 416 chunks and 92 ms, 2.7 forwards, on an H200 (bench/RESULTS.md); 256 MB makes it 8.
 CHUNK_BYTES = 2 << 20
 GPU_CHUNK_BYTES = 256 << 20
 
