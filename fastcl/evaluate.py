@@ -76,12 +76,6 @@ def multiple_choice_scores(model, tokenizer, items: Sequence[tuple[str, Sequence
     return scores
 
 
-def multiple_choice_picks(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
-                          frame: str = "") -> list[int]:
-    """Per item: the index of the option with the highest multiple_choice_scores."""
-    return [best_option(row) for row in multiple_choice_scores(model, tokenizer, items, frame)]
-
-
 def best_option(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=scores.__getitem__)
 
@@ -98,10 +92,15 @@ def mean_answer_probability(scores: Sequence[Sequence[float]],
     return sum(answer_probability(row, item[2]) for row, item in zip(scores, items)) / max(len(items), 1)
 
 
+def hits_of_scores(scores: Sequence[Sequence[float]], items: Sequence[tuple[str, Sequence[str], int]]) -> list[bool]:
+    """Per item: whether its best-scored option is the answer, given multiple_choice_scores."""
+    return [best_option(row) == item[2] for row, item in zip(scores, items)]
+
+
 def multiple_choice_hits(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
                          frame: str = "") -> list[bool]:
-    """Per item: whether multiple_choice_picks chose the answer."""
-    return [pick == item[2] for pick, item in zip(multiple_choice_picks(model, tokenizer, items, frame), items)]
+    """Per item: whether the option with the highest multiple_choice_scores is the answer."""
+    return hits_of_scores(multiple_choice_scores(model, tokenizer, items, frame), items)
 
 
 def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
@@ -112,7 +111,7 @@ def multiple_choice_accuracy(model, tokenizer, items: Sequence[tuple[str, Sequen
 
 def accuracy_of_scores(scores: Sequence[Sequence[float]], items: Sequence[tuple[str, Sequence[str], int]]) -> float:
     """The fraction of items whose best-scored option is the answer, given multiple_choice_scores."""
-    return sum(best_option(row) == item[2] for row, item in zip(scores, items)) / max(len(items), 1)
+    return sum(hits_of_scores(scores, items)) / max(len(items), 1)
 
 
 def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple[str, ...], int]]:
