@@ -61,14 +61,15 @@ def end_to_end(run: dict) -> str:
     t = {k: median(b) for k, b in e.items()}
     fwd, obs, peft, full = (t[k] for k in needed)
     extra = obs - fwd
-    saved = {k: e[k]["extra_info"]["saved_activation_bytes"] for k in needed}
+    saved = {k: b["extra_info"]["saved_activation_bytes"] for k, b in e.items()
+             if "saved_activation_bytes" in b["extra_info"]}
     info = e["observe"]["extra_info"]
     tokens = info["tokens"]
     rows = [
         "| workload | median | / forward | saved activations |",
         "|---|---:|---:|---:|",
     ]
-    for k in needed + (("step",) if "step" in t else ()):
+    for k in (k for k in ("forward", "observe", "observe_fp32", "peft_step", "full_step", "step") if k in t):
         saved_cell = f"{saved[k] / MB:.1f} MB" if k in saved else "-"
         rows.append(f"| {k} | {t[k] * 1e3:.1f} ms | {t[k] / fwd:.2f} | {saved_cell} |")
     kv = info["kv_cache_bytes_per_token"]
@@ -82,6 +83,9 @@ def end_to_end(run: dict) -> str:
         "|---|---:|---|",
         f"| extra cost of learning (observe - forward) / forward | {extra / fwd:.2f} | <= 1.3 (goal 1.1) |",
         f"| offline PEFT step / (observe - forward) | {peft / extra:.2f} | >= 2.0 |",
+        *([f"| the same two with fp32 input gradients (observe_fp32) | {(t['observe_fp32'] - fwd) / fwd:.2f}, "
+           f"{peft / (t['observe_fp32'] - fwd):.2f} | |"] if "observe_fp32" in t else []),
+        f"| input gradients of observe (backward_dtype default) | {info.get('input_gradient_dtype', '?')} | |",
         f"| full fine-tuning step / (observe - forward) | {full / extra:.2f} | |",
         f"| saved activations, observe / PEFT | {saved['observe'] / saved['peft_step']:.2f} "
         f"({saved['observe'] / MB:.0f} / {saved['peft_step'] / MB:.0f} MB) | <= 0.6 |",

@@ -3,7 +3,9 @@
 Over the same 2 x 128 tokens, one after the other in one run:
 
     forward     the plain no-grad forward of the unpatched model (serving alone)
-    observe     learner.observe(): the same forward, plus learning from it (rank 16)
+    observe     learner.observe(): the same forward, plus learning from it (rank 16), defaults
+    observe_fp32  the same with backward_dtype=None: input gradients in fp32 too (fastcl.precision;
+                the default runs them in bf16 on CPUs with native bf16, elsewhere the two are one)
     peft_step   a PEFT LoRA r=16 training step (forward with labels, backward, AdamW step)
     full_step   a full fine-tuning step (the same, every parameter trained)
     step        learner.step(): Adam on the fast weights, once per many observe() calls
@@ -53,13 +55,14 @@ def sides(smollm):
     out = {
         "forward": w.serving(copy.deepcopy(model), ids),
         "observe": observe,
+        "observe_fp32": w.observing(copy.deepcopy(model), ids, backward_dtype=None)[0],
         "peft_step": w.training_step(w.peft_lora(copy.deepcopy(model), w.leaf_names(learner)), ids),
         "full_step": w.training_step(w.full_fine_tuning(copy.deepcopy(model)), ids),
     }
     return out, learner, ids
 
 
-@pytest.mark.parametrize("workload", ["forward", "observe", "peft_step", "full_step"])
+@pytest.mark.parametrize("workload", ["forward", "observe", "observe_fp32", "peft_step", "full_step"])
 def test_end_to_end(benchmark, sides, workload):
     by_name, learner, ids = sides
     side = by_name[workload]
@@ -82,6 +85,7 @@ def test_end_to_end(benchmark, sides, workload):
             decoder_layers=layers,
             patched_layers=len(learner.modules),
             kv_cache_bytes_per_token=w.kv_cache_bytes_per_token(side.model),
+            input_gradient_dtype=str(next(iter(learner.modules.values())).dx_dtype or "activations' own"),
         )
     benchmark.pedantic(side.run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 

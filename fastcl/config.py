@@ -11,6 +11,7 @@ from .ops.backends import CHOICES as BACKEND_CHOICES
 OPTIMIZERS = ("adam", "sgd")
 OBJECTIVES = ("context_gain", "distill", "next_token")
 PROJECTIONS = ("random", "whitened")
+BACKWARD_DTYPES = ("auto", "bfloat16", None)
 
 
 @dataclass
@@ -24,6 +25,10 @@ class LearnerConfig:
     eps: float = 3e-4  # Adam's; near the gradients' scale (~1e-3) it damps updates of weak coordinates
     weight_decay: float = 0.0
     backend: str = "auto"
+    # The dtype of the backward's input-gradient products (fastcl.precision): "auto" runs them in
+    # bf16 for fp32 models on CPUs with native bf16, "bfloat16" always, None in the model's dtype.
+    # What is learned (dB) and everything served stay in full precision.
+    backward_dtype: Optional[str] = None
     targets: Optional[Sequence[str]] = None
     exclude: Optional[Sequence[str]] = None
     keep_rollback: bool = True  # keep a copy of the merged weights so rollback() is exact
@@ -93,6 +98,8 @@ class LearnerConfig:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if not self.projection_ridge > 0:
             raise ValueError(f"projection_ridge must be positive, got {self.projection_ridge!r}")
+        if self.backward_dtype not in BACKWARD_DTYPES:
+            raise ValueError(f"backward_dtype must be one of {BACKWARD_DTYPES}, got {self.backward_dtype!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 

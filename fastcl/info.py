@@ -8,6 +8,7 @@ import torch
 
 from ._version import __version__
 from .ops import backends
+from .precision import cpu_has_native_bf16
 
 
 def build_info() -> dict:
@@ -43,6 +44,7 @@ def info() -> dict:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "auto_backend": backends.resolve("auto", device),
+        "cpu_native_bf16": cpu_has_native_bf16(),  # backward_dtype="auto" runs input gradients in bf16 (fp32 models)
         "backends": report,
         "build": build_info(),
     }

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import backends, lowrank_linear
+from .precision import input_gradient_dtype
 from .projection import fit_to_inputs, make_projection
 
 try:  # GPT-2 style layers store W as (d_in, d_out); patched through a transposed view.
@@ -39,7 +40,7 @@ class FastLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, *, layer_index: int, rank: int, scale: float, seed: int, backend: str,
-                 protected: Optional[torch.Tensor] = None, whitener=None):
+                 protected: Optional[torch.Tensor] = None, whitener=None, backward_dtype: Optional[str] = None):
         super().__init__()
         if type(base) not in LINEAR_TYPES:
             raise TypeError(f"FastLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
@@ -68,6 +69,9 @@ class FastLinear(nn.Module):
         self.whitener = whitener.to(device) if whitener is not None else None
         self.fit_positions: Optional[torch.Tensor] = None
         self.fitted = False
+        # fastcl.precision: the setting, and the dtype dX's products run in for this layer's weight.
+        self.backward_dtype = backward_dtype
+        self.dx_dtype = input_gradient_dtype(backward_dtype, self.weight.dtype, device.type)
 
     def _projection(self, epoch: int, device) -> torch.Tensor:
         return make_projection(self.seed, self.layer_index, epoch, self.rank, self.in_features, self.weight.dtype, device,
@@ -106,7 +110,8 @@ class FastLinear(nn.Module):
         if self.fit_positions is not None:
             positions, self.fit_positions = self.fit_positions, None
             self.fit_projection(x, positions)
-        return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend)
+        return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend,
+                              self.dx_dtype)
 
     def _serving_forward(self, x: torch.Tensor):
         """The backend's forward with W, b, A and B bound, rebuilt whenever one of them may have
@@ -149,6 +154,7 @@ class FastLinear(nn.Module):
             self.whitener = self.whitener.to(self.weight.device)
         if self.A.dtype != self.weight.dtype:
             self.A = self.A.to(self.weight.dtype)
+        self.dx_dtype = input_gradient_dtype(self.backward_dtype, self.weight.dtype, self.weight.device.type)
         return self
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
 
-from . import recompute
+from . import precision, recompute
 from .config import LearnerConfig
 from .distributed import check_process_group
 from .errors import PatchError
@@ -216,7 +216,8 @@ def patch(
     protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
     fast = {
         name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend,
-                         protected=protected.get(name), whitener=whitening.get(name))
+                         protected=protected.get(name), whitener=whitening.get(name),
+                         backward_dtype=config.backward_dtype)
         for i, (name, base) in enumerate(base_modules.items())
     }
     # Everything that can fail has run; from here on the model changes.
@@ -225,6 +226,8 @@ def patch(
     for name, module in fast.items():
         _set_submodule(model, name, module)
     report.notes += recompute.install(model)
+    precision.install(model, config.backward_dtype)
+    report.notes.append(precision.describe(config.backward_dtype, next(iter(fast.values())).weight.dtype, device.type))
     learner = Learner(model, fast, config, report, requires_grad, process_group, tokenizer)
     model.fastcl = learner
     return learner
@@ -242,6 +245,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge and learner.has_unmerged_updates():
         learner.consolidate(gate=False)  # asked for explicitly: merge what was learned
     recompute.remove(model)
+    precision.remove(model)
     for name, module in learner.modules.items():
         _set_submodule(model, name, module.base)
     for name, p in model.named_parameters():

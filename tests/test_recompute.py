@@ -29,7 +29,7 @@ def test_observe_accumulates_the_same_gradients_and_saves_less(arch):
     ids = random_ids(batch=2, seq=13)
     model = tiny_model(arch)
     learner = fastcl.patch(model, rank=4)
-    mlps = [m for m in model.modules() if "forward" in m.__dict__]
+    mlps = [m for m in model.modules() if "_fastcl_act" in m.__dict__ and "forward" in m.__dict__]
     assert len(mlps) == model.config.num_hidden_layers, "every decoder MLP should get the fused forward"
     assert any("recompute act(gate)" in note for note in learner.report.notes)
     with_recompute = saved_bytes(lambda: learner.observe(ids), model)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from . import backends
+from . import backends, reference
 
 
 @torch.library.custom_op("fastcl::lowrank_linear", mutates_args=())
@@ -37,13 +37,14 @@ def _lowrank_linear(
     grad_B: torch.Tensor,
     scale: float,
     backend: str,
+    dx_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backends.implementation(backend, x.device)
     return impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
 
 
 @_lowrank_linear.register_fake
-def _(x, weight, bias, A, B, grad_B, scale, backend):
+def _(x, weight, bias, A, B, grad_B, scale, backend, dx_dtype=None):
     lead = x.shape[:-1]
     return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, A.shape[0])
 
@@ -59,34 +60,47 @@ def _lowrank_linear_bwd(
     scale: float,
     needs_dx: bool,
     backend: str,
+    dx_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     impl = backends.implementation(backend, dy.device)
-    dx = impl.lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx)
+    dx = backward(impl, dy, s, weight, A, B, grad_B, scale, needs_dx, dx_dtype)
     # A custom op must return a tensor: an empty one stands for "dX not requested".
     return dx if dx is not None else dy.new_empty(0)
 
 
 @_lowrank_linear_bwd.register_fake
-def _(dy, s, weight, A, B, grad_B, scale, needs_dx, backend):
+def _(dy, s, weight, A, B, grad_B, scale, needs_dx, backend, dx_dtype=None):
     return dy.new_empty(*dy.shape[:-1], weight.shape[1]) if needs_dx else dy.new_empty(0)
 
 
+def backward(impl, dy, s, weight, A, B, grad_B, scale: float, needs_dx: bool,
+             dx_dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """impl's backward; with dx_dtype (fastcl.precision), grad_B still from impl in full
+    precision and dX from the reference's products in dx_dtype."""
+    if dx_dtype is None or not needs_dx or dx_dtype == dy.dtype:
+        return impl.lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx)
+    impl.lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, False)
+    return reference.input_gradient(dy, weight, A, B, scale, dx_dtype)
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, grad_B, scale, backend = inputs
+    x, weight, bias, A, B, grad_B, scale, backend, dx_dtype = inputs
     _, s = output
     ctx.save_for_backward(s, weight, A, B)
     # The accumulator is state, not an activation: keep a reference, do not save it.
     ctx.grad_B = grad_B
     ctx.scale = scale
     ctx.backend = backend
+    ctx.dx_dtype = dx_dtype
     ctx.mark_non_differentiable(s)
 
 
 def _backward(ctx, dy, _ds):
     s, weight, A, B = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
-    dx = _lowrank_linear_bwd(dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx, ctx.backend)
-    return (dx if needs_dx else None), None, None, None, None, None, None, None
+    dx = _lowrank_linear_bwd(dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx, ctx.backend,
+                             ctx.dx_dtype)
+    return (dx if needs_dx else None), None, None, None, None, None, None, None, None
 
 
 _lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -96,18 +110,19 @@ class LowRankLinearFunction(torch.autograd.Function):
     """The eager path: the registered op's forward and backward, without its dispatch overhead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, grad_B, scale, impl):
+    def forward(ctx, x, weight, bias, A, B, grad_B, scale, impl, dx_dtype):
         y, s = impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
         ctx.save_for_backward(s, weight, A, B)
-        ctx.grad_B, ctx.scale, ctx.impl = grad_B, scale, impl  # state and constants, not activations
+        # State and constants, not activations.
+        ctx.grad_B, ctx.scale, ctx.impl, ctx.dx_dtype = grad_B, scale, impl, dx_dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         s, weight, A, B = ctx.saved_tensors
         needs_dx = ctx.needs_input_grad[0]
-        dx = ctx.impl.lowrank_linear_bwd(dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx)
-        return dx, None, None, None, None, None, None, None
+        dx = backward(ctx.impl, dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx, ctx.dx_dtype)
+        return dx, None, None, None, None, None, None, None, None
 
 
 def lowrank_linear(
@@ -119,16 +134,18 @@ def lowrank_linear(
     grad_B: torch.Tensor,
     scale: float,
     backend: str = "auto",
+    dx_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """y = x W^T + b + scale (x A^T) B^T; backward adds scale dY^T (x A^T) into grad_B.
 
     weight is (d_out, d_in) (a transposed view is fine), A is (r, d_in) in x's dtype, B and
-    grad_B are (d_out, r) fp32. Leading dimensions of x are kept.
+    grad_B are (d_out, r) fp32. Leading dimensions of x are kept. dx_dtype: the dtype the input
+    gradient's products run in (fastcl.precision), None for x's own.
     """
     if torch.compiler.is_compiling():
-        y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend)
+        y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend, dx_dtype)
         return y
     impl = backends.implementation(backend, x.device)
     if not torch.is_grad_enabled():  # serving: no graph to build
         return impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)[0]
-    return LowRankLinearFunction.apply(x, weight, bias, A, B, grad_B, float(scale), impl)
+    return LowRankLinearFunction.apply(x, weight, bias, A, B, grad_B, float(scale), impl, dx_dtype)

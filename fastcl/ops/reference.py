@@ -79,3 +79,13 @@ def lowrank_linear_bwd(
     dx = torch.matmul(dy2, weight)
     dx.addmm_(torch.matmul(dy2, B.to(dy.dtype)), A, alpha=scale)
     return dx.view(*dy.shape[:-1], weight.shape[1])
+
+
+def input_gradient(dy: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """dX = dY W + c (dY B) A with the products in `dtype`, returned in dY's dtype
+    (fastcl.precision: a cheaper input gradient; grad_B is not touched)."""
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+    dx = torch.mm(dy2, weight.to(dtype))
+    dx.addmm_(torch.mm(dy2, B.to(dtype)), A.to(dtype), alpha=scale)
+    return dx.to(dy.dtype).view(*dy.shape[:-1], weight.shape[1])
