@@ -7,7 +7,9 @@ and by position in the stream. The development companion of bench/continual.py (
     python bench/diagnose_stream.py --seeds 14 15 16 17 18 19 --companies 20 --ablation rank=64 lr=1.5e-3 --against
 
 --against [KEY=VALUE ...] runs a second recipe on the same streams (bare --against: the default)
-and prints the paired differences with their standard error.
+and prints the paired differences with their standard error. Runs are deterministic, so saved
+output can be compared instead of rerun: --compare OURS.jsonl THEIRS.jsonl pairs the JSON lines
+of two earlier runs (this script's stdout) by stream and prints the same differences.
 
 "general_after" is the general-knowledge probes after the stream (the base model scores 0.452):
 the development runs and the reported ones have disagreed on it before.
@@ -143,6 +145,21 @@ def comparison(recipes: list[dict], results: list[list[dict]], seeds: list[int])
     return "\n".join(lines)
 
 
+def compare_saved(ours_path: str, theirs_path: str) -> str:
+    """comparison() over two saved runs, on the streams both ran."""
+    def load(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
+        return {row["seed"]: row for row in rows}
+
+    ours, theirs = load(ours_path), load(theirs_path)
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        raise SystemExit(f"no stream is in both {ours_path} and {theirs_path}")
+    recipes = [next(iter(ours.values()))["options"], next(iter(theirs.values()))["options"]]
+    return comparison(recipes, [[ours[s] for s in seeds], [theirs[s] for s in seeds]], seeds)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 12])
@@ -151,7 +168,12 @@ def main(argv=None) -> int:
     parser.add_argument("--against", nargs="*", help="a second recipe (patch() overrides as key=json) run on the "
                         "same streams; the paired differences are printed at the end")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compare", nargs=2, metavar=("OURS", "THEIRS"), help="compare two saved runs (JSON "
+                        "lines of this script's output) instead of running anything")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare_saved(*args.compare))
+        return 0
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipes = [{**DEFAULT, **parse_overrides(args.ablation)}]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +35,40 @@ def test_profile_observe_runs_with_random_weights_at_toy_sizes():
         assert phase in proc.stdout and f"floor: {phase}" in proc.stdout
     assert "extra cost of learning, observe()" in proc.stdout and "extra cost of learning, floor" in proc.stdout
     assert "observe() under the profiler" in proc.stdout and "aten::mm" in proc.stdout
+
+
+def test_diagnose_stream_compares_saved_runs(tmp_path):
+    def row(seed, recovered, probability):
+        return json.dumps({"options": {"rank": 16}, "seed": seed, "recovered": recovered,
+                           "answer_probability": [0.2, probability], "general_after": 0.45, "perplexity_after": 15.5})
+
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    ours.write_text("\n".join(["not json: a progress line", row(14, 0.30, 0.40), row(15, 0.20, 0.30),
+                               row(99, 0.9, 0.9)]))
+    theirs.write_text("\n".join([row(15, 0.10, 0.35), row(14, 0.25, 0.30)]))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "diagnose_stream.py"), "--compare", str(ours),
+                           str(theirs)], capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "streams [14, 15]" in proc.stdout, "only streams in both files are paired"
+    recovered = next(line for line in proc.stdout.splitlines() if "recovered" in line)
+    assert "+0.0750" in recovered and "+0.0500 +0.1000" in recovered, recovered
+    probability = next(line for line in proc.stdout.splitlines() if "answer_probability" in line)
+    assert "+0.0250" in probability, "pairs of [before, after] compare the afters"
+
+
+def test_report_prints_both_input_gradient_precisions():
+    report = load_bench("report")
+
+    def bench(workload, seconds, **info):
+        return {"extra_info": {"workload": workload, "saved_activation_bytes": 1e6, **info},
+                "stats": {"median": seconds}, "group": "end_to_end SmolLM2-135M 2x128 tokens"}
+
+    observe_info = dict(tokens=256, state_bytes=3e6, state_bytes_per_layer=1e5, decoder_layers=30,
+                        kv_cache_bytes_per_token=46e3, input_gradient_dtype="torch.bfloat16")
+    run = {"benchmarks": [bench("forward", 1.0), bench("observe", 2.0, **observe_info), bench("observe_fp32", 2.5),
+                          bench("peft_step", 3.0), bench("full_step", 4.0)]}
+    table = report.end_to_end(run)
+    assert "| extra cost of learning (observe - forward) / forward | 1.00 |" in table
+    assert "| offline PEFT step / (observe - forward) | 3.00 |" in table
+    assert "| the same two with fp32 input gradients (observe_fp32) | 1.50, 2.00 |" in table
+    assert "torch.bfloat16" in table and "| observe_fp32 | 2500.0 ms | 2.50 |" in table
