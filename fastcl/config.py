@@ -28,7 +28,7 @@ class LearnerConfig:
     # The dtype of the backward's input-gradient products (fastcl.precision): "auto" runs them in
     # bf16 for fp32 models on CPUs with native bf16, "bfloat16" always, None in the model's dtype.
     # What is learned (dB) and everything served stay in full precision.
-    backward_dtype: Optional[str] = None
+    backward_dtype: Optional[str] = "auto"
     targets: Optional[Sequence[str]] = None
     exclude: Optional[Sequence[str]] = None
     keep_rollback: bool = True  # keep a copy of the merged weights so rollback() is exact
