@@ -76,15 +76,13 @@ def lowrank_linear_bwd(
     grad_B.addmm_(dy2.t().float(), s2.float(), alpha=scale)
     if not needs_dx:
         return None
-    dx = torch.matmul(dy2, weight)
-    dx.addmm_(torch.matmul(dy2, B.to(dy.dtype)), A, alpha=scale)
-    return dx.view(*dy.shape[:-1], weight.shape[1])
+    return input_gradient(dy, weight, A, B, scale, dy.dtype)
 
 
 def input_gradient(dy: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                    dtype: torch.dtype) -> torch.Tensor:
-    """dX = dY W + c (dY B) A with the products in `dtype`, returned in dY's dtype
-    (fastcl.precision: a cheaper input gradient; grad_B is not touched)."""
+    """dX = dY W + c (dY B) A with the products in `dtype` (dY's own, or a cheaper one:
+    fastcl.precision), returned in dY's dtype; grad_B is not touched."""
     dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
     dx = torch.mm(dy2, weight.to(dtype))
     dx.addmm_(torch.mm(dy2, B.to(dtype)), A.to(dtype), alpha=scale)
