@@ -88,11 +88,12 @@ def test_output_embedding_gradient_in_row_blocks(monkeypatch):
     assert 0 < error < 1e-2, f"dX of the output embedding off by {error:.3g} relative (bf16 inputs: ~4e-3)"
 
 
-def test_model_learns_the_same_gradients_within_bf16_and_serves_the_same():
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D layers, patched through a transposed view
+def test_model_learns_the_same_gradients_within_bf16_and_serves_the_same(arch):
     ids = random_ids(batch=2, seq=13)
     results = {}
     for setting in (None, "bfloat16"):
-        model = tiny_model("llama")
+        model = tiny_model(arch)
         learner = fastcl.patch(model, rank=4, backward_dtype=setting)
         head_patched = "forward" in model.get_output_embeddings().__dict__
         assert head_patched == (setting is not None)
