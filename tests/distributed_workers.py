@@ -87,6 +87,9 @@ def patched(**kw):
     model = tiny_model("llama")
     kw.setdefault("rank", 4)
     kw.setdefault("lr", 1e-2)
+    # fp32 input gradients: the replicas must equal one learner to fp32 rounding, and bf16 products
+    # (backward_dtype="auto" on CPUs with native bf16) round differently per shard of the traffic.
+    kw.setdefault("backward_dtype", None)
     return fastcl.patch(model, **kw)
 
 
