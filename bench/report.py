@@ -69,7 +69,9 @@ def end_to_end(run: dict) -> str:
         "| workload | median | / forward | saved activations |",
         "|---|---:|---:|---:|",
     ]
-    for k in (k for k in ("forward", "observe", "observe_fp32", "peft_step", "full_step", "step") if k in t):
+    for k in ("forward", "observe", "observe_fp32", "peft_step", "full_step", "step"):
+        if k not in t:
+            continue
         saved_cell = f"{saved[k] / MB:.1f} MB" if k in saved else "-"
         rows.append(f"| {k} | {t[k] * 1e3:.1f} ms | {t[k] / fwd:.2f} | {saved_cell} |")
     kv = info["kv_cache_bytes_per_token"]
