@@ -4,6 +4,10 @@
 # ones after it and never the whole call. Logs and JSON go to $OUT (default /tmp/fastcl-gpu).
 #
 #   BUDGET_S=520 bash bench/gpu_session.sh
+#   STEPS="build sweep tests_triton" BUDGET_S=300 bash bench/gpu_session.sh     # some steps only
+#
+# Steps, in order: build info sweep tests_triton tests_cuda_backend e2e_smollm profile
+# profile_2mb op_prefill op_decode memcheck (all by default).
 #
 # The image's python3 must hold a CUDA torch, triton, transformers, peft, pytest and
 # pytest-benchmark. SmolLM2's GGUF (94 MB) does not travel, so the GPU benchmarks use models
@@ -14,6 +18,7 @@ OUT=${OUT:-/tmp/fastcl-gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-520}
+STEPS=${STEPS:-build info sweep tests_triton tests_cuda_backend e2e_smollm profile profile_2mb op_prefill op_decode memcheck}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export FASTCL_BUILD_CUDA=${FASTCL_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
@@ -24,6 +29,7 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 step() {
     local name=$1 want=$2 limit rc t0
     shift 2
+    [[ " $STEPS " == *" $name "* ]] || return 0
     limit=$(left)
     (( want < limit )) && limit=$want
     if (( limit < 10 )); then
@@ -49,6 +55,11 @@ cat "$OUT/summary.txt"
 step build 240 $PY -m pip install --no-build-isolation --no-deps -v -e . || { tail -40 "$OUT/run.log"; exit 1; }
 step info 30 $PY -c "import fastcl, json; print(json.dumps(fastcl.info(), indent=1, default=str))"
 
+# Each tuned Triton config alone, one process per (kernel, config, dtype): a config that faults
+# cannot hide the others (tests/test_triton.py's every-config test stops at the first).
+step sweep 120 $PY bench/triton_config_sweep.py --workers 12 --json "$OUT/triton_sweep.json"
+grep -E "^(WRONG|FAULT)|cases," "$OUT/run.log" | tail -40
+
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n 12"
 TIMEOUT=""
@@ -69,6 +80,10 @@ sed -n '/^SmolLM2-135M shapes/,/^Backends not run\|^=== /p' "$OUT/run.log" | hea
 # Where observe() spends its time on the GPU (the PyTorch backend: what auto picks there).
 step profile 60 $PY bench/profile_observe.py --device cuda --batch 8 --seq 512 --backend torch --rows 20
 sed -n '/^=== profile/,$p' "$OUT/run.log" | grep -v "^=== " | tail -30
+# The same with the loss gradient's old 2 MB chunks, to measure what the 256 MB GPU chunks gained.
+step profile_2mb 60 $PY bench/profile_observe.py --device cuda --batch 8 --seq 512 --backend torch --rows 5 \
+    --loss-chunk-mb 2
+sed -n '/^=== profile_2mb/,$p' "$OUT/run.log" | grep -v "^=== " | tail -16
 
 # Op level, bf16, r = 16: prefill (the Llama-3-8B projections at M = 2048 and 8192) and decode
 # (M = 1 and 16), PEFT LoRA and nn.Linear beside the three backends. Two runs, two JSON files:

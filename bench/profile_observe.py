@@ -23,6 +23,7 @@ import time
 
 import torch
 
+import fastcl.loss
 import fastcl.models
 import workloads as w
 from gpu_end_to_end import build
@@ -78,7 +79,11 @@ def main() -> None:
     parser.add_argument("--random-weights", action="store_true", help="SmolLM2's shapes, random bf16 weights "
                         "(the default on a GPU, where the GGUF is not installed)")
     parser.add_argument("--real-weights", action="store_true", help="load SmolLM2 on a GPU too")
+    parser.add_argument("--loss-chunk-mb", type=float, help="logits per chunk of the loss gradient, in MB "
+                        f"(default {fastcl.loss.CHUNK_BYTES >> 20} on a CPU, {fastcl.loss.GPU_CHUNK_BYTES >> 20} on a GPU)")
     args = parser.parse_args()
+    if args.loss_chunk_mb:
+        fastcl.loss.CHUNK_BYTES = fastcl.loss.GPU_CHUNK_BYTES = int(args.loss_chunk_mb * (1 << 20))
     if os.environ.get("FASTCL_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["FASTCL_BENCH_THREADS"]))
     if args.random_weights or (args.device != "cpu" and not args.real_weights):

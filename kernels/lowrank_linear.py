@@ -300,6 +300,14 @@ def block_m(M: int) -> int:
     return 64 if M <= 1024 else 128
 
 
+def bwd_block_m(M: int) -> int:
+    """Rows per tile of the dX kernel: block_m, but never 128. On an H200 (triton 3.6) the dX
+    configs with 128-wide K tiles and 8 warps computed wrong dX at 128-row tiles in fp16 and bf16
+    (every element off, and illegal addresses while the autotuner benchmarked them), and were
+    right at 64-row tiles in every dtype (bench/triton_config_sweep.py, bench/RESULTS.md)."""
+    return min(block_m(M), 64)
+
+
 def r_pad(R: int) -> int:
     """tl.dot needs every dimension >= 16 and a power of two; padded columns are masked to 0."""
     return max(16, triton.next_power_of_2(R))
@@ -401,7 +409,7 @@ def lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx):
         return torch.zeros((0, K), dtype=dy.dtype, device=dy.device) if needs_dx else None
     bucket = m_bucket(M)
     precision = _precision(dy.dtype)
-    bm = block_m(M)
+    bm = bwd_block_m(M)
     dx = None
     with _on_device(dy):
         if needs_dx:
@@ -415,5 +423,5 @@ def lowrank_linear_bwd(dy, s, weight, A, B, grad_B, scale, needs_dx):
         _grad_b[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
             dy, s, grad_B, M, N, R, bucket, float(scale),
             dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), grad_B.stride(0), grad_B.stride(1),
-            R_PAD=r_pad(R), PRECISION=precision, BLOCK_M=bm)
+            R_PAD=r_pad(R), PRECISION=precision, BLOCK_M=block_m(M))
     return dx
