@@ -1,6 +1,7 @@
 """Every tuned config of every Triton kernel, alone, against the PyTorch reference, on a GPU.
 
     python bench/triton_config_sweep.py [--workers 8] [--json sweep.json]
+    python bench/triton_config_sweep.py --device cpu --rows 7 40 --dtypes float32   # runs? (interpreter)
 
 tests/test_triton.py's every-config test stops at the first fault, and an illegal address
 breaks the CUDA context of its process, so it cannot say which other configs fault too. Here
@@ -11,7 +12,8 @@ any block (72 -> 200 and 200 -> 72, r = 16). Only the stage that uses the kernel
 forward for _fwd_prefill / _fwd_decode / _shrink, the backward for _bwd / _grad_b; a kernel
 that shares the stage (the forward after _shrink, _grad_b after _bwd) is pinned to its first
 config. Prints one row per case: ok, WRONG (largest error relative to the reference's largest
-entry) or FAULT (the error text), and a config the GPU cannot fit is "no room".
+entry) or FAULT (the error text), and a config the GPU cannot fit is "no room"; exits 1 if any
+case is wrong or faults.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 SHAPES = [(72, 200), (200, 72)]
 
 
-def rows_for(kernel: str) -> list[int]:
-    return {"_fwd_decode": [7], "_fwd_prefill": [133, 1100]}.get(kernel, [7, 133, 1100])
+def rows_for(kernel: str, rows: list[int]) -> list[int]:
+    """The decode kernel takes at most 16 rows, the prefill one more."""
+    return [m for m in rows if (m <= 16) == (kernel == "_fwd_decode") or kernel not in ("_fwd_decode", "_fwd_prefill")]
 
 
-def run_case(kernel: str, index: int, dtype_name: str) -> list[dict]:
+def run_case(kernel: str, index: int, dtype_name: str, device: str, rows: list[int]) -> list[dict]:
     """In the child: every row count and shape for one config; stops at the first fault."""
     import torch
     from triton.runtime.errors import OutOfResources
@@ -51,15 +54,15 @@ def run_case(kernel: str, index: int, dtype_name: str) -> list[dict]:
     if partner:  # the other kernel of the stage: one config, so its autotuning runs nothing else
         getattr(k, partner).configs = [getattr(k, partner).configs[0]]
     results = []
-    for M in rows_for(kernel):
+    for M in rows_for(kernel, rows):
         for d_in, d_out in SHAPES:
             g = torch.Generator().manual_seed(M + d_in)
-            x = torch.randn(M, d_in, generator=g).to(dtype).cuda()
-            W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype).cuda()
-            b = torch.randn(d_out, generator=g).to(dtype).cuda()
-            A = (torch.randn(16, d_in, generator=g) / d_in**0.5).to(dtype).cuda()
-            B = (torch.randn(d_out, 16, generator=g) * 0.1).cuda()
-            dy = torch.randn(M, d_out, generator=g).to(dtype).cuda()
+            x = torch.randn(M, d_in, generator=g).to(dtype).to(device)
+            W = (torch.randn(d_out, d_in, generator=g) / d_in**0.5).to(dtype).to(device)
+            b = torch.randn(d_out, generator=g).to(dtype).to(device)
+            A = (torch.randn(16, d_in, generator=g) / d_in**0.5).to(dtype).to(device)
+            B = (torch.randn(d_out, 16, generator=g) * 0.1).to(device)
+            dy = torch.randn(M, d_out, generator=g).to(dtype).to(device)
             case = dict(kernel=kernel, config=str(tuned.configs[0]), dtype=dtype_name, M=M, shape=f"{d_in}x{d_out}")
             try:
                 got, want = {}, {}
@@ -75,7 +78,8 @@ def run_case(kernel: str, index: int, dtype_name: str) -> list[dict]:
                                                               want["dB"], 0.5, kernel == "_bwd")
                     if kernel == "_grad_b":
                         del got["dX"], want["dX"]
-                torch.cuda.synchronize()
+                if device != "cpu":
+                    torch.cuda.synchronize()
             except OutOfResources:
                 results.append(dict(case, result="no room"))
                 continue
@@ -93,23 +97,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cuda", help="cpu: the interpreter's one config a kernel, to check "
+                        "that the script runs")
+    parser.add_argument("--rows", type=int, nargs="+", default=[7, 133, 1100])
+    parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     parser.add_argument("--case", nargs=3, metavar=("KERNEL", "INDEX", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.case[2])))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.case[2], args.device, args.rows)))
         return
 
-    import torch
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = env["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+    else:
+        import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("triton_config_sweep needs a CUDA GPU")
+        if not torch.cuda.is_available():
+            sys.exit("triton_config_sweep needs a CUDA GPU (or --device cpu to check that it runs)")
     from fastcl.kernels import lowrank_linear as k
 
-    cases = [(kernel, i, dtype) for kernel in KERNELS for i in range(len(getattr(k, kernel).configs)) for dtype in DTYPES]
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    cases = [(kernel, i, dtype) for kernel in KERNELS for i in range(len(getattr(k, kernel).configs))
+             for dtype in args.dtypes]
+    common = ["--device", args.device, "--rows", *map(str, args.rows)]
 
     def child(case):
-        done = subprocess.run([sys.executable, __file__, "--case", case[0], str(case[1]), case[2]],
+        done = subprocess.run([sys.executable, __file__, "--case", case[0], str(case[1]), case[2], *common],
                               capture_output=True, text=True, env=env, timeout=300)
         lines = done.stdout.strip().splitlines()
         if done.returncode or not lines:
@@ -127,6 +140,7 @@ def main() -> None:
     print(f"{len(results)} cases, {len(bad)} wrong or faulting")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,22 @@ def test_profile_observe_runs_with_random_weights_at_toy_sizes():
         assert phase in proc.stdout and f"floor: {phase}" in proc.stdout
     assert "extra cost of learning, observe()" in proc.stdout and "extra cost of learning, floor" in proc.stdout
     assert "observe() under the profiler" in proc.stdout and "aten::mm" in proc.stdout
+
+
+def test_triton_config_sweep_runs_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "triton_config_sweep.py"), "--device", "cpu", "--rows", "7", "40",
+         "--dtypes", "float32", "--workers", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    # One config a kernel under the interpreter: the decode forward at M = 7, the prefill one at
+    # M = 40, the other three at both, two shapes each.
+    assert len(results) == 16 and {r["result"] for r in results} == {"ok"}
+    assert {r["kernel"] for r in results} == {"_fwd_prefill", "_fwd_decode", "_shrink", "_bwd", "_grad_b"}
+    assert all(0 <= e < 1e-4 for r in results for e in r["errors"].values())
 
 
 def test_diagnose_stream_compares_saved_runs(tmp_path):
