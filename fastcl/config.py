@@ -60,6 +60,10 @@ class LearnerConfig:
     projection_ridge: float = 0.1  # "whitened": general text's input moment + this x its mean eigenvalue
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
     gate_backoff: int = 2  # a refused update is halved up to this many times, each checked again, before it is dropped
+    # The gate scores every gate_every-th merge only (its probe text costs about 4 forwards of a
+    # served request). A refusal then undoes every merge since the gate last passed; until then
+    # the weights from before those merges are kept (one more copy of the merged layers).
+    gate_every: int = 1
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -83,10 +87,11 @@ class LearnerConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "step_every",
-                     "consolidate_every", "protect_directions", "gate_backoff"):
+                     "consolidate_every", "protect_directions", "gate_backoff", "gate_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "passes" else 0):
-                raise ValueError(f"{name} must be an integer >= {1 if name == 'passes' else 0}, got {value!r}")
+            least = 1 if name in ("passes", "gate_every") else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         for name in ("replay_per_step", "replay_recent"):
             if getattr(self, name) and not self.replay:
                 raise ValueError(f"{name} needs a replay buffer: set replay= to its capacity")

@@ -22,6 +22,7 @@ class ConsolidationReport:
     committed: bool = True
     gate: Optional[dict] = None  # filled in when a gate scored the merge
     halvings: int = 0  # the update was merged at 2**-halvings of its strength to pass the gate
+    undone: int = 0  # refused with gate_every > 1: earlier unchecked merges undone with this one
 
     def __str__(self) -> str:
         state = "committed" if self.committed else "rolled back"
@@ -29,6 +30,8 @@ class ConsolidationReport:
                 f"||dW|| {self.delta_norm:.3g} ({self.relative_delta:.2e} of ||W||), {self.seconds:.2f}s")
         if self.halvings:
             text += f", at 1/{2 ** self.halvings} strength to pass the gate"
+        if self.undone:
+            text += f", {self.undone} unchecked merges before it undone"
         if self.gate is not None:
             text += f", gate {self.gate}"
         return text
@@ -116,3 +119,43 @@ def write_merge(modules: dict[str, FastLinear]) -> float:
         else:
             W.copy_(merged_weight(module))
     return delta_sq**0.5
+
+
+class GateWindow:
+    """Merges committed since the gate last passed, when it checks only every `gate_every`-th
+    merge, and the weights as they were before the first of them, so that a refusal can undo
+    them all. One copy of each layer merged in the window, in buffers reused window after window."""
+
+    def __init__(self):
+        self.merges = 0
+        self.before: dict[str, torch.Tensor] = {}  # name -> W before the window's first merge of it
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def cover(self, live: dict[str, FastLinear]) -> None:
+        """Called before an unchecked merge is written: keep what it will overwrite."""
+        for name, module in live.items():
+            if name in self.before:
+                continue
+            W = module.weight_matrix()
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.shape != W.shape or buffer.dtype != W.dtype or buffer.device != W.device:
+                buffer = self._buffers[name] = torch.empty_like(W, memory_format=torch.contiguous_format)
+            self.before[name] = buffer.copy_(W)
+        self.merges += 1
+
+    @torch.no_grad()
+    def undo(self, modules: dict[str, FastLinear]) -> int:
+        """Put back the weights from before the window (bit-exact); return the merges undone."""
+        for name, weight in self.before.items():
+            modules[name].weight_matrix().copy_(weight)
+        undone = self.merges
+        self.close()
+        return undone
+
+    def close(self) -> None:
+        self.merges = 0
+        self.before.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())

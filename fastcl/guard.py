@@ -122,10 +122,15 @@ class Gate:
         self.probes.append(GateProbe(name, score, tolerance))
         self.baseline = None  # re-measured with the new probe included
 
-    def check(self, learner) -> GateResult:
+    def measure_baseline(self, learner) -> None:
+        """Score the committed weights once (the first check, or the first unchecked merge with
+        gate_every > 1: a baseline taken later would already hold that merge's drift)."""
         if self.baseline is None:
             with learner.fast_weights_bypassed():
                 self.baseline = {p.name: float(p.score(learner.model)) for p in self.probes}
+
+    def check(self, learner) -> GateResult:
+        self.measure_baseline(learner)
         result = GateResult(passed=True)
         for p in self.probes:
             score = float(p.score(learner.model))

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from . import state as state_io
 from .config import LearnerConfig
-from .consolidation import ConsolidationReport, MergeChecker, Snapshot, write_merge
+from .consolidation import ConsolidationReport, GateWindow, MergeChecker, Snapshot, write_merge
 from .distributed import Replicas
 from .batching import as_rows, prompt_response_batch
 from .errors import ConsolidationError, FastclError, InputError
@@ -39,6 +39,8 @@ class Counters:
     rollbacks: int = 0
     gate_refusals: int = 0
     gate_halved: int = 0  # merges committed at reduced strength (gate_backoff)
+    gate_skipped: int = 0  # merges committed without a gate check (gate_every > 1)
+    gate_undone: int = 0  # unchecked merges undone by a later refusal (gate_every > 1)
     epoch: int = 0  # projection epoch: consolidations committed minus rolled back
 
 
@@ -57,6 +59,7 @@ class Learner:
         self._snapshot: Optional[Snapshot] = None
         self._rollback_buffers: dict[str, torch.Tensor] = {}  # reused by every snapshot: no allocation
         self._merge_checker = MergeChecker()
+        self._gate_window = GateWindow()  # merges not yet checked by the gate (config.gate_every)
         self._weight_norm: Optional[float] = None
         self._attached = True
         self._vocab_size = model.get_input_embeddings().num_embeddings
@@ -229,6 +232,9 @@ class Learner:
         baseline, nothing is merged, the fast weights are dropped and the report says so
         (committed=False, gate=the scores). With config.gate_backoff = k, a refused update is first
         halved up to k times and merged at the first strength that passes (report.halvings).
+        With config.gate_every = n > 1 the gate scores only every n-th merge; the merges between
+        are committed unchecked (report.gate None), and a refusal undoes them too, bit-exactly
+        (report.undone). gate=False merges unchecked and accepts the window so far.
 
         All or nothing: every merged weight is checked finite before any is written. The state
         before the call is kept so rollback() can restore it exactly. Accumulated gradients not
@@ -239,7 +245,10 @@ class Learner:
         start = time.perf_counter()
         live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
         bounds = self._merge_checker.check(live)
-        gate = self.recipe.check_gate() if (gate and live) else None
+        window = self._gate_window
+        gated = gate and bool(live) and bool(self.recipe.gate.probes)
+        check_now = gated and window.merges + 1 >= self.config.gate_every
+        gate = self.recipe.check_gate(skip=not check_now) if gated else None
         halvings, unhalved = 0, None
         if gate is not None and not gate.passed and self.config.gate_backoff:
             # Keep part of what was learned: halve the update (exact in fp32) until it passes.
@@ -252,12 +261,24 @@ class Learner:
                 gate = self.recipe.check_gate()
         if gate is not None and not gate.passed:
             discarded = self._discard_pending("consolidate() refused by the gate")
-            log.warning("fastcl consolidation refused by the gate, fast weights dropped: %s", gate)
+            undone = 0
+            if window.merges:
+                undone = window.undo(self.modules)
+                self._snapshot = None  # the merge it would undo is gone
+                self._merge_checker.forget()
+                self.counters.gate_undone += undone
+            log.warning("fastcl consolidation refused by the gate, fast weights dropped%s: %s",
+                        f", {undone} unchecked merges undone" if undone else "", gate)
             self._set_epoch(self.counters.epoch)  # same projection, B = 0, fresh optimizer
             self.counters.gate_refusals += 1
             return ConsolidationReport(self.counters.epoch, 0, 0.0, 0.0, discarded, time.perf_counter() - start,
-                                       committed=False, gate=gate)
+                                       committed=False, gate=gate, undone=undone)
         discarded = self._discard_pending("consolidate()")
+        if gated and gate is None:
+            window.cover(live)  # unchecked: keep what this merge overwrites until the gate passes
+            self.counters.gate_skipped += 1
+        else:
+            window.close()  # checked and passed, or merged with gate=False: the window is accepted
         self._snapshot = self._take_snapshot(live)
         if halvings:
             self._snapshot.fast_weights.update(unhalved)  # rollback() restores B as it was before the call
@@ -282,6 +303,10 @@ class Learner:
         if not self.config.keep_rollback:
             raise ConsolidationError("rollback() needs keep_rollback=True (the merged weights were not kept)")
         self._discard_pending("rollback()")
+        if self._gate_window.merges:  # the merge undone here was one of the unchecked ones
+            self._gate_window.merges -= 1
+            if not self._gate_window.merges:
+                self._gate_window.close()
         self._set_epoch(snap.epoch)
         self._restore_fitted(snap.fitted)
         self._merge_checker.forget()
@@ -332,6 +357,7 @@ class Learner:
             "projections": nbytes(m.A for m in modules),
             "optimizer": nbytes(optim),
             "rollback": nbytes(self._rollback_buffers.values()),
+            "gate_window": self._gate_window.nbytes(),  # weights before unchecked merges (gate_every > 1)
             "serving": sum(m.serving_copy_bytes() for m in modules),  # B laid out for no-grad forwards
         }
         held["total"] = sum(held.values())

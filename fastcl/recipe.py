@@ -264,10 +264,16 @@ class Recipe:
             if not learner.step() and not lockstep:
                 break
 
-    def check_gate(self):
+    def check_gate(self, skip: bool = False):
+        """The gate's verdict on the live fast weights, or None without probes; skip=True (an
+        unchecked merge) only makes sure the baseline exists."""
         if not self.gate.probes:
             return None
         start = time.perf_counter()
-        result = self.gate.check(self.learner)
+        result = None
+        if skip:
+            self.gate.measure_baseline(self.learner)
+        else:
+            result = self.gate.check(self.learner)
         self.costs["gate"] += time.perf_counter() - start
         return result

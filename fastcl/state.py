@@ -174,6 +174,7 @@ def load(learner: "Learner", path) -> None:
         # The file's projection, protected or not, is the one its fast weights were learned in.
         module.protected = entry["protected"].float().to(module.weight.device) if "protected" in entry else None
     learner._snapshot = None
+    learner._gate_window.close()  # the loaded weights are taken as checked
     learner._merge_checker.forget()
     learner._set_epoch(learner.counters.epoch)
     learner._restore_fitted({name: entry["A"] for (name, _), entry in zip(modules, staged) if "A" in entry})

@@ -248,6 +248,83 @@ def test_gate_backoff_merges_a_halved_update_or_refuses_and_rollback_restores_it
         assert torch.equal(m.weight, weights[n]) and torch.equal(m.B, planted[n]), f"{n}: rollback is exact"
 
 
+def plant(learner, std):
+    with torch.no_grad():
+        for module in learner.modules.values():
+            module.B.normal_(0, std)
+            module.b_is_zero = False
+
+
+def test_gate_every_checks_every_nth_merge_and_a_refusal_undoes_the_unchecked_ones():
+    """gate_every=3: merges 1 and 2 are committed unchecked; the third is checked. A harmful
+    update hidden in merge 2 makes the check of merge 3 fail, and all three are undone,
+    bit-exactly; the next window starts clean."""
+    model, learner = patched(consolidate_every=0, gate_every=3, gate_backoff=0)
+    probe_ids = torch.tensor([rows(14, 1, low=30, high=31)[0]])
+    with torch.no_grad():
+        reference = model(probe_ids).logits
+    calls = []
+
+    def closeness(m):
+        calls.append(1)
+        with torch.no_grad():
+            return -float((m(probe_ids).logits - reference).abs().mean())
+
+    learner.add_probe(closeness, tolerance=0.05, name="probe")
+    before = {n: m.weight.detach().clone() for n, m in learner.modules.items()}
+    plant(learner, 1e-3)
+    first = learner.consolidate()
+    assert first.committed and first.gate is None  # unchecked
+    assert len(calls) == 1  # but the baseline is taken now, on the weights before any merge
+    assert learner.stats()["bytes_held"]["gate_window"] == sum(w.numel() * 4 for w in before.values())
+    plant(learner, 5.0)  # the harmful one, also unchecked
+    assert learner.consolidate().gate is None and len(calls) == 1
+    assert learner.counters.gate_skipped == 2
+    plant(learner, 1e-3)
+    third = learner.consolidate()
+    assert len(calls) == 2  # the check
+    assert not third.committed and not third.gate.passed and third.undone == 2
+    assert "2 unchecked merges before it undone" in str(third)
+    assert all(torch.equal(m.weight, before[n]) for n, m in learner.modules.items())
+    assert all(not m.B.any() and m.b_is_zero for m in learner.modules.values())
+    assert learner.counters.gate_undone == 2 and learner.counters.gate_refusals == 1
+    with pytest.raises(fastcl.ConsolidationError, match="nothing to roll back"):
+        learner.rollback()  # the last merge was undone with the window
+    # A fresh window: two unchecked harmless merges, then a check that passes and accepts them.
+    for _ in range(3):
+        plant(learner, 1e-3)
+        report = learner.consolidate()
+    assert report.committed and report.gate.passed and learner.counters.gate_skipped == 4
+    assert len(calls) == 3 and learner._gate_window.merges == 0
+
+
+def test_gate_every_rollback_steps_the_window_back():
+    """rollback() of an unchecked merge shortens the window: a later refusal undoes only the
+    merges still in it, and the weights come back to those before the window."""
+    model, learner = patched(consolidate_every=0, gate_every=3, gate_backoff=0)
+    probe_ids = torch.tensor([rows(14, 1, low=30, high=31)[0]])
+    with torch.no_grad():
+        reference = model(probe_ids).logits
+    learner.add_probe(lambda m: -float((m(probe_ids).logits - reference).abs().mean()), tolerance=0.05, name="probe")
+    before = {n: m.weight.detach().clone() for n, m in learner.modules.items()}
+    for _ in range(2):
+        plant(learner, 1e-3)
+        learner.consolidate()
+    learner.rollback()
+    assert learner._gate_window.merges == 1
+    plant(learner, 5.0)
+    assert learner.consolidate().gate is None  # the window's second merge: unchecked
+    plant(learner, 1e-3)
+    refused = learner.consolidate()
+    assert not refused.committed and refused.undone == 2
+    assert all(torch.equal(m.weight, before[n]) for n, m in learner.modules.items())
+
+
+def test_gate_every_must_be_positive():
+    with pytest.raises(ValueError, match="gate_every must be an integer >= 1"):
+        patched(gate_every=0)
+
+
 def test_fast_weights_bypassed_restores_base_behaviour():
     model, learner = patched(consolidate_every=0)
     ids = torch.tensor([rows(16, 1)[0]])
