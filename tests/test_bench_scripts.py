@@ -55,6 +55,19 @@ def test_triton_config_sweep_runs_under_the_interpreter(tmp_path):
     assert all(0 <= e < 1e-4 for r in results for e in r["errors"].values())
 
 
+def test_generation_bounds_runs_its_variants_and_restores_the_class():
+    """The diagnosis script (it swaps FastLinear.forward for two of its variants) runs every
+    variant at a toy length and prints its line."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "generation_bounds.py"), "--variant", "merged", "lean_python", "live",
+         "--rounds", "1", "--new-tokens", "1"],
+        capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for variant in ("merged", "lean_python", "live"):
+        assert any(line.startswith(variant) and "against unpatched" in line for line in proc.stdout.splitlines())
+    assert "merged copies built in" in proc.stdout
+
+
 def test_diagnose_stream_compares_saved_runs(tmp_path):
     def row(seed, recovered, probability):
         return json.dumps({"options": {"rank": 16}, "seed": seed, "recovered": recovered,

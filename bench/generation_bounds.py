@@ -1,0 +1,97 @@
+"""Where generation with a live adapter loses its time on a CPU, and what the alternatives would
+give: greedy decode on SmolLM2-135M, each variant against the unpatched model in alternating
+rounds of the same process, median of the rounds.
+
+    FASTCL_BENCH_THREADS=1 .venv/bin/python bench/generation_bounds.py [--variant ...] [--rounds 7]
+
+Variants (the last three are bounds for diagnosis, not product code paths):
+  live         the patched model with live fast weights, as served (what the benchmark times)
+  copy         an unpatched deep copy: what a second model's memory placement alone changes
+  lean_python  live, with FastLinear.forward cut to the serving call (no checks): the most that
+               thinner Python in front of the closure could win
+  merged       each layer serves F.linear(x, W + c B A) from a merged copy: no adapter work at
+               all, at the price of a second copy of every patched weight, rebuilt whenever B
+               changes (the rebuild time is printed too)
+Differences of a point or two between runs are noise here: rerun and compare medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastcl.models
+import workloads as w
+from fastcl.layers import FastLinear
+
+VARIANTS = ["live", "copy", "lean_python", "merged"]
+
+
+def variant_model(name: str, model, live):
+    """The model to time for `name`, and a function that undoes any class patch it made."""
+    if name == "copy":
+        return copy.deepcopy(model), lambda: None
+    if name == "live":
+        return live, lambda: None
+    original = FastLinear.forward
+    if name == "lean_python":
+        def forward(self, x):
+            return original(self, x) if torch.is_grad_enabled() else self._serving_forward(x)(x)
+    else:  # merged
+        start = time.perf_counter()
+        with torch.no_grad():
+            for module in live.modules():
+                if isinstance(module, FastLinear):
+                    module._merged = (module.weight_matrix() + module.delta_weight().to(module.weight.dtype)).detach()
+        print(f"merged copies built in {(time.perf_counter() - start) * 1e3:.0f} ms "
+              "(paid again after every step that changes B)")
+
+        def forward(self, x):
+            return original(self, x) if torch.is_grad_enabled() else F.linear(x, self._merged, self.bias)
+    FastLinear.forward = forward
+
+    def undo():
+        FastLinear.forward = original
+        for module in live.modules():
+            module.__dict__.pop("_merged", None)
+    return live, undo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    if os.environ.get("FASTCL_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["FASTCL_BENCH_THREADS"]))
+    model, tokenizer = fastcl.models.load_default()
+    model.eval()
+    live, _ = w.learned_copy(model, w.token_batch(model.config.vocab_size), consolidate=False)
+    prompt = tokenizer(w.PROMPT, return_tensors="pt")["input_ids"]
+    print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, {args.new_tokens} new tokens, "
+          f"adapter FLOP share {w.adapter_flop_share(live, live.fastcl):.1%}")
+    for name in args.variant:
+        timed, undo = variant_model(name, model, live)
+        runs = {"unpatched": w.generation(model, prompt, args.new_tokens), name: w.generation(timed, prompt, args.new_tokens)}
+        seconds = {k: [] for k in runs}
+        try:
+            for _ in range(args.rounds + 1):  # the first round warms up
+                for key, run in runs.items():
+                    start = time.perf_counter()
+                    run()
+                    seconds[key].append(time.perf_counter() - start)
+        finally:
+            undo()
+        median = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in seconds.items()}
+        print(f"{name:12s} {median[name] * 1e3:8.1f} ms against unpatched {median['unpatched'] * 1e3:8.1f} ms: "
+              f"{median[name] / median['unpatched'] - 1:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
