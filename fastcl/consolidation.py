@@ -121,6 +121,16 @@ def write_merge(modules: dict[str, FastLinear]) -> float:
     return delta_sq**0.5
 
 
+@torch.no_grad()
+def copy_into(buffers: dict[str, torch.Tensor], name: str, W: torch.Tensor) -> torch.Tensor:
+    """W copied into buffers[name], allocated only when missing or of another shape, dtype or
+    device: snapshots taken merge after merge reuse their memory."""
+    buffer = buffers.get(name)
+    if buffer is None or buffer.shape != W.shape or buffer.dtype != W.dtype or buffer.device != W.device:
+        buffer = buffers[name] = torch.empty_like(W, memory_format=torch.contiguous_format)
+    return buffer.copy_(W)
+
+
 class GateWindow:
     """Merges committed since the gate last passed, when it checks only every `gate_every`-th
     merge, and the weights as they were before the first of them, so that a refusal can undo
@@ -137,11 +147,7 @@ class GateWindow:
         for name, module in live.items():
             if name in self.before:
                 continue
-            W = module.weight_matrix()
-            buffer = self._buffers.get(name)
-            if buffer is None or buffer.shape != W.shape or buffer.dtype != W.dtype or buffer.device != W.device:
-                buffer = self._buffers[name] = torch.empty_like(W, memory_format=torch.contiguous_format)
-            self.before[name] = buffer.copy_(W)
+            self.before[name] = copy_into(self._buffers, name, module.weight_matrix())
         self.merges += 1
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from . import state as state_io
 from .config import LearnerConfig
-from .consolidation import ConsolidationReport, GateWindow, MergeChecker, Snapshot, write_merge
+from .consolidation import ConsolidationReport, GateWindow, MergeChecker, Snapshot, copy_into, write_merge
 from .distributed import Replicas
 from .batching import as_rows, prompt_response_batch
 from .errors import ConsolidationError, FastclError, InputError
@@ -387,11 +387,7 @@ class Learner:
         weights = {}
         if self.config.keep_rollback:
             for name, m in live.items():
-                W = m.weight_matrix()
-                buffer = self._rollback_buffers.get(name)
-                if buffer is None or buffer.shape != W.shape or buffer.dtype != W.dtype or buffer.device != W.device:
-                    buffer = self._rollback_buffers[name] = torch.empty_like(W, memory_format=torch.contiguous_format)
-                weights[name] = buffer.copy_(W)
+                weights[name] = copy_into(self._rollback_buffers, name, m.weight_matrix())
         return Snapshot(
             live=set(live),
             weights=weights,
