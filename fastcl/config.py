@@ -61,8 +61,9 @@ class LearnerConfig:
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
     gate_backoff: int = 2  # a refused update is halved up to this many times, each checked again, before it is dropped
     # The gate scores every gate_every-th merge only (its probe text costs about 4 forwards of a
-    # served request). A refusal then undoes every merge since the gate last passed; until then
-    # the weights from before those merges are kept (one more copy of the merged layers).
+    # served request), and every merge while its last check used more than half a tolerance. A
+    # refusal undoes every merge since the gate last passed; until then the weights from before
+    # those merges are kept (one more copy of the merged layers).
     gate_every: int = 1
 
     def __post_init__(self):

@@ -98,6 +98,10 @@ class GateResult:
     passed: bool
     scores: dict = field(default_factory=dict)  # name -> {"baseline", "score", "drop", "tolerance"}
 
+    def near_limit(self, fraction: float = 0.5) -> bool:
+        """Whether some probe's drop used more than `fraction` of its tolerance."""
+        return any(s["drop"] > fraction * s["tolerance"] for s in self.scores.values())
+
     def __str__(self) -> str:
         parts = [f"{n}: {s['score']:.4f} (baseline {s['baseline']:.4f}, drop {s['drop']:+.4f}, tol {s['tolerance']:g})"
                  for n, s in self.scores.items()]

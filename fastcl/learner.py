@@ -60,6 +60,7 @@ class Learner:
         self._rollback_buffers: dict[str, torch.Tensor] = {}  # reused by every snapshot: no allocation
         self._merge_checker = MergeChecker()
         self._gate_window = GateWindow()  # merges not yet checked by the gate (config.gate_every)
+        self._gate_interval = config.gate_every  # merges per gate check now: 1 while drift is near the limit
         self._weight_norm: Optional[float] = None
         self._attached = True
         self._vocab_size = model.get_input_embeddings().num_embeddings
@@ -232,8 +233,9 @@ class Learner:
         baseline, nothing is merged, the fast weights are dropped and the report says so
         (committed=False, gate=the scores). With config.gate_backoff = k, a refused update is first
         halved up to k times and merged at the first strength that passes (report.halvings).
-        With config.gate_every = n > 1 the gate scores only every n-th merge; the merges between
-        are committed unchecked (report.gate None), and a refusal undoes them too, bit-exactly
+        With config.gate_every = n > 1 the gate scores only every n-th merge while its last check
+        used at most half of every tolerance, and every merge otherwise; the merges between are
+        committed unchecked (report.gate None), and a refusal undoes them too, bit-exactly
         (report.undone). gate=False merges unchecked and accepts the window so far.
 
         All or nothing: every merged weight is checked finite before any is written. The state
@@ -247,7 +249,7 @@ class Learner:
         bounds = self._merge_checker.check(live)
         window = self._gate_window
         gated = gate and bool(live) and bool(self.recipe.gate.probes)
-        check_now = gated and window.merges + 1 >= self.config.gate_every
+        check_now = gated and window.merges + 1 >= self._gate_interval
         gate = self.recipe.check_gate(skip=not check_now) if gated else None
         halvings, unhalved = 0, None
         if gate is not None and not gate.passed and self.config.gate_backoff:
@@ -259,6 +261,9 @@ class Learner:
                         m.B.mul_(0.5)
                 halvings += 1
                 gate = self.recipe.check_gate()
+        if gate is not None:
+            # Drift near the tolerance: check every merge, so a refusal costs one merge, not a window.
+            self._gate_interval = 1 if (not gate.passed or gate.near_limit()) else self.config.gate_every
         if gate is not None and not gate.passed:
             discarded = self._discard_pending("consolidate() refused by the gate")
             undone = 0

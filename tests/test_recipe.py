@@ -290,12 +290,41 @@ def test_gate_every_checks_every_nth_merge_and_a_refusal_undoes_the_unchecked_on
     assert learner.counters.gate_undone == 2 and learner.counters.gate_refusals == 1
     with pytest.raises(fastcl.ConsolidationError, match="nothing to roll back"):
         learner.rollback()  # the last merge was undone with the window
-    # A fresh window: two unchecked harmless merges, then a check that passes and accepts them.
+    # After a refusal the next merge is checked; with the drift far from the limit again the
+    # schedule goes back to every third: two unchecked merges, then a check that accepts them.
+    reports = []
+    for _ in range(4):
+        plant(learner, 1e-3)
+        reports.append(learner.consolidate())
+    assert [r.gate is not None for r in reports] == [True, False, False, True]
+    assert all(r.committed for r in reports) and reports[-1].gate.passed
+    assert learner.counters.gate_skipped == 4 and len(calls) == 4 and learner._gate_window.merges == 0
+
+
+def test_gate_every_checks_every_merge_while_drift_is_near_the_tolerance():
+    model, learner = patched(consolidate_every=0, gate_every=3)
+    drift = {"now": 0.0}
+    learner.add_probe(lambda m: -drift["now"], tolerance=0.05, name="drift")
+    checked = []
+    for now in (0.0, 0.0, 0.0, 0.03, 0.03, 0.01, 0.01, 0.01, 0.01):
+        drift["now"] = now  # what the probe reads at this merge
+        plant(learner, 1e-3)
+        checked.append(learner.consolidate().gate is not None)
+    # Every third merge is checked: 3 reads 0, 6 reads 0.01, both under half the tolerance
+    # (0.025), so the schedule stays; 4 and 5 drift to 0.03 unseen, as gate_every allows.
+    assert checked == [False, False, True, False, False, True, False, False, True]
+    drift["now"] = 0.04  # a check near the limit (0.04 > 0.025): every merge is checked after it
     for _ in range(3):
         plant(learner, 1e-3)
-        report = learner.consolidate()
-    assert report.committed and report.gate.passed and learner.counters.gate_skipped == 4
-    assert len(calls) == 3 and learner._gate_window.merges == 0
+        checked.append(learner.consolidate().gate is not None)
+    assert checked[-3:] == [False, False, True]
+    plant(learner, 1e-3)
+    assert learner.consolidate().gate is not None  # right after the near-limit check
+    drift["now"] = 0.0
+    plant(learner, 1e-3)
+    assert learner.consolidate().gate is not None  # checked: the last check was near the limit; this one is not
+    plant(learner, 1e-3)
+    assert learner.consolidate().gate is None  # headroom again: back to every third
 
 
 def test_gate_every_rollback_steps_the_window_back():
