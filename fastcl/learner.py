@@ -247,7 +247,7 @@ class Learner:
         start = time.perf_counter()
         live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
         bounds = self._merge_checker.check(live)
-        window = self._gate_window
+        window, asked_for_gate = self._gate_window, gate
         gated = gate and bool(live) and bool(self.recipe.gate.probes)
         check_now = gated and window.merges + 1 >= self._gate_interval
         gate = self.recipe.check_gate(skip=not check_now) if gated else None
@@ -282,7 +282,7 @@ class Learner:
         if gated and gate is None:
             window.cover(live)  # unchecked: keep what this merge overwrites until the gate passes
             self.counters.gate_skipped += 1
-        else:
+        elif gate is not None or (live and not asked_for_gate):
             window.close()  # checked and passed, or merged with gate=False: the window is accepted
         self._snapshot = self._take_snapshot(live)
         if halvings:

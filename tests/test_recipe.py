@@ -339,6 +339,8 @@ def test_gate_every_rollback_steps_the_window_back():
     for _ in range(2):
         plant(learner, 1e-3)
         learner.consolidate()
+    learner.consolidate()  # nothing live: nothing merged, and the open window stays open
+    assert learner._gate_window.merges == 2
     learner.rollback()
     assert learner._gate_window.merges == 1
     plant(learner, 5.0)
