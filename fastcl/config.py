@@ -63,8 +63,9 @@ class LearnerConfig:
     # The gate scores every gate_every-th merge only (its probe text costs about 4 forwards of a
     # served request), and every merge while its last check used more than half a tolerance. A
     # refusal undoes every merge since the gate last passed; until then the weights from before
-    # those merges are kept (one more copy of the merged layers).
-    gate_every: int = 1
+    # those merges are kept (one more copy of the merged layers). 4: learned bit-identically to 1 on
+    # six development streams and seeds 1-3, at 29% less learning cost (bench/RESULTS.md).
+    gate_every: int = 4
 
     def __post_init__(self):
         if isinstance(self.targets, str):

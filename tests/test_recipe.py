@@ -181,7 +181,7 @@ def test_anchor_pulls_general_behaviour_back_to_the_reference():
 
 
 def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
-    model, learner = patched(consolidate_every=0)
+    model, learner = patched(consolidate_every=0, gate_every=1)  # every merge checked (gate_every: below)
     probe_ids = torch.tensor([rows(14, 1, low=30, high=31)[0]])
 
     with torch.no_grad():
@@ -214,7 +214,7 @@ def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
 def test_gate_backoff_merges_a_halved_update_or_refuses_and_rollback_restores_it(backoff):
     from fastcl.consolidation import merged_weight
 
-    model, learner = patched(consolidate_every=0, gate_backoff=backoff)
+    model, learner = patched(consolidate_every=0, gate_backoff=backoff, gate_every=1)
 
     def largest_fast_weight(m):  # a probe the halvings move predictably: -max |B| of the live layers
         live = [mod.B.detach().abs().max() for mod in learner.modules.values() if mod.enabled]
