@@ -1,7 +1,9 @@
 """Build fastcl: pure Python everywhere, plus the CUDA extension fastcl._C where it can be built.
 
 FASTCL_BUILD_CUDA=1 requires the extension, =0 never builds it, unset builds it when torch has
-CUDA and nvcc is found. TORCH_CUDA_ARCH_LIST chooses the architectures (default "8.0;9.0a").
+CUDA and nvcc is found. The small C++ extension fastcl._serving (csrc/serving: the decode closure,
+any device) is built whenever torch is importable at build time; FASTCL_BUILD_SERVING=0 skips it,
+=1 makes its failure fail the build (unset, a failed compile leaves the pure-Python closure). TORCH_CUDA_ARCH_LIST chooses the architectures (default "8.0;9.0a").
 FASTCL_LOCAL_VERSION sets the wheel's local version label (fastcl-0.1.0+<label>); unset, a
 CUDA build is labelled after torch's CUDA ("cu124"), a pure build gets no label.
 The Triton kernels live in kernels/ and install as fastcl.kernels.
@@ -34,6 +36,11 @@ def cuda_sources():
     """The extension's translation units: kernels and launchers (.cu), the torch binding (.cpp)."""
     csrc = ROOT / "csrc"
     return [str(p.relative_to(ROOT)) for p in sorted(csrc.glob("*.cu")) + sorted(csrc.glob("*.cpp"))]
+
+
+def serving_sources():
+    """fastcl._serving's translation units: torch C++ only, no CUDA (csrc/serving)."""
+    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "serving").glob("*.cpp"))]
 
 
 def base_version():
@@ -79,6 +86,22 @@ def cuda_build_wanted():
     return False, reason
 
 
+def serving_build_wanted():
+    """(build fastcl._serving?, why not). It needs only a C++ compiler and torch's CPU headers."""
+    flag = os.environ.get("FASTCL_BUILD_SERVING")
+    if flag == "0":
+        return False, "FASTCL_BUILD_SERVING=0"
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    except ImportError:
+        reason = "torch is not importable at build time (install torch first, build with --no-build-isolation)"
+    else:
+        return True, ""
+    if flag == "1":
+        sys.exit(f"FASTCL_BUILD_SERVING=1 but fastcl._serving cannot be built: {reason}")
+    return False, reason
+
+
 def _torch_versions():
     try:
         import torch
@@ -98,6 +121,7 @@ def main():
     from setuptools import setup
 
     built, reason = cuda_build_wanted()
+    serving, serving_reason = serving_build_wanted()
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     torch_version, cuda_version = _torch_versions()
     version = package_version(local_version(built, cuda_version))
@@ -108,15 +132,29 @@ def main():
         "torch": torch_version,
         "cuda": cuda_version,
         "arch_list": archs if built else None,
+        "serving_extension": serving,  # attempted; fastcl.info() says whether it imports
+        "serving_extension_reason": serving_reason,
     })
     ext_modules, cmdclass = [], {}
     if built:
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDAExtension
 
-        ext_modules = [CUDAExtension("fastcl._C", cuda_sources(), extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})]
-        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+        ext_modules.append(CUDAExtension("fastcl._C", cuda_sources(),
+                                         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
     else:
         print(f"fastcl: building without the CUDA extension ({reason})")
+    if serving:
+        from torch.utils.cpp_extension import CppExtension
+
+        # optional: without a C++ compiler the install still succeeds, with the Python closure.
+        ext_modules.append(CppExtension("fastcl._serving", serving_sources(), extra_compile_args=CXX_FLAGS,
+                                        optional=os.environ.get("FASTCL_BUILD_SERVING") != "1"))
+    else:
+        print(f"fastcl: building without fastcl._serving ({serving_reason})")
+    if ext_modules:
+        from torch.utils.cpp_extension import BuildExtension
+
+        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
     setup(
         version=version,
         packages=["fastcl", "fastcl.ops", "fastcl.kernels"],

@@ -5,7 +5,10 @@ rounds of the same process, median of the rounds.
     FASTCL_BENCH_THREADS=1 .venv/bin/python bench/generation_bounds.py [--variant ...] [--rounds 7]
 
 Variants (the last three are bounds for diagnosis, not product code paths):
-  live         the patched model with live fast weights, as served (what the benchmark times)
+  live         the patched model with live fast weights, as served (what the benchmark times;
+               its decode closure is C++ when fastcl._serving is built, fastcl.info() says)
+  python_closure  live, with the torch backend's decode closure in Python (as without
+               fastcl._serving): what the compiled closure wins
   copy         an unpatched deep copy: what a second model's memory placement alone changes
   lean_python  live, with FastLinear.forward cut to the serving call (no checks): the most that
                thinner Python in front of the closure could win
@@ -28,8 +31,16 @@ import torch.nn.functional as F
 import fastcl.models
 import workloads as w
 from fastcl.layers import FastLinear
+from fastcl.ops import reference
 
-VARIANTS = ["live", "copy", "lean_python", "merged"]
+VARIANTS = ["live", "python_closure", "copy", "lean_python", "merged"]
+
+
+def drop_prepared_closures(model) -> None:
+    """Make every layer prepare its decode closure again (the cache key does not name the closure kind)."""
+    for module in model.modules():
+        if isinstance(module, FastLinear):
+            module._serving = None
 
 
 def variant_model(name: str, model, live):
@@ -38,6 +49,15 @@ def variant_model(name: str, model, live):
         return copy.deepcopy(model), lambda: None
     if name == "live":
         return live, lambda: None
+    if name == "python_closure":
+        compiled = reference.compiled_serving_forward
+        reference.compiled_serving_forward = None
+        drop_prepared_closures(live)
+
+        def restore():
+            reference.compiled_serving_forward = compiled
+            drop_prepared_closures(live)
+        return live, restore
     original = FastLinear.forward
     if name == "lean_python":
         def forward(self, x):

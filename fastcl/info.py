@@ -32,6 +32,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def serving_closure() -> str:
+    """Which decode closure the torch backend serves live fast weights with, and why."""
+    from .ops import reference
+
+    if reference.compiled_serving_forward is not None:
+        return "C++ (fastcl._serving)"
+    why = build_info().get("serving_extension_reason") or "fastcl._serving did not build or import"
+    return f"Python ({why})"
+
+
 def info() -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {}
@@ -46,5 +56,6 @@ def info() -> dict:
         "auto_backend": backends.resolve("auto", device),
         "cpu_native_bf16": cpu_has_native_bf16(),  # backward_dtype="auto" runs input gradients in bf16 (fp32 models)
         "backends": report,
+        "decode_closure": serving_closure(),
         "build": build_info(),
     }

@@ -271,6 +271,14 @@ def test_build_switch_on_cpu_torch(monkeypatch):
         SETUP.cuda_build_wanted()
 
 
+def test_serving_extension_switch(monkeypatch):
+    assert SETUP.serving_sources() == ["csrc/serving/serving_forward.cpp"]
+    monkeypatch.delenv("FASTCL_BUILD_SERVING", raising=False)
+    assert SETUP.serving_build_wanted() == (True, "")
+    monkeypatch.setenv("FASTCL_BUILD_SERVING", "0")
+    assert SETUP.serving_build_wanted() == (False, "FASTCL_BUILD_SERVING=0")
+
+
 def test_base_version_is_the_package_version():
     import fastcl
 
@@ -292,21 +300,25 @@ _SMOKE = textwrap.dedent("""
     ok = torch.allclose(y, x @ W.t() + 0.5 * (x @ A.t()) @ B.t(), atol=1e-5)
     print(json.dumps({"file": fastcl.__file__, "dist_version": importlib.metadata.version("fastcl"),
                       "info": fastcl.info(), "has_C": importlib.util.find_spec("fastcl._C") is not None,
+                      "has_serving": importlib.util.find_spec("fastcl._serving") is not None,
                       "op_ok": ok}, default=str))
 """)
 
 
-def test_pure_wheel_builds_installs_and_reports_why_cuda_is_unavailable(tmp_path):
+def test_cpu_wheel_builds_installs_and_reports_why_cuda_is_unavailable(tmp_path):
+    """On CPU torch the wheel holds fastcl._serving (the C++ decode closure) but never fastcl._C."""
     if torch.version.cuda is not None:
         pytest.skip("torch here has CUDA: the wheel would include the extension (this check is for CPU torch)")
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=_IGNORED)  # build in a copy: the checkout stays untouched
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTCL_BUILD_CUDA", "PIP_REQUIRE_VIRTUALENV")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FASTCL_BUILD_CUDA", "FASTCL_BUILD_SERVING", "PIP_REQUIRE_VIRTUALENV")}
     env["FASTCL_LOCAL_VERSION"] = "cpu"
     _run([sys.executable, "-m", "pip", "wheel", ".", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "dist")],
          "pip wheel", cwd=src, env=env)
     wheels = list((tmp_path / "dist").glob("*.whl"))
-    assert [w.name for w in wheels] == ["fastcl-0.1.0+cpu-py3-none-any.whl"], "expected one pure wheel, +cpu label"
+    assert len(wheels) == 1 and re.fullmatch(r"fastcl-0\.1\.0\+cpu-cp3\d+-cp3\d+-linux_\w+\.whl", wheels[0].name), \
+        f"expected one platform wheel (it holds fastcl._serving), +cpu label: {[w.name for w in wheels]}"
 
     # A fresh venv without pip (fast); the wheel goes in first, and only then does a .pth lend it
     # the dependencies already installed here (torch, transformers), so pip never sees this
@@ -325,6 +337,7 @@ def test_pure_wheel_builds_installs_and_reports_why_cuda_is_unavailable(tmp_path
     assert report["dist_version"] == "0.1.0+cpu"
     assert report["op_ok"]
     assert not report["has_C"], "a CPU build must not ship fastcl._C"
+    assert report["has_serving"] and report["info"]["decode_closure"] == "C++ (fastcl._serving)"
     cuda = report["info"]["backends"]["cuda"]
     assert not cuda["available"]
     assert cuda["reason"] == f"fastcl._C was not built: torch {torch.__version__} is a CPU build"

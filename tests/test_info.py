@@ -7,6 +7,7 @@ def test_info_reports_version_and_backends():
     assert info["version"] == fastcl.__version__
     assert set(info["backends"]) == {"torch", "triton", "cuda"}
     assert info["backends"]["torch"]["available"]
+    assert info["decode_closure"].startswith(("C++", "Python ("))
     for name, entry in info["backends"].items():
         assert entry["available"] or entry["reason"], f"{name} unavailable without a reason"
 

@@ -189,3 +189,28 @@ def test_eager_path_matches_the_registered_op_bit_for_bit(dtype, bias):
         results.append((y.detach(), xi.grad, grad_B, served))
     for name, eager, op in zip(("y", "dX", "dB", "no-grad y"), *results):
         assert torch.equal(eager, op), f"{name}: the eager path differs from the registered op"
+
+
+def test_compiled_serving_closure_is_built_and_matches_the_python_one_bit_for_bit(monkeypatch):
+    """fastcl._serving (csrc/serving) runs decode's three products in C++; it must give exactly
+    what the Python closure gives: odd shapes, 1 to 3-D input, bias or none, fp32 and bf16."""
+    from fastcl.info import build_info
+
+    if not build_info().get("serving_extension"):
+        pytest.skip("this install did not try to build fastcl._serving (FASTCL_BUILD_SERVING=0 or no torch at build)")
+    compiled = reference.compiled_serving_forward
+    assert compiled is not None, "fastcl._serving was built but does not import"
+    for dtype in (torch.float32, torch.bfloat16):
+        for M, d_in, d_out, bias, lead in ((1, 72, 200, True, ()), (7, 65, 33, False, (1,)), (133, 48, 96, True, (2,))):
+            x, W, b, A, B = make(M, d_in, d_out, 8, dtype, bias, lead)
+            served = {}
+            for name, implementation in (("C++", compiled), ("Python", None)):
+                monkeypatch.setattr(reference, "compiled_serving_forward", implementation)
+                run, _ = reference.serving_forward(W, b, A, B, 0.5, dtype)
+                served[name] = run(x)
+            assert served["C++"].shape == x.shape[:-1] + (d_out,)
+            assert torch.equal(served["C++"], served["Python"]), f"{dtype} M={M}: the compiled closure differs"
+    monkeypatch.setattr(reference, "compiled_serving_forward", compiled)
+    run, _ = reference.serving_forward(W, b, A, B, 0.5, torch.float32)
+    with pytest.raises(RuntimeError, match="input has 3 features, the layer takes 48"):
+        run(torch.zeros(2, 3))
