@@ -31,33 +31,17 @@ import torch.nn.functional as F
 import fastcl.models
 import workloads as w
 from fastcl.layers import FastLinear
-from fastcl.ops import reference
 
 VARIANTS = ["live", "python_closure", "copy", "lean_python", "merged"]
 
-
-def drop_prepared_closures(model) -> None:
-    """Make every layer prepare its decode closure again (the cache key does not name the closure kind)."""
-    for module in model.modules():
-        if isinstance(module, FastLinear):
-            module._serving = None
 
 
 def variant_model(name: str, model, live):
     """The model to time for `name`, and a function that undoes any class patch it made."""
     if name == "copy":
         return copy.deepcopy(model), lambda: None
-    if name == "live":
+    if name in ("live", "python_closure"):
         return live, lambda: None
-    if name == "python_closure":
-        compiled = reference.compiled_serving_forward
-        reference.compiled_serving_forward = None
-        drop_prepared_closures(live)
-
-        def restore():
-            reference.compiled_serving_forward = compiled
-            drop_prepared_closures(live)
-        return live, restore
     original = FastLinear.forward
     if name == "lean_python":
         def forward(self, x):
@@ -98,7 +82,10 @@ def main() -> None:
           f"adapter FLOP share {w.adapter_flop_share(live, live.fastcl):.1%}")
     for name in args.variant:
         timed, undo = variant_model(name, model, live)
-        runs = {"unpatched": w.generation(model, prompt, args.new_tokens), name: w.generation(timed, prompt, args.new_tokens)}
+        run = w.generation(timed, prompt, args.new_tokens)
+        if name == "python_closure":
+            run = w.with_python_decode_closure(run, timed)
+        runs = {"unpatched": w.generation(model, prompt, args.new_tokens), name: run}
         seconds = {k: [] for k in runs}
         try:
             for _ in range(args.rounds + 1):  # the first round warms up

@@ -124,8 +124,12 @@ def main() -> None:
     merged = w.observing(copy.deepcopy(base), prompt, backend=usable[0])[1]
     merged.consolidate()
     variants["consolidated"] = merged.model
+    if "torch" in usable:  # what fastcl._serving's C++ decode closure wins over the Python one
+        variants["live_adapter[torch, Python closure]"] = variants["live_adapter[torch]"]
     for name, model in variants.items():
         run = w.generation(model, prompt, args.new_tokens)
+        if name.endswith("Python closure]"):
+            run = w.with_python_decode_closure(run, model)
         tokens_per_s[name] = args.new_tokens / (time_ms(run, 1, max(3, args.repeat // 3)) / 1e3)
 
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, model=args.model,

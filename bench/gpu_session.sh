@@ -6,19 +6,22 @@
 #   BUDGET_S=520 bash bench/gpu_session.sh
 #   STEPS="build sweep tests_triton" BUDGET_S=300 bash bench/gpu_session.sh     # some steps only
 #
-# Steps, in order: build info sweep tests_triton tests_cuda_backend e2e_smollm profile
-# profile_2mb op_prefill op_decode memcheck (all by default).
+# Steps, in order: build info tests_learner_gpu sweep tests_triton tests_cuda_backend e2e_smollm
+# profile profile_2mb op_prefill op_decode memcheck (all by default).
 #
 # The image's python3 must hold a CUDA torch, triton, transformers, peft, pytest and
 # pytest-benchmark. SmolLM2's GGUF (94 MB) does not travel, so the GPU benchmarks use models
-# built with its shapes and random weights (bench/gpu_end_to_end.py).
+# built with its shapes and random weights (bench/gpu_end_to_end.py); its tokenizer (3 MB) does,
+# for tests/test_learner_gpu.py: save it here with
+#   python -c "import fastcl.models; fastcl.models.load_default()[1].save_pretrained('.gpu_carry/smollm2_tokenizer')"
+# and carry .gpu_carry (ignored through .git/info/exclude).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastcl-gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-520}
-STEPS=${STEPS:-build info sweep tests_triton tests_cuda_backend e2e_smollm profile profile_2mb op_prefill op_decode memcheck}
+STEPS=${STEPS:-build info tests_learner_gpu sweep tests_triton tests_cuda_backend e2e_smollm profile profile_2mb op_prefill op_decode memcheck}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export FASTCL_BUILD_CUDA=${FASTCL_BUILD_CUDA:-1} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
@@ -55,6 +58,12 @@ cat "$OUT/summary.txt"
 step build 240 $PY -m pip install --no-build-isolation --no-deps -v -e . || { tail -40 "$OUT/run.log"; exit 1; }
 step info 30 $PY -c "import fastcl, json; print(json.dumps(fastcl.info(), indent=1, default=str))"
 
+# The learning path on the GPU against the same runs on the CPU (learn, gate, rollback, save/load,
+# the default recipe with the shipped texts).
+step tests_learner_gpu 150 env FASTCL_TEST_TOKENIZER_DIR="${FASTCL_TEST_TOKENIZER_DIR:-.gpu_carry/smollm2_tokenizer}" \
+    $PY -m pytest tests/test_learner_gpu.py -v -ra --tb=short -p no:cacheprovider --junitxml="$OUT/tests_learner_gpu.xml"
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/run.log" | tail -8
+
 # Each tuned Triton config alone, one process per (kernel, config, dtype): a config that faults
 # cannot hide the others (tests/test_triton.py's every-config test stops at the first).
 step sweep 120 $PY bench/triton_config_sweep.py --workers 12 --json "$OUT/triton_sweep.json"
@@ -68,7 +77,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout 120"
 # pytest per backend: a kernel that breaks its process's CUDA context fails every later test
 # in that process, and that must not spill into the other backend's results.
 for suite in triton cuda_backend; do
-    step "tests_$suite" 230 $PY -m pytest "tests/test_$suite.py" -v -ra --tb=short \
+    step "tests_$suite" 300 $PY -m pytest "tests/test_$suite.py" -v -ra --tb=short \
         -p no:cacheprovider $XDIST $TIMEOUT --durations=10 --junitxml="$OUT/tests_$suite.xml"
 done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/run.log" | tail -25

@@ -145,6 +145,29 @@ def generation(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> C
     return run
 
 
+def with_python_decode_closure(run: Callable[[], torch.Tensor], model: nn.Module) -> Callable[[], torch.Tensor]:
+    """`run` with the torch backend's decode closure in Python, as without fastcl._serving (the
+    prepared closures are dropped before and after: their cache key does not name the kind)."""
+    from fastcl.layers import FastLinear
+    from fastcl.ops import reference
+
+    def drop_prepared():
+        for module in model.modules():
+            if isinstance(module, FastLinear):
+                module._serving = None
+
+    def python_run():
+        compiled, reference.compiled_serving_forward = reference.compiled_serving_forward, None
+        drop_prepared()
+        try:
+            return run()
+        finally:
+            reference.compiled_serving_forward = compiled
+            drop_prepared()
+
+    return python_run
+
+
 def learned_copy(model: nn.Module, ids: torch.Tensor, consolidate: bool, rank: int = RANK):
     """A patched copy of `model` whose fast weights are live (B != 0) after one observe and step,
     or merged into the weights again when consolidate is True. Returns (copy, learner)."""

@@ -24,7 +24,8 @@ def test_gpu_end_to_end_runs_on_the_cpu_at_toy_sizes(tmp_path):
     assert set(result["ms"]) >= {"forward", "observe[torch]", "step[torch]", "peft_step"}
     # step[...] is a difference of two timings (observe+step minus observe): it can be noise.
     assert all(result["ms"][k] > 0 for k in ("forward", "observe[torch]", "peft_step"))
-    assert set(result["generate_tokens_per_s"]) == {"unpatched", "live_adapter[torch]", "consolidated"}
+    assert set(result["generate_tokens_per_s"]) == {"unpatched", "live_adapter[torch]", "consolidated",
+                                                    "live_adapter[torch, Python closure]"}
     assert "| observe[torch] |" in proc.stdout
 
 
