@@ -104,3 +104,15 @@ def test_report_prints_both_input_gradient_precisions():
     assert "| offline PEFT step / (observe - forward) | 3.00 |" in table
     assert "| the same two with fp32 input gradients (observe_fp32) | 1.50, 2.00 |" in table
     assert "torch.bfloat16" in table and "| observe_fp32 | 2500.0 ms | 2.50 |" in table
+
+
+def test_report_takes_generation_overhead_round_by_round():
+    report = load_bench("report")
+    seconds = {"unpatched": [1.0, 2.0, 1.0], "live_adapter": [1.1, 2.1, 1.05], "consolidated": [1.0, 2.02, 1.0]}
+    run = {"benchmarks": [{"extra_info": {"generation_seconds": seconds, "adapter_flop_share": 0.036, "new_tokens": 32,
+                                          "prompt_tokens": 9}, "stats": {"median": 4.0}}]}
+    table = report.generation(run)
+    # Paired, round by round (+10%, +5%, +5%): +5%, not the +10% of comparing the medians (1.1 / 1.0).
+    assert "| live_adapter | 29.1 | +5.0% | <= 6.6% (FLOP share 3.6% + 3 points) |" in table
+    assert "| consolidated | 32.0 | +0.0% | <= 1% |" in table
+    assert "| unpatched | 32.0 | +0.0% |" in table
