@@ -149,12 +149,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match generation (faster)")
     parser.add_argument("--json", help="write all numbers here")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the model serves and learns (cuda: a GPU)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = {**DEFAULT, **parse_overrides(args.ablation)}
-    model, tokenizer = fastcl.models.load_default()
+    model, tokenizer = fastcl.models.load_default(device=args.device)
     runs = []
     for seed in args.seeds:
         start = time.perf_counter()
@@ -162,8 +165,9 @@ def main(argv=None) -> int:
         print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     summary = summarize(runs)
     print(f"fastcl continual benchmark: SmolLM2-135M-Instruct, {args.companies} companies x 4 facts, "
-          f"seeds {args.seeds}, options {options}, {cpu_model()}, "
-          f"{torch.get_num_threads()} threads")
+          f"seeds {args.seeds}, options {options}, "
+          + (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{cpu_model()}, {torch.get_num_threads()} threads"))
     print(table(summary))
     if args.json:
         with open(args.json, "w") as handle:

@@ -31,11 +31,19 @@ class Served:
         return self.prompt_tokens + self.response_tokens
 
 
+def _finish(model) -> None:
+    """Wait for the model's queued GPU work, so that a timer read next charges it to the part that
+    launched it (a no-op on the CPU, where every op has finished when it returns)."""
+    device = E.model_device(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def answer(model, tokenizer, prompt: list[int], max_new_tokens: int = 40) -> tuple[list[int], torch.Tensor]:
     """Greedy answer and, per answer token, its log-probability under the prompt (from the
     logits generation computed anyway)."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=E.model_device(model))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt):]
@@ -54,10 +62,12 @@ def serve(model, tokenizer, learner, facts: Sequence[Fact], progress=None,
         student = E.chat_ids(tokenizer, fact.served_question)
         start = time.perf_counter()
         response, teacher_logprobs = answer(model, tokenizer, teacher, max_new_tokens)
+        _finish(model)
         served.serve_seconds += time.perf_counter() - start
         start = time.perf_counter()
         if learner is not None:
             learner.learn(teacher, response, student, teacher_logprobs=teacher_logprobs)
+            _finish(model)  # else learn()'s backward would be timed as the next answer's serving
         served.learn_seconds += time.perf_counter() - start
         served.requests += 1
         served.prompt_tokens += len(teacher)
@@ -75,10 +85,12 @@ def serve(model, tokenizer, learner, facts: Sequence[Fact], progress=None,
 @torch.no_grad()
 def forward_seconds(model, tokenizer, facts: Sequence[Fact], answers: Sequence[list[int]]) -> float:
     """A plain no-grad forward over every served sequence: the unit learning costs are given in."""
+    device = E.model_device(model)
     start = time.perf_counter()
     for fact, response in zip(facts, answers):
         prompt = E.chat_ids(tokenizer, E.with_context(fact.document, fact.served_question))
-        model(input_ids=torch.tensor([prompt + list(response)]))
+        model(input_ids=torch.tensor([prompt + list(response)], device=device))
+    _finish(model)
     return time.perf_counter() - start
 
 

@@ -26,6 +26,11 @@ def with_context(document: str, question: str) -> str:
     return f"{document}\n\n{question}"
 
 
+def model_device(model) -> torch.device:
+    """Where the model's weights live: ids built on the host go there before a forward."""
+    return next(model.parameters()).device
+
+
 def _cache_argument(model) -> str:
     """transformers renamed `past_key_values` to `cache`; use whichever this model takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -37,13 +42,14 @@ def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int
 
     The prompt runs once; its KV cache is shared by the options, which run as one padded batch.
     """
-    out = model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+    device = model_device(model)
+    out = model(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True)
     first = out.logits[0, -1].float().log_softmax(-1)
     cache = out["cache"] if "cache" in out else out.past_key_values
     cache.batch_repeat_interleave(len(options))
     ids, mask = pad_right(options, pad_id=0)
-    full_mask = torch.cat([torch.ones(len(options), len(prompt), dtype=torch.long), mask], 1)
-    logits = model(input_ids=ids, attention_mask=full_mask, **{_cache_argument(model): cache}).logits
+    full_mask = torch.cat([torch.ones(len(options), len(prompt), dtype=torch.long), mask], 1).to(device)
+    logits = model(input_ids=ids.to(device), attention_mask=full_mask, **{_cache_argument(model): cache}).logits
     rest = logits[:, :-1].float().log_softmax(-1)
     scores = []
     for i, option in enumerate(options):
@@ -125,10 +131,10 @@ def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple
 @torch.no_grad()
 def exact_match(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> float:
     """Closed-book greedy answers to the held-out phrasings that contain the true value."""
-    hits, total = 0, 0
+    hits, total, device = 0, 0, model_device(model)
     for f in facts:
         for q in f.eval_questions:
-            prompt = torch.tensor([chat_ids(tokenizer, q)])
+            prompt = torch.tensor([chat_ids(tokenizer, q)], device=device)
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
             text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
@@ -155,7 +161,7 @@ def load_text(name: str) -> str:
 @torch.no_grad()
 def mean_log_likelihood(model, ids: Sequence[int], window: int = 256) -> float:
     """Mean next-token log-likelihood (nats per token) over consecutive windows of ids."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     total, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = torch.tensor([ids[start: start + window + 1]], device=device)

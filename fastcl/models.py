@@ -25,8 +25,9 @@ def default_model_path() -> Path:
     return path
 
 
-def load_default(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for SmolLM2-135M-Instruct, dequantized to `dtype`, in eval mode.
+def load_default(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, dequantized to `dtype`, in eval mode, on
+    `device` (the GGUF is read on the host, then moved).
 
     Never touches a model hub: HF_HUB_OFFLINE is set for the load.
     """
@@ -41,5 +42,5 @@ def load_default(dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except ImportError as exc:  # transformers names the missing gguf / accelerate package
         raise ImportError(f"{exc}\nInstall what the GGUF loader needs: {INSTALL_HINT}") from exc
-    model.eval()
+    model.to(device).eval()
     return model, tokenizer

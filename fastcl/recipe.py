@@ -112,7 +112,7 @@ class Recipe:
         for item in items:
             item.teacher_logprobs = token_logprobs[offset: offset + len(item.response)]
             offset += len(item.response)
-        self.costs["teacher"] += time.perf_counter() - start
+        self.costs["teacher"] += self._seconds_since(start)
         self.tokens["teacher"] += int(batch.attention_mask.sum())
 
     def accumulate(self, items: list[Interaction], component: str) -> int:
@@ -136,14 +136,15 @@ class Recipe:
             plain += contextual
         if plain:
             learned += self._accumulate_next_token(plain)
-        self.costs[component] += time.perf_counter() - start
+        self.costs[component] += self._seconds_since(start)
         self.tokens[component] += sum(len(i.prompt) + len(i.response) for i in items)
         return learned
 
     def _accumulate_gain(self, items: list[Interaction]) -> int:
         learner = self.learner
         batch = prompt_response_batch([i.student for i in items], [i.response for i in items], 0, learner.device)
-        teacher = torch.cat([i.teacher_logprobs for i in items]).to(learner.device)
+        # Given ones are kept on the host, scored ones where the model is; replay mixes both.
+        teacher = torch.cat([i.teacher_logprobs.to(learner.device) for i in items])
         weights = torch.tensor([i.weight for i in items], device=learner.device)
         learned_count = []
         fitting = self._fit_projection_to(batch)
@@ -216,7 +217,7 @@ class Recipe:
             if self.anchor is not None and learner.counters.tokens_pending > 0:
                 start = time.perf_counter()
                 _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
-                self.costs["anchor"] += time.perf_counter() - start
+                self.costs["anchor"] += self._seconds_since(start)
                 self.tokens["anchor"] += tokens
             stepped |= learner.step()
         self._inner_steps(stepped)
@@ -230,9 +231,17 @@ class Recipe:
         if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
             start, gate_seconds = time.perf_counter(), self.costs["gate"]
             consolidation = learner.consolidate()
-            self.costs["consolidate"] += time.perf_counter() - start - (self.costs["gate"] - gate_seconds)
+            self.costs["consolidate"] += self._seconds_since(start) - (self.costs["gate"] - gate_seconds)
             self.steps_since_consolidation = 0
         return stepped, consolidation
+
+    def _seconds_since(self, start: float) -> float:
+        """Seconds since `start`, once the GPU has run what was queued: without the wait, a
+        component's kernels would be charged to whichever one next reads a result."""
+        device = self.learner.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
     def _replay_sample(self) -> list:
         """The newest replay_recent requests of the buffer, and replay_per_step of the others at
@@ -275,5 +284,5 @@ class Recipe:
             self.gate.measure_baseline(self.learner)
         else:
             result = self.gate.check(self.learner)
-        self.costs["gate"] += time.perf_counter() - start
+        self.costs["gate"] += self._seconds_since(start)
         return result
