@@ -15,7 +15,10 @@ Variants (the last three are bounds for diagnosis, not product code paths):
   merged       each layer serves F.linear(x, W + c B A) from a merged copy: no adapter work at
                all, at the price of a second copy of every patched weight, rebuilt whenever B
                changes (the rebuild time is printed too)
-Differences of a point or two between runs are noise here: rerun and compare medians.
+Each round times the unpatched model and the variants in a rotating order; the overhead is the
+median over rounds of the variant's time against the unpatched model's in the same round.
+live and python_closure are timed in the same rounds. Differences of a point or two between
+runs are noise here: rerun and compare.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import time
 
 import torch
@@ -80,25 +84,35 @@ def main() -> None:
     prompt = tokenizer(w.PROMPT, return_tensors="pt")["input_ids"]
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, {args.new_tokens} new tokens, "
           f"adapter FLOP share {w.adapter_flop_share(live, live.fastcl):.1%}")
-    for name in args.variant:
-        timed, undo = variant_model(name, model, live)
-        run = w.generation(timed, prompt, args.new_tokens)
-        if name == "python_closure":
-            run = w.with_python_decode_closure(run, timed)
-        runs = {"unpatched": w.generation(model, prompt, args.new_tokens), name: run}
-        seconds = {k: [] for k in runs}
+    # live and python_closure serve the same model without patching the class: timed together,
+    # so their difference is measured side by side; each other variant is timed on its own.
+    together = [n for n in ("live", "python_closure") if n in args.variant]
+    groups = ([together] if together else []) + [[n] for n in args.variant if n not in together]
+    for group in groups:
+        runs, undos = {"unpatched": w.generation(model, prompt, args.new_tokens)}, []
+        for name in group:
+            timed, undo = variant_model(name, model, live)
+            undos.append(undo)
+            runs[name] = w.generation(timed, prompt, args.new_tokens)
+            if name == "python_closure":
+                runs[name] = w.with_python_decode_closure(runs[name], timed)
+        names = list(runs)
+        seconds = {k: [] for k in names}
         try:
-            for _ in range(args.rounds + 1):  # the first round warms up
-                for key, run in runs.items():
+            for i in range(args.rounds + 1):  # the first round warms up
+                # The order rotates: whichever runs right after another model pays for its cold caches.
+                for key in names[i % len(names):] + names[:i % len(names)]:
                     start = time.perf_counter()
-                    run()
+                    runs[key]()
                     seconds[key].append(time.perf_counter() - start)
         finally:
-            undo()
-        median = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in seconds.items()}
-        print(f"{name:12s} {median[name] * 1e3:8.1f} ms against unpatched {median['unpatched'] * 1e3:8.1f} ms: "
-              f"{median[name] / median['unpatched'] - 1:+.1%}")
-
+            for undo in undos:
+                undo()
+        base = seconds["unpatched"][1:]
+        for name in group:
+            ratio = statistics.median(t / u for t, u in zip(seconds[name][1:], base))
+            print(f"{name:12s} {statistics.median(seconds[name][1:]) * 1e3:8.1f} ms against unpatched "
+                  f"{statistics.median(base) * 1e3:8.1f} ms: {ratio - 1:+.1%} (median of same-round ratios)")
 
 if __name__ == "__main__":
     main()
