@@ -64,42 +64,52 @@ def package_version(label):
     return base_version() + (f"+{label}" if label else "")
 
 
-def cuda_build_wanted():
-    """(build the extension?, why not)."""
-    flag = os.environ.get("FASTCL_BUILD_CUDA")
+_NO_TORCH = "torch is not importable at build time (install torch first, build with --no-build-isolation)"
+
+
+def _build_switch(variable, what, why_not):
+    """(build `what`?, why not) under the switch `variable`: 0 never, 1 required (the build stops
+    with the reason), unset when it can. why_not() returns "" when it can be built."""
+    flag = os.environ.get(variable)
     if flag == "0":
-        return False, "FASTCL_BUILD_CUDA=0"
+        return False, f"{variable}=0"
+    reason = why_not()
+    if not reason:
+        return True, ""
+    if flag == "1":
+        sys.exit(f"{variable}=1 but {what} cannot be built: {reason}")
+    return False, reason
+
+
+def _cuda_missing():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
-        reason = "torch is not importable at build time (install torch first, build with --no-build-isolation)"
-    else:
-        if torch.version.cuda is None:
-            reason = f"torch {torch.__version__} is a CPU build"
-        elif CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
-            reason = "nvcc not found (set CUDA_HOME)"
-        else:
-            return True, ""
-    if flag == "1":
-        sys.exit(f"FASTCL_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
-    return False, reason
+        return _NO_TORCH
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        return "nvcc not found (set CUDA_HOME)"
+    return ""
+
+
+def _torch_cpp_missing():
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    except ImportError:
+        return _NO_TORCH
+    return ""
+
+
+def cuda_build_wanted():
+    """(build the extension?, why not)."""
+    return _build_switch("FASTCL_BUILD_CUDA", "the CUDA extension", _cuda_missing)
 
 
 def serving_build_wanted():
     """(build fastcl._serving?, why not). It needs only a C++ compiler and torch's CPU headers."""
-    flag = os.environ.get("FASTCL_BUILD_SERVING")
-    if flag == "0":
-        return False, "FASTCL_BUILD_SERVING=0"
-    try:
-        import torch.utils.cpp_extension  # noqa: F401
-    except ImportError:
-        reason = "torch is not importable at build time (install torch first, build with --no-build-isolation)"
-    else:
-        return True, ""
-    if flag == "1":
-        sys.exit(f"FASTCL_BUILD_SERVING=1 but fastcl._serving cannot be built: {reason}")
-    return False, reason
+    return _build_switch("FASTCL_BUILD_SERVING", "fastcl._serving", _torch_cpp_missing)
 
 
 def _torch_versions():

@@ -277,6 +277,12 @@ def test_serving_extension_switch(monkeypatch):
     assert SETUP.serving_build_wanted() == (True, "")
     monkeypatch.setenv("FASTCL_BUILD_SERVING", "0")
     assert SETUP.serving_build_wanted() == (False, "FASTCL_BUILD_SERVING=0")
+    monkeypatch.setattr(SETUP, "_torch_cpp_missing", lambda: "no torch here")
+    monkeypatch.delenv("FASTCL_BUILD_SERVING")
+    assert SETUP.serving_build_wanted() == (False, "no torch here")
+    monkeypatch.setenv("FASTCL_BUILD_SERVING", "1")
+    with pytest.raises(SystemExit, match="FASTCL_BUILD_SERVING=1 but fastcl._serving cannot be built: no torch here"):
+        SETUP.serving_build_wanted()
 
 
 def test_base_version_is_the_package_version():
