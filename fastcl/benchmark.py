@@ -13,6 +13,7 @@ import torch
 
 from . import evaluate as E
 from .facts import Fact
+from .timing import seconds_since
 
 
 @dataclass
@@ -29,14 +30,6 @@ class Served:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.response_tokens
-
-
-def _finish(model) -> None:
-    """Wait for the model's queued GPU work, so that a timer read next charges it to the part that
-    launched it (a no-op on the CPU, where every op has finished when it returns)."""
-    device = E.model_device(model)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -56,19 +49,18 @@ def serve(model, tokenizer, learner, facts: Sequence[Fact], progress=None,
           max_new_tokens: int = 40) -> Served:
     """Serve each fact's served question with its document in context, learn from the answer
     (the student sees the question alone), and call on_checkpoint every `every` requests."""
-    served = Served()
+    served, device = Served(), E.model_device(model)
     for i, fact in enumerate(facts):
         teacher = E.chat_ids(tokenizer, E.with_context(fact.document, fact.served_question))
         student = E.chat_ids(tokenizer, fact.served_question)
         start = time.perf_counter()
         response, teacher_logprobs = answer(model, tokenizer, teacher, max_new_tokens)
-        _finish(model)
-        served.serve_seconds += time.perf_counter() - start
+        served.serve_seconds += seconds_since(start, device)
         start = time.perf_counter()
         if learner is not None:
             learner.learn(teacher, response, student, teacher_logprobs=teacher_logprobs)
-            _finish(model)  # else learn()'s backward would be timed as the next answer's serving
-        served.learn_seconds += time.perf_counter() - start
+        # The wait matters on a GPU: learn()'s backward would be timed as the next answer's serving.
+        served.learn_seconds += seconds_since(start, device)
         served.requests += 1
         served.prompt_tokens += len(teacher)
         served.response_tokens += len(response)
@@ -90,8 +82,7 @@ def forward_seconds(model, tokenizer, facts: Sequence[Fact], answers: Sequence[l
     for fact, response in zip(facts, answers):
         prompt = E.chat_ids(tokenizer, E.with_context(fact.document, fact.served_question))
         model(input_ids=torch.tensor([prompt + list(response)], device=device))
-    _finish(model)
-    return time.perf_counter() - start
+    return seconds_since(start, device)
 
 
 def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False, exact: bool = True,

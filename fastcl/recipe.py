@@ -21,6 +21,7 @@ from .errors import FastclError, InputError
 from .guard import Anchor, Gate, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
 from .loss import context_gain_loss, next_token_loss_on
+from .timing import seconds_since
 
 BUILTIN_PROBE = "general_text_loglik"
 
@@ -112,7 +113,7 @@ class Recipe:
         for item in items:
             item.teacher_logprobs = token_logprobs[offset: offset + len(item.response)]
             offset += len(item.response)
-        self.costs["teacher"] += self._seconds_since(start)
+        self.costs["teacher"] += seconds_since(start, learner.device)
         self.tokens["teacher"] += int(batch.attention_mask.sum())
 
     def accumulate(self, items: list[Interaction], component: str) -> int:
@@ -136,7 +137,7 @@ class Recipe:
             plain += contextual
         if plain:
             learned += self._accumulate_next_token(plain)
-        self.costs[component] += self._seconds_since(start)
+        self.costs[component] += seconds_since(start, learner.device)
         self.tokens[component] += sum(len(i.prompt) + len(i.response) for i in items)
         return learned
 
@@ -217,7 +218,7 @@ class Recipe:
             if self.anchor is not None and learner.counters.tokens_pending > 0:
                 start = time.perf_counter()
                 _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
-                self.costs["anchor"] += self._seconds_since(start)
+                self.costs["anchor"] += seconds_since(start, learner.device)
                 self.tokens["anchor"] += tokens
             stepped |= learner.step()
         self._inner_steps(stepped)
@@ -231,17 +232,9 @@ class Recipe:
         if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
             start, gate_seconds = time.perf_counter(), self.costs["gate"]
             consolidation = learner.consolidate()
-            self.costs["consolidate"] += self._seconds_since(start) - (self.costs["gate"] - gate_seconds)
+            self.costs["consolidate"] += seconds_since(start, learner.device) - (self.costs["gate"] - gate_seconds)
             self.steps_since_consolidation = 0
         return stepped, consolidation
-
-    def _seconds_since(self, start: float) -> float:
-        """Seconds since `start`, once the GPU has run what was queued: without the wait, a
-        component's kernels would be charged to whichever one next reads a result."""
-        device = self.learner.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
 
     def _replay_sample(self) -> list:
         """The newest replay_recent requests of the buffer, and replay_per_step of the others at
@@ -284,5 +277,5 @@ class Recipe:
             self.gate.measure_baseline(self.learner)
         else:
             result = self.gate.check(self.learner)
-        self.costs["gate"] += self._seconds_since(start)
+        self.costs["gate"] += seconds_since(start, self.learner.device)
         return result

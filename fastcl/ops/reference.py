@@ -16,9 +16,8 @@ tested against these.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
