@@ -27,5 +27,8 @@ torch::Tensor serving_forward(const torch::Tensor& Wt, const c10::optional<torch
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("serving_forward", &serving_forward, "x W^T + b + scale (x A^T) B^T for decode (operands bound first)");
+  // Without the GIL, as torch's own Python bindings run ops: a server's other Python threads
+  // (learning, tokenizing) go on while the products run.
+  m.def("serving_forward", &serving_forward, "x W^T + b + scale (x A^T) B^T for decode (operands bound first)",
+        py::call_guard<py::gil_scoped_release>());
 }
