@@ -39,7 +39,6 @@ from fastcl.layers import FastLinear
 VARIANTS = ["live", "python_closure", "copy", "lean_python", "merged"]
 
 
-
 def variant_model(name: str, model, live):
     """The model to time for `name`, and a function that undoes any class patch it made."""
     if name == "copy":
@@ -113,6 +112,7 @@ def main() -> None:
             ratio = statistics.median(t / u for t, u in zip(seconds[name][1:], base))
             print(f"{name:12s} {statistics.median(seconds[name][1:]) * 1e3:8.1f} ms against unpatched "
                   f"{statistics.median(base) * 1e3:8.1f} ms: {ratio - 1:+.1%} (median of same-round ratios)")
+
 
 if __name__ == "__main__":
     main()
