@@ -82,7 +82,7 @@ for suite in triton cuda_backend; do
 done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/run.log" | tail -25
 
-step e2e_smollm 150 $PY bench/gpu_end_to_end.py --model SmolLM2-135M --batch 8 --seq 512 --full-step \
+step e2e_smollm 200 $PY bench/gpu_end_to_end.py --model SmolLM2-135M --batch 8 --seq 512 --full-step \
     --json "$OUT/e2e_smollm2.json"
 sed -n '/^SmolLM2-135M shapes/,/^Backends not run\|^=== /p' "$OUT/run.log" | head -40
 
