@@ -1,9 +1,11 @@
-"""Build fastcl: pure Python everywhere, plus the CUDA extension fastcl._C where it can be built.
+"""Build fastcl: pure Python everywhere, plus the C++ decode closure fastcl._serving and the CUDA
+extension fastcl._C where they can be built.
 
 FASTCL_BUILD_CUDA=1 requires the extension, =0 never builds it, unset builds it when torch has
-CUDA and nvcc is found. The small C++ extension fastcl._serving (csrc/serving: the decode closure,
-any device) is built whenever torch is importable at build time; FASTCL_BUILD_SERVING=0 skips it,
-=1 makes its failure fail the build (unset, a failed compile leaves the pure-Python closure). TORCH_CUDA_ARCH_LIST chooses the architectures (default "8.0;9.0a").
+CUDA and nvcc is found. TORCH_CUDA_ARCH_LIST chooses the architectures (default "8.0;9.0a").
+fastcl._serving (csrc/serving, torch C++ only, any device) is built whenever torch is importable
+at build time; FASTCL_BUILD_SERVING=0 skips it, =1 makes a failed compile fail the build (unset,
+a failed compile leaves the Python closure).
 FASTCL_LOCAL_VERSION sets the wheel's local version label (fastcl-0.1.0+<label>); unset, a
 CUDA build is labelled after torch's CUDA ("cu124"), a pure build gets no label.
 The Triton kernels live in kernels/ and install as fastcl.kernels.

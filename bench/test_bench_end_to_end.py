@@ -23,7 +23,9 @@ share. bench/report.py turns the JSON into the ratios the issue asks for:
 from __future__ import annotations
 
 import copy
+import itertools
 import os
+import time
 
 import pytest
 import torch
@@ -125,12 +127,10 @@ def test_generate(benchmark, generators):
     the machine's speed shows in all three alike: a generation overhead of a few points is what is
     judged here, and separate benchmarks a minute apart differed by as much. The timed figure is
     one round of all three; extra_info keeps each one's seconds per round for the report."""
-    import time
-
     models, prompt, share = generators
     runs = {name: w.generation(models[name], prompt, NEW_TOKENS) for name in GENERATION_VARIANTS}
     seconds = {name: [] for name in GENERATION_VARIANTS}
-    rounds = iter(range(10**6))
+    rounds = itertools.count()
 
     def one_round():
         shift = next(rounds) % len(GENERATION_VARIANTS)
