@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 .PHONY: setup demo test bench
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/serving/*.cpp)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)

@@ -9,6 +9,8 @@ Variants (the last three are bounds for diagnosis, not product code paths):
                its decode closure is C++ when fastcl._serving is built, fastcl.info() says)
   python_closure  live, with the torch backend's decode closure in Python (as without
                fastcl._serving): what the compiled closure wins
+  aten_closure live, with fastcl._serving's fused decode loop off (its three ATen calls, as
+               before the loop): what the loop wins
   copy         an unpatched deep copy: what a second model's memory placement alone changes
   lean_python  live, with FastLinear.forward cut to the serving call (no checks): the most that
                thinner Python in front of the closure could win
@@ -17,7 +19,7 @@ Variants (the last three are bounds for diagnosis, not product code paths):
                changes (the rebuild time is printed too)
 Each round times the unpatched model and the variants in a rotating order; the overhead is the
 median over rounds of the variant's time against the unpatched model's in the same round.
-live and python_closure are timed in the same rounds. Differences of a point or two between
+live, python_closure and aten_closure are timed in the same rounds. Differences of a point or two between
 runs are noise here: rerun and compare.
 """
 
@@ -36,14 +38,15 @@ import fastcl.models
 import workloads as w
 from fastcl.layers import FastLinear
 
-VARIANTS = ["live", "python_closure", "copy", "lean_python", "merged"]
+VARIANTS = ["live", "python_closure", "aten_closure", "copy", "lean_python", "merged"]
+CLOSURES = {"python_closure": "python", "aten_closure": "aten"}  # live, decoded by another closure
 
 
 def variant_model(name: str, model, live):
     """The model to time for `name`, and a function that undoes any class patch it made."""
     if name == "copy":
         return copy.deepcopy(model), lambda: None
-    if name in ("live", "python_closure"):
+    if name == "live" or name in CLOSURES:
         return live, lambda: None
     original = FastLinear.forward
     if name == "lean_python":
@@ -83,9 +86,9 @@ def main() -> None:
     prompt = tokenizer(w.PROMPT, return_tensors="pt")["input_ids"]
     print(f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}, {args.new_tokens} new tokens, "
           f"adapter FLOP share {w.adapter_flop_share(live, live.fastcl):.1%}")
-    # live and python_closure serve the same model without patching the class: timed together,
-    # so their difference is measured side by side; each other variant is timed on its own.
-    together = [n for n in ("live", "python_closure") if n in args.variant]
+    # live and the closure variants serve the same model without patching the class: timed
+    # together, so their differences are measured side by side; each other variant on its own.
+    together = [n for n in ["live", *CLOSURES] if n in args.variant]
     groups = ([together] if together else []) + [[n] for n in args.variant if n not in together]
     for group in groups:
         runs, undos = {"unpatched": w.generation(model, prompt, args.new_tokens)}, []
@@ -93,8 +96,8 @@ def main() -> None:
             timed, undo = variant_model(name, model, live)
             undos.append(undo)
             runs[name] = w.generation(timed, prompt, args.new_tokens)
-            if name == "python_closure":
-                runs[name] = w.with_python_decode_closure(runs[name], timed)
+            if name in CLOSURES:
+                runs[name] = w.with_decode_closure(runs[name], timed, CLOSURES[name])
         names = list(runs)
         seconds = {k: [] for k in names}
         try:

@@ -129,7 +129,7 @@ def main() -> None:
     for name, model in variants.items():
         run = w.generation(model, prompt, args.new_tokens)
         if name.endswith("Python closure]"):
-            run = w.with_python_decode_closure(run, model)
+            run = w.with_decode_closure(run, model, "python")
         tokens_per_s[name] = args.new_tokens / (time_ms(run, 1, max(3, args.repeat // 3)) / 1e3)
 
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, model=args.model,

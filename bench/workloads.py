@@ -145,27 +145,33 @@ def generation(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int) -> C
     return run
 
 
-def with_python_decode_closure(run: Callable[[], torch.Tensor], model: nn.Module) -> Callable[[], torch.Tensor]:
-    """`run` with the torch backend's decode closure in Python, as without fastcl._serving (the
-    prepared closures are dropped before and after: their cache key does not name the kind)."""
+def with_decode_closure(run: Callable[[], torch.Tensor], model: nn.Module, kind: str) -> Callable[[], torch.Tensor]:
+    """`run` with another of the torch backend's decode closures: "python" (as without
+    fastcl._serving) or "aten" (fastcl._serving with its fused decode loop off: three ATen calls).
+    The prepared closures are dropped before and after: their cache key does not name the kind."""
     from fastcl.layers import FastLinear
     from fastcl.ops import reference
+
+    settings = {"python": {"compiled_serving_forward": None}, "aten": {"max_fused_rows": 0}}[kind]
 
     def drop_prepared():
         for module in model.modules():
             if isinstance(module, FastLinear):
                 module._serving = None
 
-    def python_run():
-        compiled, reference.compiled_serving_forward = reference.compiled_serving_forward, None
+    def other_run():
+        saved = {name: getattr(reference, name) for name in settings}
+        for name, value in settings.items():
+            setattr(reference, name, value)
         drop_prepared()
         try:
             return run()
         finally:
-            reference.compiled_serving_forward = compiled
+            for name, value in saved.items():
+                setattr(reference, name, value)
             drop_prepared()
 
-    return python_run
+    return other_run
 
 
 def learned_copy(model: nn.Module, ids: torch.Tensor, consolidate: bool, rank: int = RANK):

@@ -61,10 +61,10 @@ def test_generation_bounds_runs_its_variants_and_restores_the_class():
     variant at a toy length and prints its line."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "generation_bounds.py"), "--variant", "merged", "lean_python", "python_closure",
-         "live", "--rounds", "1", "--new-tokens", "1"],
+         "aten_closure", "live", "--rounds", "1", "--new-tokens", "1"],
         capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for variant in ("merged", "lean_python", "python_closure", "live"):
+    for variant in ("merged", "lean_python", "python_closure", "aten_closure", "live"):
         assert any(line.startswith(variant) and "against unpatched" in line for line in proc.stdout.splitlines())
     assert "merged copies built in" in proc.stdout
 

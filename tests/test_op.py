@@ -191,26 +191,77 @@ def test_eager_path_matches_the_registered_op_bit_for_bit(dtype, bias):
         assert torch.equal(eager, op), f"{name}: the eager path differs from the registered op"
 
 
-def test_compiled_serving_closure_is_built_and_matches_the_python_one_bit_for_bit(monkeypatch):
-    """fastcl._serving (csrc/serving) runs decode's three products in C++; it must give exactly
-    what the Python closure gives: odd shapes, 1 to 3-D input, bias or none, fp32 and bf16."""
+def _served_both_ways(monkeypatch, x, W, b, A, B, dtype):
+    """(C++ closure's output, Python closure's output, whether C++ took the fused loop)."""
+    from fastcl import _serving
+
+    served = {}
+    for name, implementation in (("C++", _serving.serving_forward), ("Python", None)):
+        monkeypatch.setattr(reference, "compiled_serving_forward", implementation)
+        run, Bt = reference.serving_forward(W, b, A, B, 0.5, dtype)
+        served[name] = run(x)
+    fused = _serving.uses_fused_adapter(W.t(), A.t(), Bt, reference.max_fused_rows, x)
+    assert served["C++"].shape == x.shape[:-1] + (W.shape[0],)
+    return served["C++"], served["Python"], fused
+
+
+def _serving_extension():
     from fastcl.info import build_info
 
     if not build_info().get("serving_extension"):
         pytest.skip("this install did not try to build fastcl._serving (FASTCL_BUILD_SERVING=0 or no torch at build)")
-    compiled = reference.compiled_serving_forward
-    assert compiled is not None, "fastcl._serving was built but does not import"
-    for dtype in (torch.float32, torch.bfloat16):
-        for M, d_in, d_out, bias, lead in ((1, 72, 200, True, ()), (7, 65, 33, False, (1,)), (133, 48, 96, True, (2,))):
-            x, W, b, A, B = make(M, d_in, d_out, 8, dtype, bias, lead)
-            served = {}
-            for name, implementation in (("C++", compiled), ("Python", None)):
-                monkeypatch.setattr(reference, "compiled_serving_forward", implementation)
-                run, _ = reference.serving_forward(W, b, A, B, 0.5, dtype)
-                served[name] = run(x)
-            assert served["C++"].shape == x.shape[:-1] + (d_out,)
-            assert torch.equal(served["C++"], served["Python"]), f"{dtype} M={M}: the compiled closure differs"
-    monkeypatch.setattr(reference, "compiled_serving_forward", compiled)
+    assert reference.compiled_serving_forward is not None, "fastcl._serving was built but does not import"
+    from fastcl import _serving
+
+    return _serving
+
+
+def test_compiled_serving_closure_matches_the_python_one_bit_for_bit_off_the_fused_loop(monkeypatch):
+    """fastcl._serving (csrc/serving) runs prefill, bf16 and GPU decode as the Python closure's
+    three ATen calls: exactly what the Python closure gives, odd shapes, 1 to 3-D input, bias or
+    none."""
+    _serving = _serving_extension()
+    cases = [(torch.bfloat16, 1, 72, 200, True, ()), (torch.bfloat16, 7, 65, 33, False, (1,)),
+             (torch.bfloat16, 133, 48, 96, True, (2,)), (torch.float32, 7, 65, 33, False, (1,)),
+             (torch.float32, 133, 48, 96, True, (2,)), (torch.float32, _serving.FUSED_MAX_ROWS + 1, 40, 24, True, ())]
+    for dtype, M, d_in, d_out, bias, lead in cases:
+        x, W, b, A, B = make(M, d_in, d_out, 8, dtype, bias, lead)
+        compiled, python, fused = _served_both_ways(monkeypatch, x, W, b, A, B, dtype)
+        assert not fused, f"{dtype} M={M}: expected the ATen path"
+        assert torch.equal(compiled, python), f"{dtype} M={M}: the compiled closure differs"
+    # max_fused_rows = 0 turns the loop off for decode too (bench/generation_bounds.py aten_closure).
+    monkeypatch.setattr(reference, "max_fused_rows", 0)
+    x, W, b, A, B = make(1, 72, 200, 8, torch.float32)
+    compiled, python, fused = _served_both_ways(monkeypatch, x, W, b, A, B, torch.float32)
+    assert not fused and torch.equal(compiled, python), "max_fused_rows=0 must give the ATen path, bit for bit"
+    monkeypatch.setattr(reference, "compiled_serving_forward", _serving.serving_forward)
     run, _ = reference.serving_forward(W, b, A, B, 0.5, torch.float32)
-    with pytest.raises(RuntimeError, match="input has 3 features, the layer takes 48"):
+    with pytest.raises(RuntimeError, match="input has 3 features, the layer takes 72"):
         run(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("M, d_in, d_out, r, bias, lead", [
+    (1, 72, 200, 8, True, ()),      # d_in not a multiple of the loop's 16 lanes
+    (1, 7, 5, 1, False, (1,)),      # fewer features than lanes, rank 1
+    (3, 133, 33, 33, True, (1,)),   # a few rows, odd rank
+    (4, 576, 192, 16, False, ()),   # SmolLM2's k_proj at rank 16
+])
+def test_fused_decode_loop_matches_the_reference(monkeypatch, M, d_in, d_out, r, bias, lead):
+    """A few fp32 rows on the CPU (decode) take the fused adapter loop: equal to the Python
+    closure within fp32 rounding, on odd shapes, with a non-contiguous input falling back."""
+    _serving_extension()
+    x, W, b, A, B = make(M, d_in, d_out, r, torch.float32, bias, lead)
+    B = B * 3  # a live adapter large enough that its rounding shows in y
+    compiled, python, fused = _served_both_ways(monkeypatch, x, W, b, A, B, torch.float32)
+    assert fused, "a few fp32 rows on the CPU should take the fused loop"
+    assert_close(compiled, python, torch.float32, "fused decode y")
+    assert_close(compiled, lora_fa(x, W, b, A, B, 0.5), torch.float32, "fused decode y against LoRA-FA")
+    # A strided input (every row a slice of a wider one): one row is still read in place by the
+    # loop; several rows that are not packed go through ATen, bit for bit.
+    strided = torch.cat([x, x], dim=-1)[..., :d_in]
+    compiled, python, fused = _served_both_ways(monkeypatch, strided, W, b, A, B, torch.float32)
+    assert fused == (M == 1)
+    if fused:
+        assert_close(compiled, python, torch.float32, "fused decode y, strided row")
+    else:
+        assert torch.equal(compiled, python), f"M={M}: strided rows must take the ATen path, bit for bit"

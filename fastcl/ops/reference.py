@@ -22,10 +22,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-try:  # the decode closure below, compiled (csrc/serving): same ATen calls, no Python between them
+try:  # the decode closure below, compiled (csrc/serving): no Python between its products
+    from .._serving import FUSED_MAX_ROWS as max_fused_rows
     from .._serving import serving_forward as compiled_serving_forward
 except ImportError:  # a pure-Python install: the Python closure, same results
-    compiled_serving_forward = None
+    compiled_serving_forward, max_fused_rows = None, 0
 
 
 def lowrank_linear_fwd(
@@ -51,12 +52,13 @@ def serving_forward(weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch
     (decode): B cast to the input dtype once and laid out so the addmm_ reads it row-major (about
     twice as fast at M = 1), every operand bound, and three ATen calls a forward on 2-D views: in
     decode the adapter's two small products cost less than the Python and dispatch around them.
-    Returns (run, the copy of B it holds). With fastcl._serving built, run is the same three calls
-    in C++ (bit-identical; about 3 points of decode time on SmolLM2, bench/generation_bounds.py)."""
+    Returns (run, the copy of B it holds). With fastcl._serving built, run is C++: for up to four
+    fp32 rows on the CPU (decode) the adapter's two products run as one loop with no ATen call
+    between them (equal within fp32 rounding); otherwise the same three calls (bit-identical)."""
     Wt, At = weight.t(), A.t()
     Bt = B.to(dtype).t().contiguous()
     if compiled_serving_forward is not None:
-        return functools.partial(compiled_serving_forward, Wt, bias, At, Bt, float(scale)), Bt
+        return functools.partial(compiled_serving_forward, Wt, bias, At, Bt, float(scale), max_fused_rows), Bt
     d_in, d_out = weight.shape[1], weight.shape[0]
 
     def run(x: torch.Tensor) -> torch.Tensor:
