@@ -112,22 +112,26 @@ def test_learner_step(benchmark, sides):
 def generators(smollm):
     model, tokenizer = smollm
     ids = w.token_batch(model.config.vocab_size)
+    # The unpatched side is a deep copy made beside the other two, so all three hold their
+    # tensors the same way; the loaded model's come from one GGUF conversion. It is timed too
+    # ("as_loaded"), so the report shows what that placement alone does in the same run.
+    unpatched = copy.deepcopy(model)
     live, learner = w.learned_copy(model, ids, consolidate=False)
     merged, _ = w.learned_copy(model, ids, consolidate=True)
     prompt = tokenizer(w.PROMPT, return_tensors="pt")["input_ids"]
     share = w.adapter_flop_share(live, learner)
-    return {"unpatched": model, "live_adapter": live, "consolidated": merged}, prompt, share
+    return {"unpatched": unpatched, "live_adapter": live, "consolidated": merged, "as_loaded": model}, prompt, share
 
 
-GENERATION_VARIANTS = ("unpatched", "live_adapter", "consolidated")
+GENERATION_VARIANTS = ("unpatched", "live_adapter", "consolidated", "as_loaded")
 GENERATION_ROUNDS = 15
 
 
 def test_generate(benchmark, generators):
-    """The three models in alternating rounds (the order rotates every round), so that a drift of
+    """The models in alternating rounds (the order rotates every round), so that a drift of
     the machine's speed shows in all three alike: a generation overhead of a few points is what is
     judged here, and separate benchmarks a minute apart differed by as much. The timed figure is
-    one round of all three; extra_info keeps each one's seconds per round for the report."""
+    one round of all of them; extra_info keeps each one's seconds per round for the report."""
     models, prompt, share = generators
     runs = {name: w.generation(models[name], prompt, NEW_TOKENS) for name in GENERATION_VARIANTS}
     seconds = {name: [] for name in GENERATION_VARIANTS}

@@ -21,7 +21,8 @@ On a CPU (fp32), M in {1, 16, 512}: every SmolLM2 case, and the Llama-3-8B shape
 At M = 512 an 8B projection costs 4 to 60 GFLOP a forward (about 0.1 to 1 s a call on one
 core, three times that forward+backward), so only the two smaller 8B projections run there,
 at r = 16; the others are skipped with that reason, which keeps all of `pytest bench/` within
-about 10 minutes. Rounds adapt to each case's cost (about 0.4 s of timing per case). Run:
+about 10 minutes (`FASTCL_BENCH_FULL_GRID=1` times them too, not timed here: expect well over
+10 more minutes). Rounds adapt to each case's cost (about 0.4 s of timing per case). Run:
 
     .venv/bin/python -m pytest bench/test_bench_lowrank_linear.py --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last-run.json
@@ -29,6 +30,7 @@ about 10 minutes. Rounds adapt to each case's cost (about 0.4 s of timing per ca
 
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache
 
@@ -48,8 +50,10 @@ SMOLLM2_135M = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 RANKS = [8, 16, 64]
 ROWS = [1, 16, 2048, 8192] if CUDA else [1, 16, 512]
 PROVIDERS = ["linear", "peft", "compiled_reference", "fastcl_torch", "fastcl_torch_op", "fastcl_triton", "fastcl_cuda"]
-# The 8B projections that the CPU run times at M = 512, at this rank only (see the docstring).
+# The 8B projections that the CPU run times at M = 512, at this rank only (see the docstring);
+# FASTCL_BENCH_FULL_GRID=1 times every shape and rank there too.
 CPU_LARGE_M, CPU_LARGE_SHAPES, CPU_LARGE_RANK = 512, [(4096, 4096), (4096, 1024)], 16
+FULL_GRID = os.environ.get("FASTCL_BENCH_FULL_GRID") == "1"
 CPU_SECONDS_PER_CASE = 0.4
 
 
@@ -66,10 +70,11 @@ def skip_reason(provider: str, d_in: int, d_out: int, r: int, M: int) -> str | N
             import peft  # noqa: F401
         except ImportError:
             return "peft is not installed (pip install -e '.[test]')"
-    if not CUDA and (d_in, d_out) in LLAMA3_8B and M >= CPU_LARGE_M:
+    if not CUDA and not FULL_GRID and (d_in, d_out) in LLAMA3_8B and M >= CPU_LARGE_M:
         if (d_in, d_out) not in CPU_LARGE_SHAPES or r != CPU_LARGE_RANK:
             return (f"Llama-3-8B at M={M} on a CPU: 4-60 GFLOP a call; the CPU run keeps r={CPU_LARGE_RANK} on "
-                    f"{', '.join(_label(*s) for s in CPU_LARGE_SHAPES)} so that pytest bench/ stays within ~10 min")
+                    f"{', '.join(_label(*s) for s in CPU_LARGE_SHAPES)} so that pytest bench/ stays within ~10 min "
+                    "(FASTCL_BENCH_FULL_GRID=1 runs them all)")
     return None
 
 

@@ -108,7 +108,8 @@ def test_report_prints_both_input_gradient_precisions():
 
 def test_report_takes_generation_overhead_round_by_round():
     report = load_bench("report")
-    seconds = {"unpatched": [1.0, 2.0, 1.0], "live_adapter": [1.1, 2.1, 1.05], "consolidated": [1.0, 2.02, 1.0]}
+    seconds = {"unpatched": [1.0, 2.0, 1.0], "live_adapter": [1.1, 2.1, 1.05], "consolidated": [1.0, 2.02, 1.0],
+               "as_loaded": [0.9, 1.9, 0.95]}
     run = {"benchmarks": [{"extra_info": {"generation_seconds": seconds, "adapter_flop_share": 0.036, "new_tokens": 32,
                                           "prompt_tokens": 9}, "stats": {"median": 4.0}}]}
     table = report.generation(run)
@@ -116,3 +117,4 @@ def test_report_takes_generation_overhead_round_by_round():
     assert "| live_adapter | 29.1 | +5.0% | <= 6.6% (FLOP share 3.6% + 3 points) |" in table
     assert "| consolidated | 32.0 | +0.0% | <= 1% |" in table
     assert "| unpatched | 32.0 | +0.0% |" in table
+    assert "| as_loaded | 33.7 | -5.0% | (the unpatched model as loaded" in table and "the 4 models" in table
