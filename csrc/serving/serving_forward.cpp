@@ -26,8 +26,8 @@ constexpr int64_t kFusedMaxRank = 256;
 constexpr int kLanes = 16;
 
 // One build serves every x86-64 CPU: the loop is compiled for AVX-512, AVX2 and the baseline,
-// and the loader picks one for this CPU.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+// and the loader picks one for this CPU (an ifunc: glibc only; elsewhere the baseline build).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && __GNUC__ >= 12
 #define FASTCL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTCL_CPU_CLONES
