@@ -129,7 +129,7 @@ GENERATION_ROUNDS = 15
 
 def test_generate(benchmark, generators):
     """The models in alternating rounds (the order rotates every round), so that a drift of
-    the machine's speed shows in all three alike: a generation overhead of a few points is what is
+    the machine's speed shows in all of them alike: a generation overhead of a few points is what is
     judged here, and separate benchmarks a minute apart differed by as much. The timed figure is
     one round of all of them; extra_info keeps each one's seconds per round for the report."""
     models, prompt, share = generators

@@ -234,6 +234,10 @@ def test_compiled_serving_closure_matches_the_python_one_bit_for_bit_off_the_fus
     x, W, b, A, B = make(1, 72, 200, 8, torch.float32)
     compiled, python, fused = _served_both_ways(monkeypatch, x, W, b, A, B, torch.float32)
     assert not fused and torch.equal(compiled, python), "max_fused_rows=0 must give the ATen path, bit for bit"
+    monkeypatch.setattr(reference, "max_fused_rows", _serving.FUSED_MAX_ROWS)
+    strided_A = torch.stack([A, A], dim=-1)[..., 0]  # A's values, every other float of a wider tensor
+    compiled, python, fused = _served_both_ways(monkeypatch, x, W, b, strided_A, B, torch.float32)
+    assert not fused and torch.equal(compiled, python), "a strided A must take the ATen path, bit for bit"
     monkeypatch.setattr(reference, "compiled_serving_forward", _serving.serving_forward)
     run, _ = reference.serving_forward(W, b, A, B, 0.5, torch.float32)
     with pytest.raises(RuntimeError, match="input has 3 features, the layer takes 72"):
@@ -265,3 +269,21 @@ def test_fused_decode_loop_matches_the_reference(monkeypatch, M, d_in, d_out, r,
         assert_close(compiled, python, torch.float32, "fused decode y, strided row")
     else:
         assert torch.equal(compiled, python), f"M={M}: strided rows must take the ATen path, bit for bit"
+
+
+def test_a_patched_model_decodes_through_the_fused_loop():
+    """Every patched layer of a model hands the serving closure an A and B^T the loop can read, so
+    fp32 decode on the CPU takes it (else decode would silently fall back to the slower path)."""
+    _serving = _serving_extension()
+    import fastcl
+    from helpers import tiny_model
+
+    model = tiny_model("llama")
+    learner = fastcl.patch(model, backend="torch")
+    modules = list(learner.modules.values())
+    assert len(modules) == 14, "the tiny Llama has 7 linears in each of its 2 blocks"
+    for module in modules:
+        _, Bt = reference.serving_forward(module.weight_matrix(), module.bias, module.A, module.B, module.scale,
+                                          torch.float32)
+        x = torch.randn(1, 1, module.in_features)
+        assert _serving.uses_fused_adapter(module.weight_matrix().t(), module.A.t(), Bt, reference.max_fused_rows, x)

@@ -62,13 +62,20 @@ void add_adapter_rows(const float* x, int64_t rows, int64_t d_in, const float* A
   }
 }
 
+// Whether At = A^T is a view of a row-major A (rank, d_in), read from strides: no view is made
+// on the decode path.
+bool is_transposed_row_major(const torch::Tensor& At) {
+  const int64_t d_in = At.size(0), rank = At.size(1);
+  return (d_in == 1 || At.stride(0) == 1) && (rank == 1 || At.stride(1) == d_in);
+}
+
 // Whether add_adapter_rows serves this call (else the three ATen calls do).
 bool fused_adapter_applies(const torch::Tensor& x2, const torch::Tensor& At, const torch::Tensor& Bt,
                            int64_t max_fused_rows) {
   const auto f32 = torch::kFloat32;
   return x2.device().is_cpu() && At.device().is_cpu() && Bt.device().is_cpu() && x2.scalar_type() == f32 &&
          At.scalar_type() == f32 && Bt.scalar_type() == f32 && x2.size(0) <= max_fused_rows &&
-         At.size(1) <= kFusedMaxRank && x2.is_contiguous() && At.t().is_contiguous() && Bt.is_contiguous();
+         At.size(1) <= kFusedMaxRank && x2.is_contiguous() && is_transposed_row_major(At) && Bt.is_contiguous();
 }
 
 void check_input(const torch::Tensor& Wt, const torch::Tensor& x) {
