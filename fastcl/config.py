@@ -47,6 +47,9 @@ class LearnerConfig:
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
     replay_recent: int = 0  # and this many of the newest requests in the buffer, every step
+    # Of replay_per_step, this many are the buffered requests with the most context gain left
+    # (as measured when each was last learned), the rest drawn at random.
+    replay_priority: int = 0
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
@@ -88,8 +91,8 @@ class LearnerConfig:
             raise ValueError(f"sync_every must be None (synchronous) or a positive integer, got {self.sync_every!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "step_every",
-                     "consolidate_every", "protect_directions", "gate_backoff", "gate_every"):
+        for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "replay_priority",
+                     "step_every", "consolidate_every", "protect_directions", "gate_backoff", "gate_every"):
             value = getattr(self, name)
             least = 1 if name in ("passes", "gate_every") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -97,6 +100,9 @@ class LearnerConfig:
         for name in ("replay_per_step", "replay_recent"):
             if getattr(self, name) and not self.replay:
                 raise ValueError(f"{name} needs a replay buffer: set replay= to its capacity")
+        if self.replay_priority > self.replay_per_step:
+            raise ValueError(f"replay_priority ({self.replay_priority}) is a share of replay_per_step "
+                             f"({self.replay_per_step}): it cannot be larger")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:

@@ -100,8 +100,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tens
 
 def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torch.Tensor, rows: torch.Tensor,
                       cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                      threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learn the response tokens that the context taught: (loss sum, learned-token mask).
+                      threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
+    token's context gain, detached).
 
     The context gain of a response token is log p(token | context, prompt) under the teacher
     minus log p(token | prompt) under the student. Tokens whose gain exceeds `threshold` (nats)
@@ -110,5 +111,6 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     learns a fact its gain falls below the threshold and the fact stops being trained.
     """
     student = student_logits[rows, cols].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    learned = (teacher_token_logprobs - student.detach()) > threshold
-    return -(student * learned * weight[rows]).sum(), learned
+    gain = teacher_token_logprobs - student.detach()
+    learned = gain > threshold
+    return -(student * learned * weight[rows]).sum(), learned, gain

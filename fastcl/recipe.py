@@ -37,6 +37,9 @@ class Interaction:
     response: list[int]
     weight: float
     teacher_logprobs: Optional[torch.Tensor] = None
+    # Context gain still to learn: the summed gain, in nats, of the response tokens above the
+    # threshold when this request was last learned (None: not learned by context gain yet).
+    gain_left: Optional[float] = None
 
     @property
     def prompt(self) -> list[int]:
@@ -151,9 +154,13 @@ class Recipe:
         fitting = self._fit_projection_to(batch)
 
         def loss(logits):
-            total, learned = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
-                                               learner.config.gain_threshold)
+            total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
+                                                     learner.config.gain_threshold)
             learned_count.append(int(learned.sum()))
+            if learner.config.replay_priority:
+                left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
+                for item, value in zip(items, left.tolist()):
+                    item.gain_left = value
             # Nothing new in these responses: skip the backward altogether.
             return (total if learned_count[0] else total.detach()), learned
 
@@ -237,13 +244,22 @@ class Recipe:
         return stepped, consolidation
 
     def _replay_sample(self) -> list:
-        """The newest replay_recent requests of the buffer, and replay_per_step of the others at
-        random (the same draws as before replay_recent existed when it is 0)."""
+        """The newest replay_recent requests of the buffer, and replay_per_step of the others: the
+        replay_priority of them with the most context gain left (as last measured; the newest
+        first among equals), the rest at random (the same draws as before replay_recent and
+        replay_priority existed when both are 0)."""
         config = self.learner.config
         buffer = list(self.replay)
         split = max(len(buffer) - config.replay_recent, 0)
         older, recent = buffer[:split], buffer[split:]
-        return recent + self._rng.sample(older, min(config.replay_per_step, len(older)))
+        chosen = []
+        if config.replay_priority:
+            known = [i for i in range(len(older)) if older[i].gain_left is not None]
+            ranked = sorted(known, key=lambda i: (older[i].gain_left, i), reverse=True)[:config.replay_priority]
+            chosen, taken = [older[i] for i in ranked], set(ranked)
+            older = [item for i, item in enumerate(older) if i not in taken]
+        draws = min(config.replay_per_step - len(chosen), len(older))
+        return recent + chosen + self._rng.sample(older, draws)
 
     def _asynchronous_replica(self) -> bool:
         replicas = self.learner.replicas

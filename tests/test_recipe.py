@@ -130,6 +130,29 @@ def test_replay_recent_replays_the_newest_requests_every_step(monkeypatch):
         assert newest == [r for _, r in requests[max(0, i - 2):i]]
 
 
+def test_replay_priority_replays_the_request_with_the_most_gain_left(monkeypatch):
+    """replay_priority=1: one of each step's replayed requests is the buffered one with the most
+    context gain left when it was last learned; the other is drawn at random."""
+    _, learner = patched(replay=16, replay_per_step=2, replay_priority=1)
+    recipe = learner.recipe
+    replayed = []
+    real = recipe.accumulate
+    monkeypatch.setattr(recipe, "accumulate",
+                        lambda items, component: (replayed.append(list(items)) if component == "replay" else None)
+                        or real(items, component))
+    teachers, students, responses = rows(40, 6), rows(41, 6), rows(42, 6)
+    for i, (t, s, r) in enumerate(zip(teachers, students, responses)):
+        # Request 0's teacher is certain of every response token (gain: the student's loss, a few
+        # nats a token); the others' teachers find the responses impossible (no gain at all).
+        logprobs = torch.zeros(len(r)) if i == 0 else torch.full((len(r),), -1e3)
+        learner.learn(t, r, s, teacher_logprobs=logprobs)
+    buffer = list(recipe.replay)
+    assert buffer[0].gain_left > 0.5 and all(item.gain_left == 0 for item in buffer[1:])
+    assert [len(batch) for batch in replayed] == [1, 2, 2, 2, 2]
+    assert all(batch[0] is buffer[0] for batch in replayed), "the request with gain left comes first"
+    assert all(batch[1] is not buffer[0] for batch in replayed[1:])
+
+
 def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
     """Inner steps step on the request's own context gain only (no replay, no anchor) and stop
     once no response token is gain_threshold short of the teacher."""
@@ -378,6 +401,8 @@ def test_recipe_options_are_validated_before_patching():
         fastcl.patch(model, replay=0, replay_per_step=0, replay_recent=1)
     with pytest.raises(ValueError, match="replay_recent must be an integer >= 0"):
         fastcl.patch(model, replay_recent=-1)
+    with pytest.raises(ValueError, match=r"replay_priority \(3\) is a share of replay_per_step \(2\)"):
+        fastcl.patch(model, replay_per_step=2, replay_priority=3)
     with pytest.raises(fastcl.PatchError, match="tokenizer"):
         fastcl.patch(model, anchor_weight=0.5)
     assert not hasattr(model, "fastcl")
