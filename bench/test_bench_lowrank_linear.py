@@ -21,8 +21,8 @@ On a CPU (fp32), M in {1, 16, 512}: every SmolLM2 case, and the Llama-3-8B shape
 At M = 512 an 8B projection costs 4 to 60 GFLOP a forward (about 0.1 to 1 s a call on one
 core, three times that forward+backward), so only the two smaller 8B projections run there,
 at r = 16; the others are skipped with that reason, which keeps all of `pytest bench/` within
-about 10 minutes (`FASTCL_BENCH_FULL_GRID=1` times them too, not timed here: expect well over
-10 more minutes). Rounds adapt to each case's cost (about 0.4 s of timing per case). Run:
+about 10 minutes (`FASTCL_BENCH_FULL_GRID=1` times them too: about 7 more minutes on one AMD
+EPYC core). Rounds adapt to each case's cost (about 0.4 s of timing per case). Run:
 
     .venv/bin/python -m pytest bench/test_bench_lowrank_linear.py --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last-run.json
