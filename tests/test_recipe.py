@@ -109,16 +109,21 @@ def test_replay_buffer_is_bounded_and_replayed():
     assert stats["tokens_processed"]["replay"] > 0 and stats["tokens_processed"]["passes"] > 0
 
 
-def test_replay_recent_replays_the_newest_requests_every_step(monkeypatch):
-    """replay_recent=k adds the k newest buffered requests to every step, beside the random
-    draws from the older ones."""
-    _, learner = patched(replay=8, replay_per_step=1, replay_recent=2)
-    recipe = learner.recipe
+def record_replayed(monkeypatch, recipe) -> list:
+    """The list that each step's replayed requests are appended to, as the recipe learns them."""
     replayed = []
     real = recipe.accumulate
     monkeypatch.setattr(recipe, "accumulate",
                         lambda items, component: (replayed.append(list(items)) if component == "replay" else None)
                         or real(items, component))
+    return replayed
+
+
+def test_replay_recent_replays_the_newest_requests_every_step(monkeypatch):
+    """replay_recent=k adds the k newest buffered requests to every step, beside the random
+    draws from the older ones."""
+    _, learner = patched(replay=8, replay_per_step=1, replay_recent=2)
+    replayed = record_replayed(monkeypatch, learner.recipe)
     requests = list(zip(rows(30, 6), rows(31, 6)))
     for prompt, response in requests:
         learner.learn(prompt, response)
@@ -135,11 +140,7 @@ def test_replay_priority_replays_the_request_with_the_most_gain_left(monkeypatch
     context gain left when it was last learned; the other is drawn at random."""
     _, learner = patched(replay=16, replay_per_step=2, replay_priority=1)
     recipe = learner.recipe
-    replayed = []
-    real = recipe.accumulate
-    monkeypatch.setattr(recipe, "accumulate",
-                        lambda items, component: (replayed.append(list(items)) if component == "replay" else None)
-                        or real(items, component))
+    replayed = record_replayed(monkeypatch, recipe)
     teachers, students, responses = rows(40, 6), rows(41, 6), rows(42, 6)
     for i, (t, s, r) in enumerate(zip(teachers, students, responses)):
         # Request 0's teacher is certain of every response token (gain: the student's loss, a few
