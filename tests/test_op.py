@@ -219,7 +219,8 @@ def _serving_extension():
 def test_compiled_serving_closure_matches_the_python_one_bit_for_bit_off_the_fused_loop(monkeypatch):
     """fastcl._serving (csrc/serving) runs prefill, bf16 and GPU decode as the Python closure's
     three ATen calls: exactly what the Python closure gives, odd shapes, 1 to 3-D input, bias or
-    none."""
+    none; so does fp32 decode with the loop turned off (max_fused_rows=0) or with an A the loop
+    cannot read in place (strided)."""
     _serving = _serving_extension()
     cases = [(torch.bfloat16, 1, 72, 200, True, ()), (torch.bfloat16, 7, 65, 33, False, (1,)),
              (torch.bfloat16, 133, 48, 96, True, (2,)), (torch.float32, 7, 65, 33, False, (1,)),
