@@ -38,6 +38,7 @@ class LearnerConfig:
     # The learn() recipe (fastcl.recipe). Defaults are the measured winner (bench/RESULTS.md).
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
+    teacher_min_prob: float = 0.0  # ...and only those the teacher gave at least this probability (0: all)
     passes: int = 1  # optimizer steps per scheduled step on the same requests
     # Further steps on the context-gain requests just learned, their own loss only (no replay, no
     # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
@@ -50,6 +51,13 @@ class LearnerConfig:
     # Of replay_per_step, this many are the buffered requests with the most context gain left
     # (as measured when each was last learned), the rest drawn at random.
     replay_priority: int = 0
+    # Self-generated data: after each request with a student prompt, the model (document in
+    # context, fast weights live) samples this many more answers to it at self_study_temperature,
+    # up to self_study_tokens each, and the student learns them by context gain beside the served
+    # answer. Costs generation plus one learning pass a sample, recorded as "self_study".
+    self_study: int = 0
+    self_study_temperature: float = 0.7
+    self_study_tokens: int = 40
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
@@ -92,9 +100,10 @@ class LearnerConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "replay_priority",
-                     "step_every", "consolidate_every", "protect_directions", "gate_backoff", "gate_every"):
+                     "self_study", "self_study_tokens", "step_every", "consolidate_every", "protect_directions",
+                     "gate_backoff", "gate_every"):
             value = getattr(self, name)
-            least = 1 if name in ("passes", "gate_every") else 0
+            least = 1 if name in ("passes", "gate_every", "self_study_tokens") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         for name in ("replay_per_step", "replay_recent"):
@@ -103,6 +112,13 @@ class LearnerConfig:
         if self.replay_priority > self.replay_per_step:
             raise ValueError(f"replay_priority ({self.replay_priority}) is a share of replay_per_step "
                              f"({self.replay_per_step}): it cannot be larger")
+        if not 0.0 <= self.teacher_min_prob <= 1.0:
+            raise ValueError(f"teacher_min_prob is a probability in [0, 1], got {self.teacher_min_prob!r}")
+        if self.self_study and self.objective != "context_gain":
+            raise ValueError(f"self_study learns its samples by context gain: it needs objective='context_gain', "
+                             f"got {self.objective!r}")
+        if not self.self_study_temperature > 0:
+            raise ValueError(f"self_study_temperature must be positive, got {self.self_study_temperature!r}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:

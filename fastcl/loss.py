@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -99,8 +100,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tens
 
 
 def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torch.Tensor, rows: torch.Tensor,
-                      cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                      threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, threshold: float,
+                      teacher_min_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
     token's context gain, detached).
 
@@ -109,8 +110,13 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     get a cross-entropy term; the rest (words the student would say anyway, and whatever the
     context did not support) get none, so the update is spent on what is new. As the student
     learns a fact its gain falls below the threshold and the fact stops being trained.
+    With teacher_min_prob, a token is learned only if the teacher gave it at least that
+    probability: a greedy answer's low-probability tokens are the model's guesses, not what the
+    context said.
     """
     student = student_logits[rows, cols].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     gain = teacher_token_logprobs - student.detach()
     learned = gain > threshold
+    if teacher_min_prob > 0:
+        learned &= teacher_token_logprobs >= math.log(teacher_min_prob)
     return -(student * learned * weight[rows]).sum(), learned, gain

@@ -21,6 +21,7 @@ from .errors import FastclError, InputError
 from .guard import Anchor, Gate, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
 from .loss import context_gain_loss, next_token_loss_on
+from .self_study import sample_answers
 from .timing import seconds_since
 
 BUILTIN_PROBE = "general_text_loglik"
@@ -66,6 +67,7 @@ class Recipe:
         self.pending: list[Interaction] = []
         self.calls_since_step = 0
         self.steps_since_consolidation = 0
+        self.requests_seen = 0  # seeds each request's self-study samples
         self.costs: dict[str, float] = defaultdict(float)  # seconds per component
         self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
         self.anchor = Anchor.from_tokenizer(tokenizer) if config.anchor_weight > 0 else None
@@ -155,7 +157,7 @@ class Recipe:
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
-                                                     learner.config.gain_threshold)
+                                                     learner.config.gain_threshold, learner.config.teacher_min_prob)
             learned_count.append(int(learned.sum()))
             if learner.config.replay_priority:
                 left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
@@ -206,11 +208,28 @@ class Recipe:
         if self.learner.config.objective == "context_gain" and contextual:
             self.score_teacher(contextual)
         report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
+        studied = [i for i in items if i.student is not None and i.weight > 0]
+        if self.learner.config.self_study and studied:
+            self.accumulate(self.self_study(studied), "self_study")
+        self.requests_seen += len(items)
         self.pending += items
         self.calls_since_step += 1
         if self.learner.config.step_every and self.calls_since_step >= self.learner.config.step_every:
             report.stepped, report.consolidation = self.scheduled_step()
         return report
+
+    def self_study(self, items: list[Interaction]) -> list[Interaction]:
+        """config.self_study more answers to each request, sampled with its served prompt (the
+        generation's cost is "self_study_generate"), as requests to learn like the served one."""
+        config, start = self.learner.config, time.perf_counter()
+        extra = []
+        for index, item in enumerate(items):
+            seed = config.seed * 1_000_003 + self.requests_seen + index
+            for response, logprobs in sample_answers(self.learner.model, item.teacher, config.self_study,
+                                                     config.self_study_temperature, config.self_study_tokens, seed):
+                extra.append(Interaction(item.teacher, item.student, response, item.weight, logprobs))
+        self.costs["self_study_generate"] += seconds_since(start, self.learner.device)
+        return extra
 
     def scheduled_step(self):
         """passes x (replay + anchor + step), then up to inner_steps on the pending requests alone,

@@ -414,3 +414,87 @@ def test_without_a_tokenizer_the_text_guards_are_off_and_reported():
     assert learner.config.anchor_weight == 0 and learner.config.gate_tolerance is None
     assert learner.recipe.anchor is None and not learner.recipe.gate.probes
     assert any("no tokenizer" in note for note in learner.report.notes)
+
+
+def record_self_study(learner) -> list:
+    """Wrap the recipe's sampler so a test sees the self-generated requests it made."""
+    made, sample = [], learner.recipe.self_study
+
+    def recorded(items):
+        extra = sample(items)
+        made.extend(extra)
+        return extra
+
+    learner.recipe.self_study = recorded
+    return made
+
+
+def test_self_study_samples_more_answers_with_the_context_and_learns_them():
+    teacher, student, response = rows(30, 1)[0], rows(31, 1)[0], rows(32, 1)[0]
+    model, learner = patched(step_every=0, gain_threshold=-float("inf"), self_study=3, self_study_tokens=6)
+    made = record_self_study(learner)
+    report = learner.learn(teacher, response, student)
+    assert len(made) == 3
+    for item in made:
+        assert item.teacher == teacher and item.student == student and 1 <= len(item.response) <= 6
+        # The teacher's own log-probabilities (untempered), as a forward over the served prompt scores them.
+        torch.testing.assert_close(-item.teacher_logprobs, response_losses(model, teacher, item.response),
+                                   rtol=1e-4, atol=1e-4)
+    assert len({tuple(i.response) for i in made}) > 1  # sampled, not three greedy copies
+    # With every token above the threshold, all samples were learned beside the served answer.
+    assert report.tokens_learned == len(response)
+    assert learner.counters.tokens_pending == len(response) + sum(len(i.response) for i in made)
+    assert {"self_study", "self_study_generate"} <= set(learner.stats()["seconds"])
+
+
+def test_self_study_is_seeded_per_request_and_skips_requests_without_a_student():
+    teacher, student, response = rows(33, 1)[0], rows(34, 1)[0], rows(35, 1)[0]
+    runs = []
+    for _ in range(2):
+        _, learner = patched(step_every=0, self_study=2, self_study_tokens=6)
+        made = record_self_study(learner)
+        learner.learn(teacher, response)  # no student prompt: nothing to study
+        assert made == []
+        learner.learn([teacher, teacher], [response, response], [student, student])
+        runs.append([i.response for i in made])
+    assert runs[0] == runs[1]  # the same learner seed and stream: the same samples
+    assert runs[0][:2] != runs[0][2:]  # the second request of the batch draws its own
+
+
+def test_sampled_answers_end_after_their_first_end_of_sequence_token():
+    from fastcl.self_study import sample_answers
+
+    model = tiny_model("llama")
+    prompt = rows(36, 1)[0]
+    model.generation_config.eos_token_id = None
+    free = sample_answers(model, prompt, 2, 1.0, 8, seed=5)
+    first = free[0][0]
+    assert [len(r) for r, _ in free] == [8, 8]
+    stop = first[3]
+    model.generation_config.eos_token_id = stop
+    cut = sample_answers(model, prompt, 2, 1.0, 8, seed=5)
+    assert cut[0][0] == first[: first.index(stop) + 1]
+    assert len(cut[0][1]) == len(cut[0][0])
+
+
+def test_self_study_options_are_validated():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="self_study learns its samples by context gain"):
+        fastcl.patch(model, self_study=2, objective="next_token")
+    with pytest.raises(ValueError, match="self_study_temperature must be positive"):
+        fastcl.patch(model, self_study=2, self_study_temperature=0)
+    with pytest.raises(ValueError, match="self_study_tokens must be an integer >= 1"):
+        fastcl.patch(model, self_study=2, self_study_tokens=0)
+    assert not hasattr(model, "fastcl")
+
+
+def test_teacher_min_prob_learns_only_the_tokens_the_teacher_believed():
+    teacher, student, response = rows(40, 1)[0], rows(41, 1)[0], rows(42, 1, low=5, high=6)[0]
+    believed = torch.tensor([0.9, 0.1, 0.6, 0.3, 0.5])
+    _, learner = patched(step_every=0, gain_threshold=-float("inf"), teacher_min_prob=0.5)
+    report = learner.learn(teacher, response, student, teacher_logprobs=believed.log())
+    assert report.tokens_learned == 3  # 0.9, 0.6 and 0.5
+    _, everything = patched(step_every=0, gain_threshold=-float("inf"))
+    assert everything.learn(teacher, response, student, teacher_logprobs=believed.log()).tokens_learned == 5
+    with pytest.raises(ValueError, match=r"teacher_min_prob is a probability in \[0, 1\]"):
+        patched(teacher_min_prob=1.5)
