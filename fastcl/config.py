@@ -39,6 +39,9 @@ class LearnerConfig:
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
     teacher_min_prob: float = 0.0  # ...and only those the teacher gave at least this probability (0: all)
+    # k > 0: a learned token is trained toward the teacher's top-k distribution at its position
+    # (the document's other candidates too), not the served token alone; 0: the served token.
+    soft_targets: int = 0
     passes: int = 1  # optimizer steps per scheduled step on the same requests
     # Further steps on the context-gain requests just learned, their own loss only (no replay, no
     # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
@@ -100,8 +103,8 @@ class LearnerConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "replay_priority",
-                     "self_study", "self_study_tokens", "step_every", "consolidate_every", "protect_directions",
-                     "gate_backoff", "gate_every"):
+                     "self_study", "self_study_tokens", "soft_targets", "step_every", "consolidate_every",
+                     "protect_directions", "gate_backoff", "gate_every"):
             value = getattr(self, name)
             least = 1 if name in ("passes", "gate_every", "self_study_tokens") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -114,6 +117,8 @@ class LearnerConfig:
                              f"({self.replay_per_step}): it cannot be larger")
         if not 0.0 <= self.teacher_min_prob <= 1.0:
             raise ValueError(f"teacher_min_prob is a probability in [0, 1], got {self.teacher_min_prob!r}")
+        if self.soft_targets and self.objective != "context_gain":
+            raise ValueError(f"soft_targets applies to objective='context_gain', got {self.objective!r}")
         if self.self_study and self.objective != "context_gain":
             raise ValueError(f"self_study learns its samples by context gain: it needs objective='context_gain', "
                              f"got {self.objective!r}")

@@ -101,7 +101,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tens
 
 def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torch.Tensor, rows: torch.Tensor,
                       cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, threshold: float,
-                      teacher_min_prob: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      teacher_min_prob: float = 0.0, soft_targets=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
     token's context gain, detached).
 
@@ -112,11 +112,19 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     learns a fact its gain falls below the threshold and the fact stops being trained.
     With teacher_min_prob, a token is learned only if the teacher gave it at least that
     probability: a greedy answer's low-probability tokens are the model's guesses, not what the
-    context said.
+    context said. With soft_targets, (ids, log-probabilities) of the teacher's top k tokens at
+    each response position, a learned token's term is the cross-entropy to that distribution
+    (renormalised over the k) instead of to the served token alone.
     """
-    student = student_logits[rows, cols].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    distribution = student_logits[rows, cols].float().log_softmax(-1)
+    student = distribution.gather(-1, targets[:, None]).squeeze(-1)
     gain = teacher_token_logprobs - student.detach()
     learned = gain > threshold
     if teacher_min_prob > 0:
         learned &= teacher_token_logprobs >= math.log(teacher_min_prob)
-    return -(student * learned * weight[rows]).sum(), learned, gain
+    if soft_targets is not None:
+        ids, logprobs = soft_targets
+        per_token = (logprobs.softmax(-1) * distribution.gather(-1, ids)).sum(-1)
+    else:
+        per_token = student
+    return -(per_token * learned * weight[rows]).sum(), learned, gain

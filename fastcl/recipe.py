@@ -41,6 +41,8 @@ class Interaction:
     # Context gain still to learn: the summed gain, in nats, of the response tokens above the
     # threshold when this request was last learned (None: not learned by context gain yet).
     gain_left: Optional[float] = None
+    # soft_targets: per response token, the teacher's top-k token ids and their log-probabilities.
+    teacher_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def prompt(self) -> list[int]:
@@ -112,11 +114,17 @@ class Recipe:
         learner = self.learner
         batch = prompt_response_batch([i.teacher for i in items], [i.response for i in items], 0, learner.device)
         logits = learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        token_logprobs = logits[batch.rows, batch.cols].float().log_softmax(-1).gather(
-            -1, batch.targets[:, None]).squeeze(-1)
+        distribution = logits[batch.rows, batch.cols].float().log_softmax(-1)
+        token_logprobs = distribution.gather(-1, batch.targets[:, None]).squeeze(-1)
+        k = learner.config.soft_targets
+        top = distribution.topk(k, dim=-1) if k else None
         offset = 0
         for item in items:
-            item.teacher_logprobs = token_logprobs[offset: offset + len(item.response)]
+            span = slice(offset, offset + len(item.response))
+            if item.teacher_logprobs is None:  # given ones (from generation) are kept
+                item.teacher_logprobs = token_logprobs[span]
+            if top is not None:
+                item.teacher_top = (top.indices[span], top.values[span])
             offset += len(item.response)
         self.costs["teacher"] += seconds_since(start, learner.device)
         self.tokens["teacher"] += int(batch.attention_mask.sum())
@@ -151,13 +159,17 @@ class Recipe:
         batch = prompt_response_batch([i.student for i in items], [i.response for i in items], 0, learner.device)
         # Given ones are kept on the host, scored ones where the model is; replay mixes both.
         teacher = torch.cat([i.teacher_logprobs.to(learner.device) for i in items])
+        soft = None
+        if learner.config.soft_targets:
+            soft = tuple(torch.cat([i.teacher_top[j].to(learner.device) for i in items]) for j in (0, 1))
         weights = torch.tensor([i.weight for i in items], device=learner.device)
         learned_count = []
         fitting = self._fit_projection_to(batch)
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
-                                                     learner.config.gain_threshold, learner.config.teacher_min_prob)
+                                                     learner.config.gain_threshold, learner.config.teacher_min_prob,
+                                                     soft)
             learned_count.append(int(learned.sum()))
             if learner.config.replay_priority:
                 left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
@@ -204,7 +216,9 @@ class Recipe:
     def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight=1.0,
               teacher_logprobs=None) -> LearnReport:
         items = self.interactions(prompt_ids, response_ids, student_prompt_ids, weight, teacher_logprobs)
-        contextual = [i for i in items if i.student is not None and i.weight > 0 and i.teacher_logprobs is None]
+        soft = self.learner.config.soft_targets
+        contextual = [i for i in items if i.student is not None and i.weight > 0
+                      and (i.teacher_logprobs is None or (soft and i.teacher_top is None))]
         if self.learner.config.objective == "context_gain" and contextual:
             self.score_teacher(contextual)
         report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
@@ -229,6 +243,8 @@ class Recipe:
                                                      config.self_study_temperature, config.self_study_tokens, seed):
                 extra.append(Interaction(item.teacher, item.student, response, item.weight, logprobs))
         self.costs["self_study_generate"] += seconds_since(start, self.learner.device)
+        if config.soft_targets and extra:
+            self.score_teacher(extra)
         return extra
 
     def scheduled_step(self):

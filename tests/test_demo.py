@@ -49,6 +49,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert all(0.0 < run[key] < 1.0 for key in ("probability_before", "probability_after"))
     assert run["ceiling"] > run["floor"], "the document in context should help: the stream is broken"
     assert run["perplexity_after"] > 1.0 and run["served_tokens"] > 0 and run["learn_all_forwards"] > 0
+    assert run["self_generated_forwards"] == 0  # self_study is off: nothing to report apart
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), f"run_seed left {name} changed"
@@ -57,6 +58,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert "fraction of the gap recovered" in continual.table(summary)
     assert "answer frame" in continual.table(summary)
     assert "probability over the options" in continual.table(summary)
+    assert "self-generated data" in continual.table(summary)
 
 
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):

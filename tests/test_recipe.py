@@ -498,3 +498,30 @@ def test_teacher_min_prob_learns_only_the_tokens_the_teacher_believed():
     assert everything.learn(teacher, response, student, teacher_logprobs=believed.log()).tokens_learned == 5
     with pytest.raises(ValueError, match=r"teacher_min_prob is a probability in \[0, 1\]"):
         patched(teacher_min_prob=1.5)
+
+
+def test_soft_targets_train_learned_tokens_toward_the_teachers_top_k():
+    """k = 1 is the served token (when it is the teacher's top one); with k = vocabulary and a
+    threshold every token passes, the term is the cross-entropy to the teacher's distribution."""
+    teacher, student = rows(43, 1)[0], rows(44, 1)[0]
+    model, scorer = patched(step_every=0)
+    with torch.no_grad():  # a greedy response: each token the teacher's top one
+        ids = list(teacher)
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    response = ids[len(teacher):]
+    grads = {}
+    for name, k in (("served", 0), ("top1", 1), ("full", VOCAB)):
+        _, learner = patched(step_every=0, gain_threshold=-float("inf"), soft_targets=k)
+        assert learner.learn(teacher, response, student).tokens_learned == len(response)
+        grads[name] = [m.grad_B.clone() for m in learner.modules.values()]
+    for a, b in zip(grads["served"], grads["top1"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads["served"], grads["full"]))
+    # The full-vocabulary term is the distillation cross-entropy: its gradient is distill()'s.
+    _, distilled = patched(step_every=0, objective="distill")
+    distilled.learn(teacher, response, student)
+    for a, m in zip(grads["full"], distilled.modules.values()):
+        torch.testing.assert_close(a, m.grad_B, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="soft_targets applies to objective='context_gain'"):
+        patched(soft_targets=4, objective="next_token")
