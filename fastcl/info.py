@@ -37,7 +37,8 @@ def serving_closure() -> str:
     from .ops import reference
 
     if reference.compiled_serving_forward is not None:
-        return "C++ (fastcl._serving)"
+        # fp32 CPU decode (up to max_fused_rows rows) runs the adapter as one loop; the rest ATen.
+        return f"C++ (fastcl._serving; fused adapter loop for <= {reference.max_fused_rows} fp32 CPU rows)"
     why = build_info().get("serving_extension_reason") or "fastcl._serving did not build or import"
     return f"Python ({why})"
 
