@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tens
 
 def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torch.Tensor, rows: torch.Tensor,
                       cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, threshold: float,
-                      teacher_min_prob: float = 0.0, soft_targets=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      teacher_min_prob: float = 0.0,
+                      soft_targets: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
     token's context gain, detached).
 

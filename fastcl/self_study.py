@@ -2,8 +2,10 @@
 
 The served answer is one greedy draw of what the model, document in context, would say; a 135M
 model often answers another attribute than the one asked, or states the asked value once. A
-few samples at a moderate temperature restate the document's facts in other words (bench/
-RESULTS.md), and the student learns them without the context like the served answer.
+few samples at a moderate temperature restate the document's facts in other words, and the
+student learns them without the context like the served answer. With SmolLM2-135M the samples'
+invented extras were learned too and general probes fell (bench/RESULTS.md), so
+`self_study` is off by default.
 """
 
 from __future__ import annotations
