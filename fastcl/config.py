@@ -54,6 +54,10 @@ class LearnerConfig:
     # Of replay_per_step, this many are the buffered requests with the most context gain left
     # (as measured when each was last learned), the rest drawn at random.
     replay_priority: int = 0
+    # A replayed request keeps learning the tokens its context taught when it was first learned,
+    # whatever their gain now, so later facts that pull on them are pushed back (cross-entropy
+    # fades by itself as the student's probability nears 1).
+    replay_taught: bool = False
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served

@@ -103,7 +103,7 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
                       cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, threshold: float,
                       teacher_min_prob: float = 0.0,
                       soft_targets: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      always: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
     token's context gain, detached).
 
@@ -116,7 +116,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     probability: a greedy answer's low-probability tokens are the model's guesses, not what the
     context said. With soft_targets, (ids, log-probabilities) of the teacher's top k tokens at
     each response position, a learned token's term is the cross-entropy to that distribution
-    (renormalised over the k) instead of to the served token alone.
+    (renormalised over the k) instead of to the served token alone. Tokens marked in `always`
+    are learned whatever their gain now.
     """
     distribution = student_logits[rows, cols].float().log_softmax(-1)
     student = distribution.gather(-1, targets[:, None]).squeeze(-1)
@@ -124,6 +125,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     learned = gain > threshold
     if teacher_min_prob > 0:
         learned &= teacher_token_logprobs >= math.log(teacher_min_prob)
+    if always is not None:
+        learned |= always
     if soft_targets is not None:
         ids, logprobs = soft_targets
         per_token = (logprobs.softmax(-1) * distribution.gather(-1, ids)).sum(-1)

@@ -43,6 +43,8 @@ class Interaction:
     gain_left: Optional[float] = None
     # soft_targets: per response token, the teacher's top-k token ids and their log-probabilities.
     teacher_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    # replay_taught: which response tokens context gain selected the first time this was learned.
+    taught: Optional[torch.Tensor] = None
 
     @property
     def prompt(self) -> list[int]:
@@ -166,11 +168,21 @@ class Recipe:
         learned_count = []
         fitting = self._fit_projection_to(batch)
 
+        keep = None
+        if learner.config.replay_taught:
+            keep = torch.cat([i.taught.to(learner.device) if i.taught is not None
+                              else torch.zeros(len(i.response), dtype=torch.bool, device=learner.device)
+                              for i in items])
+
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
                                                      learner.config.gain_threshold, learner.config.teacher_min_prob,
-                                                     soft)
+                                                     soft, keep)
             learned_count.append(int(learned.sum()))
+            if keep is not None:
+                for item, mask in zip(items, learned.split([len(i.response) for i in items])):
+                    if item.taught is None:
+                        item.taught = mask.cpu()
             if learner.config.replay_priority:
                 left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
                 for item, value in zip(items, left.tolist()):

@@ -525,3 +525,16 @@ def test_soft_targets_train_learned_tokens_toward_the_teachers_top_k():
         torch.testing.assert_close(a, m.grad_B, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="soft_targets applies to objective='context_gain'"):
         patched(soft_targets=4, objective="next_token")
+
+
+@pytest.mark.parametrize("replay_taught", [False, True])
+def test_replay_taught_keeps_learning_the_tokens_first_taught(replay_taught):
+    teacher, student, response = rows(45, 1)[0], rows(46, 1)[0], rows(47, 1, low=4, high=5)[0]
+    believed = torch.tensor([0.0, -0.1, -9.0, 0.0])  # the third token: the teacher doubted it, no gain
+    _, learner = patched(step_every=0, replay_taught=replay_taught)
+    assert learner.learn(teacher, response, student, teacher_logprobs=believed).tokens_learned == 3
+    item = learner.recipe.pending[0]
+    if replay_taught:
+        assert item.taught.tolist() == [True, True, False, True]
+    learner.config.gain_threshold = 1e9  # as if the fact were learned: no token has gain left
+    assert learner.recipe.accumulate([item], "replay") == (3 if replay_taught else 0)
