@@ -504,7 +504,7 @@ def test_soft_targets_train_learned_tokens_toward_the_teachers_top_k():
     """k = 1 is the served token (when it is the teacher's top one); with k = vocabulary and a
     threshold every token passes, the term is the cross-entropy to the teacher's distribution."""
     teacher, student = rows(43, 1)[0], rows(44, 1)[0]
-    model, scorer = patched(step_every=0)
+    model, _ = patched(step_every=0)
     with torch.no_grad():  # a greedy response: each token the teacher's top one
         ids = list(teacher)
         for _ in range(4):
