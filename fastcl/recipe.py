@@ -228,19 +228,18 @@ class Recipe:
     def learn(self, prompt_ids, response_ids, student_prompt_ids=None, weight=1.0,
               teacher_logprobs=None) -> LearnReport:
         items = self.interactions(prompt_ids, response_ids, student_prompt_ids, weight, teacher_logprobs)
-        soft = self.learner.config.soft_targets
-        contextual = [i for i in items if i.student is not None and i.weight > 0
-                      and (i.teacher_logprobs is None or (soft and i.teacher_top is None))]
-        if self.learner.config.objective == "context_gain" and contextual:
-            self.score_teacher(contextual)
-        report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
+        config = self.learner.config
         studied = [i for i in items if i.student is not None and i.weight > 0]
-        if self.learner.config.self_study and studied:
+        unscored = [i for i in studied if i.teacher_logprobs is None or (config.soft_targets and i.teacher_top is None)]
+        if config.objective == "context_gain" and unscored:
+            self.score_teacher(unscored)
+        report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
+        if config.self_study and studied:
             self.accumulate(self.self_study(studied), "self_study")
         self.requests_seen += len(items)
         self.pending += items
         self.calls_since_step += 1
-        if self.learner.config.step_every and self.calls_since_step >= self.learner.config.step_every:
+        if config.step_every and self.calls_since_step >= config.step_every:
             report.stepped, report.consolidation = self.scheduled_step()
         return report
 
