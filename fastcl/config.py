@@ -58,6 +58,10 @@ class LearnerConfig:
     # whatever their gain now, so later facts that pull on them are pushed back (cross-entropy
     # fades by itself as the student's probability nears 1).
     replay_taught: bool = False
+    # > 0: at each learned token (and each replayed request's first-taught tokens), the tokens other
+    # requests were taught must stay this many nats below the request's own answer (a hinge;
+    # fastcl.loss.contrast_margin_loss): against learned values answering for every entity.
+    contrast_margin: float = 0.0
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -119,6 +123,10 @@ class LearnerConfig:
         if self.replay_priority > self.replay_per_step:
             raise ValueError(f"replay_priority ({self.replay_priority}) is a share of replay_per_step "
                              f"({self.replay_per_step}): it cannot be larger")
+        if not self.contrast_margin >= 0:
+            raise ValueError(f"contrast_margin is in nats and must be >= 0, got {self.contrast_margin!r}")
+        if self.contrast_margin and self.objective != "context_gain":
+            raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
         if not 0.0 <= self.teacher_min_prob <= 1.0:
             raise ValueError(f"teacher_min_prob is a probability in [0, 1], got {self.teacher_min_prob!r}")
         if self.soft_targets and self.objective != "context_gain":

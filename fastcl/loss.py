@@ -103,7 +103,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
                       cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, threshold: float,
                       teacher_min_prob: float = 0.0,
                       soft_targets: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                      always: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      always: Optional[torch.Tensor] = None,
+                      contrast: Optional["Contrast"] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
     token's context gain, detached).
 
@@ -117,7 +118,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     context said. With soft_targets, (ids, log-probabilities) of the teacher's top k tokens at
     each response position, a learned token's term is the cross-entropy to that distribution
     (renormalised over the k) instead of to the served token alone. Tokens marked in `always`
-    are learned whatever their gain now.
+    are learned whatever their gain now. With contrast, a margin term (contrast_margin_loss) is
+    added at the learned tokens and at contrast.positions.
     """
     distribution = student_logits[rows, cols].float().log_softmax(-1)
     student = distribution.gather(-1, targets[:, None]).squeeze(-1)
@@ -132,4 +134,54 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
         per_token = (logprobs.softmax(-1) * distribution.gather(-1, ids)).sum(-1)
     else:
         per_token = student
-    return -(per_token * learned * weight[rows]).sum(), learned, gain
+    total = -(per_token * learned * weight[rows]).sum()
+    if contrast is not None:
+        positions = (learned & (gain >= CONTRAST_MIN_GAIN)) | contrast.positions
+        total = total + contrast_margin_loss(distribution, targets, positions, contrast, weight[rows])
+    return total, learned, gain
+
+
+# Nats of context gain that mark a learned token as content (a value's pieces), not style: on the
+# development stream's served answers the first token of a value gains 4-12 nats, the words around
+# it (" is", ",", " company") 0.5-2.5. Only content tokens are contrasted, as rivals and as answers.
+CONTRAST_MIN_GAIN = 3.0
+
+
+class Contrast(NamedTuple):
+    """Other requests' content tokens, to be kept below each position's own answer.
+
+    pool: (N,) token ids; excluded: (tokens, N) pairs not to contrast (the position's own
+    request's response has that id); positions: (tokens,) where the term applies besides the
+    content tokens learned now (a replayed request's, from its first learning); margin: nats."""
+
+    pool: torch.Tensor
+    excluded: torch.Tensor
+    positions: torch.Tensor
+    margin: float
+
+
+def contrast_margin_loss(distribution: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
+                         contrast: Contrast, weight: torch.Tensor) -> torch.Tensor:
+    """distribution: (tokens, vocab) log-probabilities, targets: (tokens,) each position's answer.
+    Sum over the chosen positions of weight * log(1 + sum over the pool's ids (other than the
+    answer) of exp(log q(id) - log q(answer) + margin)), the answer's log-probability held fixed:
+    the rivals, the other requests' learned values, are pushed until they are `margin` nats
+    below the answer. The answer itself is left to the context-gain term (pulling it up here too
+    would learn it harder, and a harder-learned value intrudes more).
+
+    What one request teaches ("a headquarters question -> Graz") carries to every entity's
+    question; learned alone it makes every recent value an intruder (bench/RESULTS.md, "Next").
+    Contrasting the values at each other's positions cancels the shared part and keeps the part
+    that depends on whose question it is. Each position's gradient is at most 1 on the logits
+    (a softmax), and fades once the intruders are well below the answer; values of another
+    attribute, far below it from the start, cost almost nothing.
+    """
+    rows = positions.nonzero(as_tuple=True)[0]
+    if rows.numel() == 0 or contrast.pool.numel() == 0:
+        return distribution.new_zeros(())
+    chosen = distribution[rows]
+    answer = chosen.gather(-1, targets[rows, None]).detach()
+    skip = contrast.excluded[rows] | (contrast.pool[None, :] == targets[rows, None])
+    rivals = (chosen[:, contrast.pool] - answer + contrast.margin).masked_fill(skip, -math.inf)
+    zero = rivals.new_zeros(len(rows), 1)  # the answer against itself: exp(0) = 1
+    return (torch.cat([zero, rivals], 1).logsumexp(-1) * weight[rows]).sum()

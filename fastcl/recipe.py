@@ -20,7 +20,7 @@ from .batching import as_rows, prompt_response_batch
 from .errors import FastclError, InputError
 from .guard import Anchor, Gate, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
-from .loss import context_gain_loss, next_token_loss_on
+from .loss import CONTRAST_MIN_GAIN, Contrast, context_gain_loss, next_token_loss_on
 from .self_study import sample_answers
 from .timing import seconds_since
 
@@ -43,8 +43,10 @@ class Interaction:
     gain_left: Optional[float] = None
     # soft_targets: per response token, the teacher's top-k token ids and their log-probabilities.
     teacher_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    # replay_taught: which response tokens context gain selected the first time this was learned.
+    # replay_taught, contrast_margin: which response tokens context gain selected the first time
+    # this was learned, and their gain then (nats; 0 where not selected).
     taught: Optional[torch.Tensor] = None
+    taught_gain: Optional[torch.Tensor] = None
 
     @property
     def prompt(self) -> list[int]:
@@ -157,38 +159,37 @@ class Recipe:
         return learned
 
     def _accumulate_gain(self, items: list[Interaction]) -> int:
-        learner = self.learner
+        learner, config = self.learner, self.learner.config
         batch = prompt_response_batch([i.student for i in items], [i.response for i in items], 0, learner.device)
         # Given ones are kept on the host, scored ones where the model is; replay mixes both.
         teacher = torch.cat([i.teacher_logprobs.to(learner.device) for i in items])
         soft = None
-        if learner.config.soft_targets:
+        if config.soft_targets:
             soft = tuple(torch.cat([i.teacher_top[j].to(learner.device) for i in items]) for j in (0, 1))
         weights = torch.tensor([i.weight for i in items], device=learner.device)
         learned_count = []
         fitting = self._fit_projection_to(batch)
-
-        keep = None
-        if learner.config.replay_taught:
-            keep = torch.cat([i.taught.to(learner.device) if i.taught is not None
-                              else torch.zeros(len(i.response), dtype=torch.bool, device=learner.device)
-                              for i in items])
+        keep = self._taught_mask(items) if config.replay_taught else None
+        contrast = self._contrast(items) if config.contrast_margin else None
+        record_taught = config.replay_taught or config.contrast_margin > 0
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
-                                                     learner.config.gain_threshold, learner.config.teacher_min_prob,
-                                                     soft, keep)
+                                                     config.gain_threshold, config.teacher_min_prob, soft, keep,
+                                                     contrast)
             learned_count.append(int(learned.sum()))
-            if keep is not None:
-                for item, mask in zip(items, learned.split([len(i.response) for i in items])):
+            if record_taught:
+                sizes = [len(i.response) for i in items]
+                for item, mask, first in zip(items, learned.split(sizes), (gain * learned).split(sizes)):
                     if item.taught is None:
-                        item.taught = mask.cpu()
-            if learner.config.replay_priority:
+                        item.taught, item.taught_gain = mask.cpu(), first.cpu()
+            if config.replay_priority:
                 left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
                 for item, value in zip(items, left.tolist()):
                     item.gain_left = value
-            # Nothing new in these responses: skip the backward altogether.
-            return (total if learned_count[0] else total.detach()), learned
+            # Nothing new in these responses and no intruder within the margin: skip the backward.
+            active = learned_count[0] > 0 or (contrast is not None and bool(total.detach() != 0))
+            return (total if active else total.detach()), learned
 
         try:
             learner._learn_from(lambda: learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
@@ -197,6 +198,29 @@ class Recipe:
             for module in fitting:  # a layer the forward did not reach must not fit later
                 module.fit_positions = None
         return learned_count[0]
+
+    def _taught_mask(self, items: list[Interaction]) -> torch.Tensor:
+        """Per response token of `items`, in order: did context gain select it the first time its
+        request was learned (False for requests not learned yet)."""
+        device = self.learner.device
+        return torch.cat([i.taught.to(device) if i.taught is not None
+                          else torch.zeros(len(i.response), dtype=torch.bool, device=device) for i in items])
+
+    def _contrast(self, items: list[Interaction]) -> Contrast:
+        """contrast_margin: the content tokens other requests were taught (those in the replay
+        buffer and those waiting for this step) as the pool to keep below each of `items`'
+        answers; a request's own response tokens are never its intruders."""
+        device = self.learner.device
+        ids = sorted({t for other in (*self.replay, *self.pending) if other.taught_gain is not None
+                      for t, gain in zip(other.response, other.taught_gain.tolist()) if gain >= CONTRAST_MIN_GAIN})
+        pool = torch.tensor(ids, dtype=torch.long, device=device)
+        own = torch.stack([torch.isin(pool, torch.tensor(i.response, device=device)) for i in items]) \
+            if ids else torch.zeros(len(items), 0, dtype=torch.bool, device=device)
+        owner = torch.repeat_interleave(torch.arange(len(items), device=device),
+                                        torch.tensor([len(i.response) for i in items], device=device))
+        content = torch.cat([i.taught_gain.to(device) >= CONTRAST_MIN_GAIN if i.taught_gain is not None
+                             else torch.zeros(len(i.response), dtype=torch.bool, device=device) for i in items])
+        return Contrast(pool, own[owner], content, self.learner.config.contrast_margin)
 
     def _fit_projection_to(self, batch) -> list:
         """projection="whitened": at the first learn() of a projection epoch (every B zero, nothing

@@ -538,3 +538,75 @@ def test_replay_taught_keeps_learning_the_tokens_first_taught(replay_taught):
         assert item.taught.tolist() == [True, True, False, True]
     learner.config.gain_threshold = 1e9  # as if the fact were learned: no token has gain left
     assert learner.recipe.accumulate([item], "replay") == (3 if replay_taught else 0)
+
+
+def test_contrast_margin_loss_pushes_rivals_below_the_answer():
+    """Checked against a loop, value and gradient: the answer itself and a request's own tokens
+    are no rivals; every other id is one, handicapped by the margin, and only the rivals are
+    pushed (the answer's log-probability is held fixed, left to the context-gain term)."""
+    from fastcl.loss import Contrast, contrast_margin_loss
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(48), dtype=torch.float64)
+    targets = torch.tensor([3, 7, 7, 1, 9])
+    positions = torch.tensor([True, False, True, True, True])
+    pool = torch.tensor([1, 3, 7, 20])
+    excluded = torch.zeros(5, 4, dtype=torch.bool)
+    excluded[3, 3] = True  # position 3's request has id 20 in its own response
+    weight = torch.tensor([1.0, 1.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    margin = 1.5
+    ours = logits.clone().requires_grad_(True)
+    loss = contrast_margin_loss(ours.log_softmax(-1), targets, positions, Contrast(pool, excluded, positions, margin),
+                                weight)
+    loss.backward()
+    theirs = logits.clone().requires_grad_(True)
+    logq, fixed = theirs.log_softmax(-1), logits.log_softmax(-1)
+    expected = 0.0
+    for r in positions.nonzero().flatten().tolist():
+        rivals = [int(t) for n, t in enumerate(pool) if t != targets[r] and not excluded[r, n]]
+        odds = sum(torch.exp(logq[r, t] - fixed[r, targets[r]] + margin) for t in rivals)
+        expected = expected + weight[r] * torch.log1p(odds)
+    expected.backward()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-9)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+    assert ours.grad[1].abs().max() == 0  # not a chosen position
+    assert ours.grad[0, 1] > 0 and ours.grad[0, 20] > 0  # rivals pushed down
+    assert ours.grad[0, 3] < 0  # and the answer, like every other id, rises with the softmax
+
+
+def test_contrast_margin_pushes_another_requests_taught_token_below_the_answer():
+    """With no gain left to learn, a replayed request still gets a gradient from a buffered
+    request's taught content tokens, and the step moves them away from its answer; without the
+    option, or with the buffered tokens taught as style (little gain), the same replay learns
+    nothing."""
+    teacher_a, student_a, response_a, teacher_b, student_b = rows(49, 5, low=4, high=6)
+    response_b = rows(50, 1, low=4, high=5)[0]
+    intruders = torch.tensor(sorted(set(response_a) - set(response_b)))
+    ids = torch.tensor([student_b + response_b])
+    positions = torch.arange(len(student_b) - 1, len(student_b) + len(response_b) - 1)
+
+    def gap(model):  # intruders' mean log-probability against the answer's, at the answer's positions
+        with torch.no_grad():
+            logprobs = model(ids).logits[0].log_softmax(-1)[positions]
+        return float((logprobs[:, intruders] - logprobs.gather(-1, torch.tensor(response_b)[:, None])).mean())
+
+    for margin, first_gain in ((0.0, 5.0), (50.0, 1.0), (50.0, 5.0)):
+        model, learner = patched(step_every=0, contrast_margin=margin, lr=3e-2, anchor_weight=0.0,
+                                 gain_threshold=1e9)  # nothing left to learn by context gain
+        recipe = learner.recipe
+        a, b = (recipe.interactions(t, r, s, 1.0, torch.zeros(len(r)))[0]
+                for t, s, r in ((teacher_a, student_a, response_a), (teacher_b, student_b, response_b)))
+        for item in (a, b):  # as if every token had been taught, as content (5 nats) or as style (1)
+            item.taught = torch.ones(len(item.response), dtype=torch.bool)
+            item.taught_gain = torch.full((len(item.response),), first_gain)
+        recipe.replay.append(a)
+        assert recipe.accumulate([b], "replay") == 0
+        contrasted = bool(margin) and first_gain >= 3.0
+        assert any(m.grad_B.any() for m in learner.modules.values()) == contrasted
+        if contrasted:
+            before = gap(model)
+            learner.counters.tokens_pending = 1  # as if the step's served request had learned a token
+            assert learner.step()
+            assert gap(model) < before - 0.1
+    with pytest.raises(ValueError, match="contrast_margin is in nats"):
+        patched(contrast_margin=-1.0)
+    with pytest.raises(ValueError, match="contrast_margin applies to objective='context_gain'"):
+        patched(contrast_margin=1.0, objective="next_token")
