@@ -20,6 +20,10 @@ noisy than in accuracy over the same 160 items.
 
 If served-phrasing accuracy is as low as held-out, the facts are not learned (not a transfer
 problem); if "immediate" is high and the end is low, later traffic overwrote them.
+"served_states_value_by_quarter" is the share of the answers served during the stream (document
+in context, fast weights live) that name the asked value, by quarter of the stream; with
+--served-base, "base_states_value_by_quarter" is the same for the base model answering without
+learning: if learning lowers it, learning damages what is served, and so what it learns next.
 "wrong_is_learned_value" (before -> after) is the share of wrong held-out picks that are the
 value some other company of the stream has for that attribute: if it rises after learning, the
 model answers with learned values whichever company is asked about (interference).
@@ -75,9 +79,15 @@ def wrong_is_learned_value(facts, picks) -> float:
     return sum((f.attribute, value) in learned for f, value in wrong) / len(wrong) if wrong else float("nan")
 
 
-def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict:
+def states_value(tokenizer, facts, answers) -> list[bool]:
+    """Per served answer: does it name the asked value (case-insensitive)."""
+    return [fact.value.lower() in tokenizer.decode(answer).lower() for fact, answer in zip(facts, answers)]
+
+
+def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_base: bool = False) -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
+    base_states = states_value(tokenizer, facts, B.serve(model, tokenizer, None, facts).answers) if served_base else None
     served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
     picks, probability_before = held_out_picks(model, tokenizer, facts)
     floor, confused_before = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
@@ -93,7 +103,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
         return report
 
     learner.learn = learn_then_score
-    B.serve(model, tokenizer, learner, facts)
+    served = B.serve(model, tokenizer, learner, facts)
     picks, probability_after = held_out_picks(model, tokenizer, facts)
     after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
@@ -106,16 +116,19 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict) -> dict
     model.load_state_dict(original)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     quarter = max(1, len(facts) // 4)
+    by_quarter = lambda xs: [round(mean(xs[i: i + quarter]), 3) for i in range(0, len(xs), quarter)]  # noqa: E731
     return {
         "seed": seed, "floor": mean(floor), "ceiling": ceiling, "after": mean(after),
         "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
         "answer_probability": [round(probability_before, 4), round(probability_after, 4)],
         "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
-        "after_by_quarter": [round(mean(after[i: i + quarter]), 3) for i in range(0, len(facts), quarter)],
+        "after_by_quarter": by_quarter(after),
         "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
         "perplexity_after": round(perplexity, 2), "general_after": round(general, 3),
         "general_framed_after": round(general_framed, 3),
         "gate_refusals": refused, "gate_halved": halved,
+        "served_states_value_by_quarter": by_quarter(states_value(tokenizer, facts, served.answers)),
+        **({"base_states_value_by_quarter": by_quarter(base_states)} if base_states is not None else {}),
     }
 
 
@@ -168,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--against", nargs="*", help="a second recipe (patch() overrides as key=json) run on the "
                         "same streams; the paired differences are printed at the end")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--served-base", action="store_true", help="also serve the stream with the base model "
+                        "(no learning) and report how often its answers name the asked value (about 1.5 min)")
     parser.add_argument("--compare", nargs=2, metavar=("OURS", "THEIRS"), help="compare two saved runs (JSON "
                         "lines of this script's output) instead of running anything")
     args = parser.parse_args(argv)
@@ -184,7 +199,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for options, done in zip(recipes, results):
             start = time.perf_counter()
-            done.append(diagnose(model, tokenizer, seed, args.companies, options))
+            done.append(diagnose(model, tokenizer, seed, args.companies, options, args.served_base))
             print(json.dumps({"options": options, **done[-1], "seconds": round(time.perf_counter() - start)}),
                   flush=True)
     if len(recipes) == 2:

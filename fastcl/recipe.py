@@ -25,6 +25,7 @@ from .self_study import sample_answers
 from .timing import seconds_since
 
 BUILTIN_PROBE = "general_text_loglik"
+SHORT_ANSWER_TOKENS = 8  # a value's pieces; longer taught runs are sentences, not answers
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Interaction:
     # this was learned, and their gain then (nats; 0 where not selected).
     taught: Optional[torch.Tensor] = None
     taught_gain: Optional[torch.Tensor] = None
+    # short_answers: the span of this response its context taught, learned as a reply of its own.
+    short: Optional["Interaction"] = None
 
     @property
     def prompt(self) -> list[int]:
@@ -136,6 +139,7 @@ class Recipe:
     def accumulate(self, items: list[Interaction], component: str) -> int:
         """Add the gradient of the configured objective over `items`; return tokens learned."""
         items = [i for i in items if i.weight > 0]
+        items += [i.short for i in items if i.short is not None]  # learned beside their request, one forward
         if not items:
             return 0
         start = time.perf_counter()
@@ -171,7 +175,7 @@ class Recipe:
         fitting = self._fit_projection_to(batch)
         keep = self._taught_mask(items) if config.replay_taught else None
         contrast = self._contrast(items) if config.contrast_margin else None
-        record_taught = config.replay_taught or config.contrast_margin > 0
+        record_taught = config.replay_taught or config.contrast_margin > 0 or config.short_answers
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
@@ -258,6 +262,9 @@ class Recipe:
         if config.objective == "context_gain" and unscored:
             self.score_teacher(unscored)
         report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
+        if config.short_answers:
+            shorts = [i.short for i in studied if self._attach_short_answer(i)]
+            self.accumulate(shorts, "short_answers")
         if config.self_study and studied:
             self.accumulate(self.self_study(studied), "self_study")
         self.requests_seen += len(items)
@@ -266,6 +273,24 @@ class Recipe:
         if config.step_every and self.calls_since_step >= config.step_every:
             report.stepped, report.consolidation = self.scheduled_step()
         return report
+
+    def _attach_short_answer(self, item: Interaction) -> bool:
+        """short_answers: the run of consecutive response tokens context gain selected that holds
+        the token it gained most on (up to SHORT_ANSWER_TOKENS of it), as a reply of its own to
+        the student prompt, kept on the request (replayed with it). The teacher's log-probabilities
+        are those it gave the same tokens inside the served answer, so the student stops learning
+        the short reply as it does the long one, once within gain_threshold of them."""
+        if item.taught is None or item.short is not None or not bool(item.taught.any()):
+            return False
+        taught, peak = item.taught.tolist(), int(item.taught_gain.argmax())
+        start, end = peak, peak + 1
+        while start > 0 and taught[start - 1] and peak - start + 1 < SHORT_ANSWER_TOKENS:
+            start -= 1
+        while end < len(taught) and taught[end] and end - start < SHORT_ANSWER_TOKENS:
+            end += 1
+        item.short = Interaction(item.teacher, item.student, item.response[start:end], item.weight,
+                                 item.teacher_logprobs[start:end].clone())
+        return True
 
     def self_study(self, items: list[Interaction]) -> list[Interaction]:
         """config.self_study more answers to each request, sampled with its served prompt (the
