@@ -62,10 +62,6 @@ class LearnerConfig:
     # requests were taught must stay this many nats below the request's own answer (a hinge;
     # fastcl.loss.contrast_margin_loss): against learned values answering for every entity.
     contrast_margin: float = 0.0
-    # Each served answer's taught span (the run of context-gain tokens around the one it gained most
-    # on) is also learned as a reply of its own to the context-free prompt: "Graz, Austria" beside
-    # "Brixell Works is based in Graz, Austria." One more short forward+backward a request.
-    short_answers: bool = False
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -131,9 +127,6 @@ class LearnerConfig:
             raise ValueError(f"contrast_margin is in nats and must be >= 0, got {self.contrast_margin!r}")
         if self.contrast_margin and self.objective != "context_gain":
             raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
-        if self.short_answers and self.objective != "context_gain":
-            raise ValueError(f"short_answers takes its spans from context gain: it needs objective='context_gain', "
-                             f"got {self.objective!r}")
         if not 0.0 <= self.teacher_min_prob <= 1.0:
             raise ValueError(f"teacher_min_prob is a probability in [0, 1], got {self.teacher_min_prob!r}")
         if self.soft_targets and self.objective != "context_gain":

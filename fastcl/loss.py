@@ -136,23 +136,17 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
         per_token = student
     total = -(per_token * learned * weight[rows]).sum()
     if contrast is not None:
-        positions = (learned & (gain >= CONTRAST_MIN_GAIN)) | contrast.positions
-        total = total + contrast_margin_loss(distribution, targets, positions, contrast, weight[rows])
+        total = total + contrast_margin_loss(distribution, targets, learned | contrast.positions, contrast,
+                                             weight[rows])
     return total, learned, gain
 
 
-# Nats of context gain that mark a learned token as content (a value's pieces), not style: on the
-# development stream's served answers the first token of a value gains 4-12 nats, the words around
-# it (" is", ",", " company") 0.5-2.5. Only content tokens are contrasted, as rivals and as answers.
-CONTRAST_MIN_GAIN = 3.0
-
-
 class Contrast(NamedTuple):
-    """Other requests' content tokens, to be kept below each position's own answer.
+    """Other requests' learned tokens, to be kept below each position's own answer.
 
     pool: (N,) token ids; excluded: (tokens, N) pairs not to contrast (the position's own
     request's response has that id); positions: (tokens,) where the term applies besides the
-    content tokens learned now (a replayed request's, from its first learning); margin: nats."""
+    tokens learned now (a replayed request's first-taught ones); margin: nats."""
 
     pool: torch.Tensor
     excluded: torch.Tensor
@@ -163,25 +157,22 @@ class Contrast(NamedTuple):
 def contrast_margin_loss(distribution: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
                          contrast: Contrast, weight: torch.Tensor) -> torch.Tensor:
     """distribution: (tokens, vocab) log-probabilities, targets: (tokens,) each position's answer.
-    Sum over the chosen positions of weight * log(1 + sum over the pool's ids (other than the
-    answer) of exp(log q(id) - log q(answer) + margin)), the answer's log-probability held fixed:
-    the rivals, the other requests' learned values, are pushed until they are `margin` nats
-    below the answer. The answer itself is left to the context-gain term (pulling it up here too
-    would learn it harder, and a harder-learned value intrudes more).
+    Sum over the chosen positions and the pool's ids (other than the answer) of
+    weight * relu(log q(id) - log q(answer) + margin): another request's learned token may not
+    come within `margin` nats of this request's answer at the answer's position.
 
     What one request teaches ("a headquarters question -> Graz") carries to every entity's
     question; learned alone it makes every recent value an intruder (bench/RESULTS.md, "Next").
     Contrasting the values at each other's positions cancels the shared part and keeps the part
-    that depends on whose question it is. Each position's gradient is at most 1 on the logits
-    (a softmax), and fades once the intruders are well below the answer; values of another
-    attribute, far below it from the start, cost almost nothing.
+    that depends on whose question it is. The hinge is zero wherever an id is already far below
+    the answer (another attribute's values, mostly), so only near rivals cost anything; each
+    active pair pushes its rival down and the answer up with a unit gradient.
     """
     rows = positions.nonzero(as_tuple=True)[0]
     if rows.numel() == 0 or contrast.pool.numel() == 0:
         return distribution.new_zeros(())
     chosen = distribution[rows]
-    answer = chosen.gather(-1, targets[rows, None]).detach()
+    answer = chosen.gather(-1, targets[rows, None])
+    hinge = (chosen[:, contrast.pool] - answer + contrast.margin).clamp_min(0)
     skip = contrast.excluded[rows] | (contrast.pool[None, :] == targets[rows, None])
-    rivals = (chosen[:, contrast.pool] - answer + contrast.margin).masked_fill(skip, -math.inf)
-    zero = rivals.new_zeros(len(rows), 1)  # the answer against itself: exp(0) = 1
-    return (torch.cat([zero, rivals], 1).logsumexp(-1) * weight[rows]).sum()
+    return (hinge.masked_fill(skip, 0.0).sum(-1) * weight[rows]).sum()

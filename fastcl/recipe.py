@@ -20,12 +20,11 @@ from .batching import as_rows, prompt_response_batch
 from .errors import FastclError, InputError
 from .guard import Anchor, Gate, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
-from .loss import CONTRAST_MIN_GAIN, Contrast, context_gain_loss, next_token_loss_on
+from .loss import Contrast, context_gain_loss, next_token_loss_on
 from .self_study import sample_answers
 from .timing import seconds_since
 
 BUILTIN_PROBE = "general_text_loglik"
-SHORT_ANSWER_TOKENS = 8  # a value's pieces; longer taught runs are sentences, not answers
 
 
 @dataclass
@@ -45,11 +44,8 @@ class Interaction:
     # soft_targets: per response token, the teacher's top-k token ids and their log-probabilities.
     teacher_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     # replay_taught, contrast_margin: which response tokens context gain selected the first time
-    # this was learned, and their gain then (nats; 0 where not selected).
+    # this was learned.
     taught: Optional[torch.Tensor] = None
-    taught_gain: Optional[torch.Tensor] = None
-    # short_answers: the span of this response its context taught, learned as a reply of its own.
-    short: Optional["Interaction"] = None
 
     @property
     def prompt(self) -> list[int]:
@@ -139,7 +135,6 @@ class Recipe:
     def accumulate(self, items: list[Interaction], component: str) -> int:
         """Add the gradient of the configured objective over `items`; return tokens learned."""
         items = [i for i in items if i.weight > 0]
-        items += [i.short for i in items if i.short is not None]  # learned beside their request, one forward
         if not items:
             return 0
         start = time.perf_counter()
@@ -175,7 +170,7 @@ class Recipe:
         fitting = self._fit_projection_to(batch)
         keep = self._taught_mask(items) if config.replay_taught else None
         contrast = self._contrast(items) if config.contrast_margin else None
-        record_taught = config.replay_taught or config.contrast_margin > 0 or config.short_answers
+        record_taught = config.replay_taught or config.contrast_margin > 0
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
@@ -183,10 +178,9 @@ class Recipe:
                                                      contrast)
             learned_count.append(int(learned.sum()))
             if record_taught:
-                sizes = [len(i.response) for i in items]
-                for item, mask, first in zip(items, learned.split(sizes), (gain * learned).split(sizes)):
+                for item, mask in zip(items, learned.split([len(i.response) for i in items])):
                     if item.taught is None:
-                        item.taught, item.taught_gain = mask.cpu(), first.cpu()
+                        item.taught = mask.cpu()
             if config.replay_priority:
                 left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
                 for item, value in zip(items, left.tolist()):
@@ -211,20 +205,18 @@ class Recipe:
                           else torch.zeros(len(i.response), dtype=torch.bool, device=device) for i in items])
 
     def _contrast(self, items: list[Interaction]) -> Contrast:
-        """contrast_margin: the content tokens other requests were taught (those in the replay
-        buffer and those waiting for this step) as the pool to keep below each of `items`'
-        answers; a request's own response tokens are never its intruders."""
+        """contrast_margin: the tokens other requests were taught (those in the replay buffer and
+        those waiting for this step) as the pool to keep below each of `items`' answers; a
+        request's own response tokens are never its intruders."""
         device = self.learner.device
-        ids = sorted({t for other in (*self.replay, *self.pending) if other.taught_gain is not None
-                      for t, gain in zip(other.response, other.taught_gain.tolist()) if gain >= CONTRAST_MIN_GAIN})
+        ids = sorted({t for other in (*self.replay, *self.pending) if other.taught is not None
+                      for t, taught in zip(other.response, other.taught.tolist()) if taught})
         pool = torch.tensor(ids, dtype=torch.long, device=device)
         own = torch.stack([torch.isin(pool, torch.tensor(i.response, device=device)) for i in items]) \
             if ids else torch.zeros(len(items), 0, dtype=torch.bool, device=device)
         owner = torch.repeat_interleave(torch.arange(len(items), device=device),
                                         torch.tensor([len(i.response) for i in items], device=device))
-        content = torch.cat([i.taught_gain.to(device) >= CONTRAST_MIN_GAIN if i.taught_gain is not None
-                             else torch.zeros(len(i.response), dtype=torch.bool, device=device) for i in items])
-        return Contrast(pool, own[owner], content, self.learner.config.contrast_margin)
+        return Contrast(pool, own[owner], self._taught_mask(items), self.learner.config.contrast_margin)
 
     def _fit_projection_to(self, batch) -> list:
         """projection="whitened": at the first learn() of a projection epoch (every B zero, nothing
@@ -262,9 +254,6 @@ class Recipe:
         if config.objective == "context_gain" and unscored:
             self.score_teacher(unscored)
         report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
-        if config.short_answers:
-            shorts = [i.short for i in studied if self._attach_short_answer(i)]
-            self.accumulate(shorts, "short_answers")
         if config.self_study and studied:
             self.accumulate(self.self_study(studied), "self_study")
         self.requests_seen += len(items)
@@ -273,24 +262,6 @@ class Recipe:
         if config.step_every and self.calls_since_step >= config.step_every:
             report.stepped, report.consolidation = self.scheduled_step()
         return report
-
-    def _attach_short_answer(self, item: Interaction) -> bool:
-        """short_answers: the run of consecutive response tokens context gain selected that holds
-        the token it gained most on (up to SHORT_ANSWER_TOKENS of it), as a reply of its own to
-        the student prompt, kept on the request (replayed with it). The teacher's log-probabilities
-        are those it gave the same tokens inside the served answer, so the student stops learning
-        the short reply as it does the long one, once within gain_threshold of them."""
-        if item.taught is None or item.short is not None or not bool(item.taught.any()):
-            return False
-        taught, peak = item.taught.tolist(), int(item.taught_gain.argmax())
-        start, end = peak, peak + 1
-        while start > 0 and taught[start - 1] and peak - start + 1 < SHORT_ANSWER_TOKENS:
-            start -= 1
-        while end < len(taught) and taught[end] and end - start < SHORT_ANSWER_TOKENS:
-            end += 1
-        item.short = Interaction(item.teacher, item.student, item.response[start:end], item.weight,
-                                 item.teacher_logprobs[start:end].clone())
-        return True
 
     def self_study(self, items: list[Interaction]) -> list[Interaction]:
         """config.self_study more answers to each request, sampled with its served prompt (the
