@@ -62,6 +62,9 @@ class LearnerConfig:
     # requests were taught must stay this many nats below the request's own answer (a hinge;
     # fastcl.loss.contrast_margin_loss): against learned values answering for every entity.
     contrast_margin: float = 0.0
+    # ...counting only tokens taught with at least this much context gain (nats), as rivals and as
+    # answers: a value's first pieces gain 4-12 nats, the words around it 0.5-2.5. 0: every taught token.
+    contrast_min_gain: float = 0.0
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -125,6 +128,8 @@ class LearnerConfig:
                              f"({self.replay_per_step}): it cannot be larger")
         if not self.contrast_margin >= 0:
             raise ValueError(f"contrast_margin is in nats and must be >= 0, got {self.contrast_margin!r}")
+        if not self.contrast_min_gain >= 0:
+            raise ValueError(f"contrast_min_gain is in nats and must be >= 0, got {self.contrast_min_gain!r}")
         if self.contrast_margin and self.objective != "context_gain":
             raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
         if not 0.0 <= self.teacher_min_prob <= 1.0:

@@ -136,8 +136,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
         per_token = student
     total = -(per_token * learned * weight[rows]).sum()
     if contrast is not None:
-        total = total + contrast_margin_loss(distribution, targets, learned | contrast.positions, contrast,
-                                             weight[rows])
+        positions = (learned & (gain >= contrast.min_gain)) | contrast.positions
+        total = total + contrast_margin_loss(distribution, targets, positions, contrast, weight[rows])
     return total, learned, gain
 
 
@@ -146,12 +146,14 @@ class Contrast(NamedTuple):
 
     pool: (N,) token ids; excluded: (tokens, N) pairs not to contrast (the position's own
     request's response has that id); positions: (tokens,) where the term applies besides the
-    tokens learned now (a replayed request's first-taught ones); margin: nats."""
+    tokens learned now with at least min_gain nats of context gain (a replayed request's
+    first-taught ones); margin: nats."""
 
     pool: torch.Tensor
     excluded: torch.Tensor
     positions: torch.Tensor
     margin: float
+    min_gain: float = 0.0
 
 
 def contrast_margin_loss(distribution: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,

@@ -44,8 +44,9 @@ class Interaction:
     # soft_targets: per response token, the teacher's top-k token ids and their log-probabilities.
     teacher_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     # replay_taught, contrast_margin: which response tokens context gain selected the first time
-    # this was learned.
+    # this was learned, and their gain then (nats; 0 where not selected).
     taught: Optional[torch.Tensor] = None
+    taught_gain: Optional[torch.Tensor] = None
 
     @property
     def prompt(self) -> list[int]:
@@ -178,9 +179,10 @@ class Recipe:
                                                      contrast)
             learned_count.append(int(learned.sum()))
             if record_taught:
-                for item, mask in zip(items, learned.split([len(i.response) for i in items])):
+                sizes = [len(i.response) for i in items]
+                for item, mask, first in zip(items, learned.split(sizes), (gain * learned).split(sizes)):
                     if item.taught is None:
-                        item.taught = mask.cpu()
+                        item.taught, item.taught_gain = mask.cpu(), first.detach().cpu()
             if config.replay_priority:
                 left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
                 for item, value in zip(items, left.tolist()):
@@ -205,18 +207,25 @@ class Recipe:
                           else torch.zeros(len(i.response), dtype=torch.bool, device=device) for i in items])
 
     def _contrast(self, items: list[Interaction]) -> Contrast:
-        """contrast_margin: the tokens other requests were taught (those in the replay buffer and
-        those waiting for this step) as the pool to keep below each of `items`' answers; a
-        request's own response tokens are never its intruders."""
-        device = self.learner.device
-        ids = sorted({t for other in (*self.replay, *self.pending) if other.taught is not None
-                      for t, taught in zip(other.response, other.taught.tolist()) if taught})
+        """contrast_margin: the tokens other requests were taught with at least contrast_min_gain
+        nats (those in the replay buffer and those waiting for this step) as the pool to keep
+        below each of `items`' answers; a request's own response tokens are never its intruders."""
+        device, least = self.learner.device, self.learner.config.contrast_min_gain
+
+        def strong(item):  # per response token: taught, with at least `least` nats of gain
+            if item.taught is None:
+                return torch.zeros(len(item.response), dtype=torch.bool)
+            return item.taught & (item.taught_gain >= least)
+
+        ids = sorted({t for other in (*self.replay, *self.pending)
+                      for t, keep in zip(other.response, strong(other).tolist()) if keep})
         pool = torch.tensor(ids, dtype=torch.long, device=device)
         own = torch.stack([torch.isin(pool, torch.tensor(i.response, device=device)) for i in items]) \
             if ids else torch.zeros(len(items), 0, dtype=torch.bool, device=device)
         owner = torch.repeat_interleave(torch.arange(len(items), device=device),
                                         torch.tensor([len(i.response) for i in items], device=device))
-        return Contrast(pool, own[owner], self._taught_mask(items), self.learner.config.contrast_margin)
+        positions = torch.cat([strong(i) for i in items]).to(device)
+        return Contrast(pool, own[owner], positions, self.learner.config.contrast_margin, least)
 
     def _fit_projection_to(self, batch) -> list:
         """projection="whitened": at the first learn() of a projection epoch (every B zero, nothing

@@ -577,7 +577,8 @@ def test_contrast_margin_loss_is_the_hinge_over_other_requests_tokens():
 def test_contrast_margin_pushes_another_requests_taught_token_below_the_answer():
     """With no gain left to learn, a replayed request still gets a gradient from a buffered
     request's taught tokens, and the step moves them away from its answer; without the option,
-    or with nothing taught by the buffered request, the same replay learns nothing."""
+    or with nothing taught by the buffered request, or its tokens below contrast_min_gain, the same
+    replay learns nothing."""
     teacher_a, student_a, response_a, teacher_b, student_b = rows(49, 5, low=4, high=6)
     response_b = rows(50, 1, low=4, high=5)[0]
     intruders = torch.tensor(sorted(set(response_a) - set(response_b)))
@@ -589,17 +590,18 @@ def test_contrast_margin_pushes_another_requests_taught_token_below_the_answer()
             logprobs = model(ids).logits[0].log_softmax(-1)[positions]
         return float((logprobs[:, intruders] - logprobs.gather(-1, torch.tensor(response_b)[:, None])).mean())
 
-    for margin, taught in ((0.0, True), (50.0, False), (50.0, True)):
+    for margin, taught, least in ((0.0, True, 0.0), (50.0, False, 0.0), (50.0, True, 6.0), (50.0, True, 0.0)):
         model, learner = patched(step_every=0, contrast_margin=margin, lr=3e-2, anchor_weight=0.0,
-                                 gain_threshold=1e9)  # nothing left to learn by context gain
+                                 contrast_min_gain=least, gain_threshold=1e9)  # nothing left to learn by gain
         recipe = learner.recipe
         a, b = (recipe.interactions(t, r, s, 1.0, torch.zeros(len(r)))[0]
                 for t, s, r in ((teacher_a, student_a, response_a), (teacher_b, student_b, response_b)))
-        for item in (a, b):  # as if every token had been taught (or none of the buffered one's)
+        for item in (a, b):  # as if every token had been taught with 5 nats (or none of the buffered one's)
             item.taught = torch.full((len(item.response),), item is b or taught)
+            item.taught_gain = 5.0 * item.taught
         recipe.replay.append(a)
         assert recipe.accumulate([b], "replay") == 0
-        contrasted = bool(margin) and taught
+        contrasted = bool(margin) and taught and least <= 5.0
         assert any(m.grad_B.any() for m in learner.modules.values()) == contrasted
         if contrasted:
             before = gap(model)
@@ -608,5 +610,7 @@ def test_contrast_margin_pushes_another_requests_taught_token_below_the_answer()
             assert gap(model) < before - 0.1
     with pytest.raises(ValueError, match="contrast_margin is in nats"):
         patched(contrast_margin=-1.0)
+    with pytest.raises(ValueError, match="contrast_min_gain is in nats"):
+        patched(contrast_margin=1.0, contrast_min_gain=-1.0)
     with pytest.raises(ValueError, match="contrast_margin applies to objective='context_gain'"):
         patched(contrast_margin=1.0, objective="next_token")
