@@ -39,6 +39,10 @@ class LearnerConfig:
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
     teacher_min_prob: float = 0.0  # ...and only those the teacher gave at least this probability (0: all)
+    # ...and only tokens that occur in the removed context (the served prompt's part the student
+    # prompt lacks): what the answer copied from its document, not what the model added or
+    # confused (another company's value, an invented country).
+    grounded: bool = False
     # k > 0: a learned token is trained toward the teacher's top-k distribution at its position
     # (the document's other candidates too), not the served token alone; 0: the served token.
     soft_targets: int = 0
@@ -132,6 +136,9 @@ class LearnerConfig:
             raise ValueError(f"contrast_min_gain is in nats and must be >= 0, got {self.contrast_min_gain!r}")
         if self.contrast_margin and self.objective != "context_gain":
             raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
+        if self.grounded and self.objective != "context_gain":
+            raise ValueError(f"grounded filters the tokens context gain learns: it needs objective='context_gain', "
+                             f"got {self.objective!r}")
         if not 0.0 <= self.teacher_min_prob <= 1.0:
             raise ValueError(f"teacher_min_prob is a probability in [0, 1], got {self.teacher_min_prob!r}")
         if self.soft_targets and self.objective != "context_gain":

@@ -104,7 +104,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
                       teacher_min_prob: float = 0.0,
                       soft_targets: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                       always: Optional[torch.Tensor] = None,
-                      contrast: Optional["Contrast"] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      contrast: Optional["Contrast"] = None,
+                      allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
     token's context gain, detached).
 
@@ -117,7 +118,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     probability: a greedy answer's low-probability tokens are the model's guesses, not what the
     context said. With soft_targets, (ids, log-probabilities) of the teacher's top k tokens at
     each response position, a learned token's term is the cross-entropy to that distribution
-    (renormalised over the k) instead of to the served token alone. Tokens marked in `always`
+    (renormalised over the k) instead of to the served token alone. Tokens not marked in
+    `allowed` (when given) are never learned. Tokens marked in `always`
     are learned whatever their gain now. With contrast, a margin term (contrast_margin_loss) is
     added at the learned tokens and at contrast.positions.
     """
@@ -127,6 +129,8 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     learned = gain > threshold
     if teacher_min_prob > 0:
         learned &= teacher_token_logprobs >= math.log(teacher_min_prob)
+    if allowed is not None:
+        learned &= allowed
     if always is not None:
         learned |= always
     if soft_targets is not None:

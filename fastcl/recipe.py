@@ -27,6 +27,20 @@ from .timing import seconds_since
 BUILTIN_PROBE = "general_text_loglik"
 
 
+def in_context(item) -> torch.Tensor:
+    """Per response token of `item`: does it occur in the context its student prompt lacks (the
+    served prompt without the start and end it shares with the student prompt)."""
+    teacher, student = item.teacher, item.student
+    start = 0
+    while start < min(len(teacher), len(student)) and teacher[start] == student[start]:
+        start += 1
+    end = 0
+    while end < min(len(teacher), len(student)) - start and teacher[-1 - end] == student[-1 - end]:
+        end += 1
+    context = set(teacher[start:len(teacher) - end])
+    return torch.tensor([t in context for t in item.response], dtype=torch.bool)
+
+
 @dataclass
 class Interaction:
     """One served request, as learned: response tokens after the served (teacher) prompt and
@@ -172,11 +186,12 @@ class Recipe:
         keep = self._taught_mask(items) if config.replay_taught else None
         contrast = self._contrast(items) if config.contrast_margin else None
         record_taught = config.replay_taught or config.contrast_margin > 0
+        allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.grounded else None
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
                                                      config.gain_threshold, config.teacher_min_prob, soft, keep,
-                                                     contrast)
+                                                     contrast, allowed)
             learned_count.append(int(learned.sum()))
             if record_taught:
                 sizes = [len(i.response) for i in items]

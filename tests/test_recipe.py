@@ -500,6 +500,23 @@ def test_teacher_min_prob_learns_only_the_tokens_the_teacher_believed():
         patched(teacher_min_prob=1.5)
 
 
+def test_grounded_learns_only_response_tokens_found_in_the_removed_context():
+    """The context is the served prompt minus what it shares with the student prompt at both
+    ends (the chat template's start, the question and the template's end)."""
+    head, question, tail = [1, 2], [3, 4], [5]
+    context = [10, 11, 12]
+    teacher, student = head + context + question + tail, head + question + tail
+    response = [11, 3, 12, 20, 1, 10]  # 11, 12, 10 occur in the context; 3 and 1 only in the shared parts
+    _, learner = patched(step_every=0, gain_threshold=-float("inf"), grounded=True)
+    assert learner.learn(teacher, response, student).tokens_learned == 3
+    _, everything = patched(step_every=0, gain_threshold=-float("inf"))
+    assert everything.learn(teacher, response, student).tokens_learned == len(response)
+    from fastcl.recipe import Interaction, in_context
+    assert in_context(Interaction(teacher, student, response, 1.0)).tolist() == [True, False, True, False, False, True]
+    with pytest.raises(ValueError, match="grounded filters the tokens context gain learns"):
+        patched(grounded=True, objective="next_token")
+
+
 def test_soft_targets_train_learned_tokens_toward_the_teachers_top_k():
     """k = 1 is the served token (when it is the teacher's top one); with k = vocabulary and a
     threshold every token passes, the term is the cross-entropy to the teacher's distribution."""
