@@ -41,8 +41,9 @@ class LearnerConfig:
     teacher_min_prob: float = 0.0  # ...and only those the teacher gave at least this probability (0: all)
     # ...and only tokens that occur in the removed context (the served prompt's part the student
     # prompt lacks): what the answer copied from its document, not what the model added or
-    # confused (another company's value, an invented country).
-    grounded: bool = False
+    # confused (another company's value, an invented country). None: on wherever it applies
+    # (objective="context_gain"); True: on, and an error with another objective; False: off.
+    grounded: Optional[bool] = None
     # k > 0: a learned token is trained toward the teacher's top-k distribution at its position
     # (the document's other candidates too), not the served token alone; 0: the served token.
     soft_targets: int = 0
@@ -136,7 +137,10 @@ class LearnerConfig:
             raise ValueError(f"contrast_min_gain is in nats and must be >= 0, got {self.contrast_min_gain!r}")
         if self.contrast_margin and self.objective != "context_gain":
             raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
-        if self.grounded and self.objective != "context_gain":
+        if self.grounded is not None and not isinstance(self.grounded, bool):
+            raise ValueError(f"grounded must be None (on with objective='context_gain'), True or False, "
+                             f"got {self.grounded!r}")
+        if self.grounded is True and self.objective != "context_gain":
             raise ValueError(f"grounded filters the tokens context gain learns: it needs objective='context_gain', "
                              f"got {self.objective!r}")
         if not 0.0 <= self.teacher_min_prob <= 1.0:
@@ -160,6 +164,11 @@ class LearnerConfig:
             raise ValueError(f"backward_dtype must be one of {BACKWARD_DTYPES}, got {self.backward_dtype!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+
+    @property
+    def learns_grounded(self) -> bool:
+        """Whether context gain learns only response tokens found in the removed context."""
+        return self.grounded is True or (self.grounded is None and self.objective == "context_gain")
 
     @property
     def scale(self) -> float:

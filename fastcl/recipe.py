@@ -29,7 +29,10 @@ BUILTIN_PROBE = "general_text_loglik"
 
 def in_context(item) -> torch.Tensor:
     """Per response token of `item`: does it occur in the context its student prompt lacks (the
-    served prompt without the start and end it shares with the student prompt)."""
+    served prompt without the start and end it shares with the student prompt). Computed once a
+    request and kept on it, since replay asks again."""
+    if item.found_in_context is not None:
+        return item.found_in_context
     teacher, student = item.teacher, item.student
     start = 0
     while start < min(len(teacher), len(student)) and teacher[start] == student[start]:
@@ -38,7 +41,8 @@ def in_context(item) -> torch.Tensor:
     while end < min(len(teacher), len(student)) - start and teacher[-1 - end] == student[-1 - end]:
         end += 1
     context = set(teacher[start:len(teacher) - end])
-    return torch.tensor([t in context for t in item.response], dtype=torch.bool)
+    item.found_in_context = torch.tensor([t in context for t in item.response], dtype=torch.bool)
+    return item.found_in_context
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Interaction:
     # this was learned, and their gain then (nats; 0 where not selected).
     taught: Optional[torch.Tensor] = None
     taught_gain: Optional[torch.Tensor] = None
+    found_in_context: Optional[torch.Tensor] = None  # grounded: in_context(), once computed
 
     @property
     def prompt(self) -> list[int]:
@@ -186,7 +191,7 @@ class Recipe:
         keep = self._taught_mask(items) if config.replay_taught else None
         contrast = self._contrast(items) if config.contrast_margin else None
         record_taught = config.replay_taught or config.contrast_margin > 0
-        allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.grounded else None
+        allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.learns_grounded else None
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,

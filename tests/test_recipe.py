@@ -18,6 +18,10 @@ def patched(**kw):
     model = tiny_model("llama")
     kw.setdefault("rank", 4)
     kw.setdefault("lr", 1e-2)
+    # The random rows here share no tokens between a response and its context, so the default
+    # (grounded: learn only tokens found in the context) would learn none of them; grounded has
+    # its own test.
+    kw.setdefault("grounded", False)
     return model, fastcl.patch(model, **kw)
 
 
@@ -507,14 +511,24 @@ def test_grounded_learns_only_response_tokens_found_in_the_removed_context():
     context = [10, 11, 12]
     teacher, student = head + context + question + tail, head + question + tail
     response = [11, 3, 12, 20, 1, 10]  # 11, 12, 10 occur in the context; 3 and 1 only in the shared parts
-    _, learner = patched(step_every=0, gain_threshold=-float("inf"), grounded=True)
-    assert learner.learn(teacher, response, student).tokens_learned == 3
-    _, everything = patched(step_every=0, gain_threshold=-float("inf"))
+    assert fastcl.LearnerConfig().grounded is None
+    for setting in (None, True):  # None, the default: on with objective="context_gain"
+        _, learner = patched(step_every=0, gain_threshold=-float("inf"), grounded=setting)
+        assert learner.config.learns_grounded
+        assert learner.learn(teacher, response, student).tokens_learned == 3
+    _, everything = patched(step_every=0, gain_threshold=-float("inf"), grounded=False)
     assert everything.learn(teacher, response, student).tokens_learned == len(response)
     from fastcl.recipe import Interaction, in_context
-    assert in_context(Interaction(teacher, student, response, 1.0)).tolist() == [True, False, True, False, False, True]
+    item = Interaction(teacher, student, response, 1.0)
+    assert in_context(item).tolist() == [True, False, True, False, False, True]
+    assert in_context(item) is item.found_in_context  # kept for replay
     with pytest.raises(ValueError, match="grounded filters the tokens context gain learns"):
         patched(grounded=True, objective="next_token")
+    _, distilled = patched(objective="distill")  # the default does not apply there, and is no error
+    assert not distilled.config.learns_grounded
+    for wrong in ("yes", 1):  # 1 would otherwise read as True in one place and as off in another
+        with pytest.raises(ValueError, match="grounded must be None"):
+            patched(grounded=wrong)
 
 
 def test_soft_targets_train_learned_tokens_toward_the_teachers_top_k():
