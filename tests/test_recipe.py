@@ -531,6 +531,25 @@ def test_grounded_learns_only_response_tokens_found_in_the_removed_context():
             patched(grounded=wrong)
 
 
+def test_the_default_recipe_moves_what_the_answer_copied_from_its_context_into_the_weights():
+    """grounded as shipped (None): an answer copied from the context is learned after the
+    context-free prompt; a word the context never held, in the same answer, is not."""
+    head, question, tail = [1, 2], [3, 4], [5]
+    context = [10, 11, 12, 13, 14]
+    teacher, student = head + context + question + tail, head + question + tail
+    copied, invented = [12, 13, 14], 30
+    response = copied + [invented]
+    model, learner = patched(grounded=None, gain_threshold=-float("inf"))
+    before = response_losses(model, student, response)
+    for _ in range(10):
+        learner.learn(teacher, response, student)
+    after = response_losses(model, student, response)
+    assert learner.counters.consolidations == 10
+    assert float(after[:3].mean()) < float(before[:3].mean()) - 0.5
+    # The invented word's loss moves only through what the copied ones share with it, far less.
+    assert float(before[3] - after[3]) < 0.5 * float((before[:3] - after[:3]).mean())
+
+
 def test_soft_targets_train_learned_tokens_toward_the_teachers_top_k():
     """k = 1 is the served token (when it is the teacher's top one); with k = vocabulary and a
     threshold every token passes, the term is the cross-entropy to the teacher's distribution."""
