@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--against", nargs="*", help="a second recipe (patch() overrides as key=json) run on the "
                         "same streams; the paired differences are printed at the end")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the model serves and learns (cuda: a GPU)")
     parser.add_argument("--served-base", action="store_true", help="also serve the stream with the base model "
                         "(no learning) and report how often its answers name the asked value (about 1.5 min)")
     parser.add_argument("--compare", nargs=2, metavar=("OURS", "THEIRS"), help="compare two saved runs (JSON "
@@ -189,12 +190,14 @@ def main(argv=None) -> int:
     if args.compare:
         print(compare_saved(*args.compare))
         return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipes = [{**DEFAULT, **parse_overrides(args.ablation)}]
     if args.against is not None:
         recipes.append({**DEFAULT, **parse_overrides(args.against)})
-    model, tokenizer = fastcl.models.load_default()
+    model, tokenizer = fastcl.models.load_default(device=args.device)
     results: list[list[dict]] = [[] for _ in recipes]
     for seed in args.seeds:
         for options, done in zip(recipes, results):
