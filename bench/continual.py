@@ -94,6 +94,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "consolidations": stats["consolidations"],
         "gate_refusals": stats["gate_refusals"],
         "gate_halved": stats["gate_halved"],
+        "gate_repaired": stats["gate_repaired"],
     }
 
 
@@ -137,6 +138,7 @@ def table(summary: dict) -> str:
          cell("self_generated_forwards", "{:.2f}")),
         ("consolidations refused by the gate", cell("gate_refusals", "{:.1f}")),
         ("consolidations halved to pass the gate", cell("gate_halved", "{:.1f}")),
+        ("consolidations given repair steps (gate_repair)", cell("gate_repaired", "{:.1f}")),
     ]
     if "exact_before" in summary:
         rows.insert(9, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))

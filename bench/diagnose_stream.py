@@ -107,7 +107,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     picks, probability_after = held_out_picks(model, tokenizer, facts)
     after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_after = E.multiple_choice_hits(model, tokenizer, served_items)
-    refused, halved = learner.stats()["gate_refusals"], learner.stats()["gate_halved"]
+    stats = learner.stats()
+    refused, halved, repaired = stats["gate_refusals"], stats["gate_halved"], stats["gate_repaired"]
     perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
     probes = E.load_probes()
     general = E.multiple_choice_accuracy(model, tokenizer, probes)
@@ -126,7 +127,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
         "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
         "perplexity_after": round(perplexity, 2), "general_after": round(general, 3),
         "general_framed_after": round(general_framed, 3),
-        "gate_refusals": refused, "gate_halved": halved,
+        "gate_refusals": refused, "gate_halved": halved, "gate_repaired": repaired,
         "served_states_value_by_quarter": by_quarter(states_value(tokenizer, facts, served.answers)),
         **({"base_states_value_by_quarter": by_quarter(base_states)} if base_states is not None else {}),
     }

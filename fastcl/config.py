@@ -89,6 +89,11 @@ class LearnerConfig:
     projection: str = "random"
     projection_ridge: float = 0.1  # "whitened": general text's input moment + this x its mean eigenvalue
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
+    # A refused update first gets up to this many repair steps, each checked again: one optimizer
+    # step (from a fresh optimizer) on the anchor's loss alone over all of its text, taking drift
+    # out of the live fast weights while what the requests taught stays in them. Then gate_backoff.
+    # Needs a tokenizer (the anchor's text); runs only where the gate refuses.
+    gate_repair: int = 0
     gate_backoff: int = 2  # a refused update is halved up to this many times, each checked again, before it is dropped
     # The gate scores every gate_every-th merge only (its probe text costs about 4 forwards of a
     # served request), and every merge while its last check used more than half a tolerance. A
@@ -120,7 +125,7 @@ class LearnerConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "replay_priority",
                      "self_study", "self_study_tokens", "soft_targets", "step_every", "consolidate_every",
-                     "protect_directions", "gate_backoff", "gate_every"):
+                     "protect_directions", "gate_repair", "gate_backoff", "gate_every"):
             value = getattr(self, name)
             least = 1 if name in ("passes", "gate_every", "self_study_tokens") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:

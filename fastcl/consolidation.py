@@ -21,6 +21,7 @@ class ConsolidationReport:
     seconds: float
     committed: bool = True
     gate: Optional[dict] = None  # filled in when a gate scored the merge
+    repairs: int = 0  # gate_repair steps taken on the update after the gate refused it
     halvings: int = 0  # the update was merged at 2**-halvings of its strength to pass the gate
     undone: int = 0  # refused with gate_every > 1: earlier unchecked merges undone with this one
 
@@ -28,6 +29,8 @@ class ConsolidationReport:
         state = "committed" if self.committed else "rolled back"
         text = (f"consolidation {state}: epoch {self.epoch}, {self.layers_merged} layers merged, "
                 f"||dW|| {self.delta_norm:.3g} ({self.relative_delta:.2e} of ||W||), {self.seconds:.2f}s")
+        if self.repairs:
+            text += f", after {self.repairs} repair step{'s' if self.repairs > 1 else ''} toward the reference"
         if self.halvings:
             text += f", at 1/{2 ** self.halvings} strength to pass the gate"
         if self.undone:

@@ -38,6 +38,7 @@ class Counters:
     consolidations: int = 0
     rollbacks: int = 0
     gate_refusals: int = 0
+    gate_repaired: int = 0  # merges given repair steps (gate_repair), committed or not
     gate_halved: int = 0  # merges committed at reduced strength (gate_backoff)
     gate_skipped: int = 0  # merges committed without a gate check (gate_every > 1)
     gate_undone: int = 0  # unchecked merges undone by a later refusal (gate_every > 1)
@@ -251,10 +252,18 @@ class Learner:
         gated = gate and bool(live) and bool(self.recipe.gate.probes)
         check_now = gated and window.merges + 1 >= self._gate_interval
         gate = self.recipe.check_gate(skip=not check_now) if gated else None
-        halvings, unhalved = 0, None
+        halvings, repairs, before_fixes = 0, 0, None
+        if gate is not None and not gate.passed and (self.config.gate_repair or self.config.gate_backoff):
+            # rollback() restores B and the optimizer as they were before the call.
+            before_fixes = ({name: m.B.detach().clone() for name, m in self.modules.items()},
+                            copy.deepcopy(self.optimizer.state_dict()))
+        if gate is not None and not gate.passed and self.config.gate_repair:
+            # Keep what was learned and take drift out of it (fastcl.recipe.Recipe.repair_drift).
+            gate, repairs = self.recipe.repair_drift(gate)
+            live = {name: m for name, m in self.modules.items() if not m.b_is_zero}
+            bounds = self._merge_checker.check(live)
         if gate is not None and not gate.passed and self.config.gate_backoff:
             # Keep part of what was learned: halve the update (exact in fp32) until it passes.
-            unhalved = {name: m.B.detach().clone() for name, m in live.items()}
             while not gate.passed and halvings < self.config.gate_backoff:
                 with torch.no_grad():
                     for m in live.values():
@@ -277,7 +286,7 @@ class Learner:
             self._set_epoch(self.counters.epoch)  # same projection, B = 0, fresh optimizer
             self.counters.gate_refusals += 1
             return ConsolidationReport(self.counters.epoch, 0, 0.0, 0.0, discarded, time.perf_counter() - start,
-                                       committed=False, gate=gate, undone=undone)
+                                       committed=False, gate=gate, undone=undone, repairs=repairs)
         discarded = self._discard_pending("consolidate()")
         if gated and gate is None:
             window.cover(live)  # unchecked: keep what this merge overwrites until the gate passes
@@ -285,8 +294,10 @@ class Learner:
         elif gate is not None or (live and not asked_for_gate):
             window.close()  # checked and passed, or merged with gate=False: the window is accepted
         self._snapshot = self._take_snapshot(live)
+        if before_fixes is not None:
+            self._snapshot.fast_weights, self._snapshot.optimizer_state = before_fixes
+        self.counters.gate_repaired += bool(repairs)
         if halvings:
-            self._snapshot.fast_weights.update(unhalved)  # rollback() restores B as it was before the call
             self.counters.gate_halved += 1
         delta_norm = write_merge(live)
         self._merge_checker.committed(bounds)
@@ -294,7 +305,7 @@ class Learner:
         self._set_epoch(self.counters.epoch + 1)
         report = ConsolidationReport(self.counters.epoch, len(live), delta_norm,
                                      delta_norm / self._reference_weight_norm(), discarded,
-                                     time.perf_counter() - start, gate=gate, halvings=halvings)
+                                     time.perf_counter() - start, gate=gate, halvings=halvings, repairs=repairs)
         self.replicas.after_consolidate()  # with replicas: check they hold bit-identical weights
         return report
 

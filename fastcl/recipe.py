@@ -95,7 +95,8 @@ class Recipe:
         self.requests_seen = 0  # seeds each request's self-study samples
         self.costs: dict[str, float] = defaultdict(float)  # seconds per component
         self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
-        self.anchor = Anchor.from_tokenizer(tokenizer) if config.anchor_weight > 0 else None
+        # The anchor's text also serves gate_repair, with or without the anchor term.
+        self.anchor = Anchor.from_tokenizer(tokenizer) if config.anchor_weight > 0 or config.gate_repair else None
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
@@ -317,7 +318,7 @@ class Recipe:
                 self.accumulate(self.pending, "passes")
             if (config.replay_per_step or config.replay_recent) and self.replay:
                 self.accumulate(self._replay_sample(), "replay")
-            if self.anchor is not None and learner.counters.tokens_pending > 0:
+            if config.anchor_weight > 0 and learner.counters.tokens_pending > 0:
                 start = time.perf_counter()
                 _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
                 self.costs["anchor"] += seconds_since(start, learner.device)
@@ -332,11 +333,15 @@ class Recipe:
         if stepped or self._asynchronous_replica():  # they count rounds, not local steps: all consolidate together
             self.steps_since_consolidation += 1
         if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
-            start, gate_seconds = time.perf_counter(), self.costs["gate"]
+            start, checked = time.perf_counter(), self._gate_seconds()
             consolidation = learner.consolidate()
-            self.costs["consolidate"] += seconds_since(start, learner.device) - (self.costs["gate"] - gate_seconds)
+            self.costs["consolidate"] += seconds_since(start, learner.device) - (self._gate_seconds() - checked)
             self.steps_since_consolidation = 0
         return stepped, consolidation
+
+    def _gate_seconds(self) -> float:
+        """What consolidate() spends on the gate (its checks, and gate_repair's steps)."""
+        return self.costs["gate"] + self.costs.get("repair", 0.0)
 
     def _replay_sample(self) -> list:
         """The newest replay_recent requests of the buffer, and replay_per_step of the others: the
@@ -377,12 +382,46 @@ class Recipe:
             if not learner.step() and not lockstep:
                 break
 
+    def repair_drift(self, gate):
+        """gate_repair: while the gate refuses, up to that many optimizer steps on the live fast
+        weights with the anchor's loss alone (every window of its text, the mean of their mean
+        token losses), each from a fresh optimizer so that it follows the anchor and not the
+        requests' momentum; the gate checks again after each. Returns (the last verdict, steps).
+        The caller keeps B and the optimizer as they were, for rollback(); accumulated gradients
+        not yet stepped are put back afterwards."""
+        learner = self.learner
+        repairs = 0
+        start = time.perf_counter()
+        held = {name: m.grad_B.clone() for name, m in learner.modules.items()} if learner.counters.tokens_pending else {}
+        pending = learner.counters.tokens_pending
+        learner._clear_accumulators()
+        try:
+            while not gate.passed and repairs < learner.config.gate_repair:
+                learner.optimizer = learner._make_optimizer()
+                for _ in self.anchor.windows:  # a full cycle: the anchor term's own order is unchanged
+                    _, tokens = self.anchor.accumulate(learner, scale=1.0)
+                    self.tokens["repair"] += tokens
+                learner.counters.tokens_pending = len(self.anchor.windows)  # step() divides by this
+                learner.step()
+                repairs += 1
+                self.costs["repair"] += seconds_since(start, learner.device)
+                gate = self.check_gate()
+                start = time.perf_counter()
+        finally:
+            learner._clear_accumulators()
+            for name, grad in held.items():
+                learner.modules[name].grad_B.copy_(grad)
+            learner.counters.tokens_pending = pending
+        return gate, repairs
+
     def check_gate(self, skip: bool = False):
         """The gate's verdict on the live fast weights, or None without probes; skip=True (an
         unchecked merge) only makes sure the baseline exists."""
         if not self.gate.probes:
             return None
         start = time.perf_counter()
+        if self.anchor is not None and self.gate.baseline is None:
+            self.anchor.prepare(self.learner)  # gate_repair's reference: the model the baseline scores
         result = None
         if skip:
             self.gate.measure_baseline(self.learner)

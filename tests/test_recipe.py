@@ -276,6 +276,67 @@ def test_gate_backoff_merges_a_halved_update_or_refuses_and_rollback_restores_it
         assert torch.equal(m.weight, weights[n]) and torch.equal(m.B, planted[n]), f"{n}: rollback is exact"
 
 
+def repairable(gate_repair):
+    """A learner whose gate refuses an update of three learn() calls at a high learning rate
+    (a user probe: KL to the start model on a random row), and an anchor on another random
+    text for gate_repair (set by hand: patch() wants a tokenizer for the shipped text)."""
+    from fastcl.guard import Anchor
+
+    model, learner = patched(consolidate_every=0, gate_every=1, gate_backoff=0, lr=3e-2, eps=1e-8)
+    learner.config.gate_repair = gate_repair
+    learner.recipe.anchor = Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8)
+    probe_ids = torch.tensor([rows(14, 1, low=30, high=31)[0]])
+    with torch.no_grad():
+        reference = model(probe_ids).logits.log_softmax(-1)
+
+    def closeness(m):
+        with torch.no_grad():
+            current = m(probe_ids).logits.log_softmax(-1)
+            return -float((reference.exp() * (reference - current)).sum(-1).mean())
+
+    learner.add_probe(closeness, tolerance=0.01, name="kl")
+    prompt, response = rows(13, 2)
+    before = response_loss(model, prompt, response)
+    for _ in range(3):
+        learner.learn(prompt, response)
+    return model, learner, (prompt, response), before
+
+
+def test_gate_repair_takes_drift_out_and_keeps_what_was_learned():
+    _, unrepaired, _, _ = repairable(0)
+    refused = unrepaired.consolidate()
+    assert not refused.committed and refused.gate.scores["kl"]["drop"] > 0.01
+
+    model, learner, (prompt, response), before = repairable(3)
+    weights = {n: m.weight.detach().clone() for n, m in learner.modules.items()}
+    fast = {n: m.B.detach().clone() for n, m in learner.modules.items()}
+    report = learner.consolidate()
+    assert report.committed and report.gate.passed and 1 <= report.repairs <= 3
+    assert report.gate.scores["kl"]["drop"] <= 0.01
+    assert "repair step" in str(report) and learner.counters.gate_repaired == 1
+    assert learner.stats()["tokens_processed"]["repair"] > 0 and learner.stats()["seconds"]["repair"] > 0
+    # What the three calls taught is mostly kept: the loss fell by at least half as much.
+    learned = response_loss(model, prompt, response)
+    assert learned < before - 0.5 * (before - float(unrepaired_loss(prompt, response)))
+    learner.rollback()  # exact: the weights, and B as it was before the repair steps
+    for n, m in learner.modules.items():
+        assert torch.equal(m.weight, weights[n]) and torch.equal(m.B, fast[n]), n
+
+
+def unrepaired_loss(prompt, response):
+    """The response's loss after the same three calls merged with no gate at all."""
+    model, learner, _, _ = repairable(0)
+    learner.consolidate(gate=False)
+    return response_loss(model, prompt, response)
+
+
+def test_gate_repair_needs_the_tokenizer_and_a_count():
+    with pytest.raises(fastcl.PatchError, match="gate_repair need the tokenizer"):
+        patched(gate_repair=1)
+    with pytest.raises(ValueError, match="gate_repair must be an integer >= 0"):
+        patched(gate_repair=-1)
+
+
 def plant(learner, std):
     with torch.no_grad():
         for module in learner.modules.values():
