@@ -47,10 +47,6 @@ class LearnerConfig:
     # k > 0: a learned token is trained toward the teacher's top-k distribution at its position
     # (the document's other candidates too), not the served token alone; 0: the served token.
     soft_targets: int = 0
-    # Also learn each context-gain request's response after a neutral prompt (the chat template
-    # around an empty user turn), beside the one after its question: the fact stored as a
-    # statement, apart from the way it was asked. Needs a tokenizer; doubles the student's passes.
-    statement_view: bool = False
     passes: int = 1  # optimizer steps per scheduled step on the same requests
     # Further steps on the context-gain requests just learned, their own loss only (no replay, no
     # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
@@ -154,11 +150,6 @@ class LearnerConfig:
                              f"got {self.objective!r}")
         if not 0.0 <= self.teacher_min_prob <= 1.0:
             raise ValueError(f"teacher_min_prob is a probability in [0, 1], got {self.teacher_min_prob!r}")
-        if not isinstance(self.statement_view, bool):
-            raise ValueError(f"statement_view must be True or False, got {self.statement_view!r}")
-        if self.statement_view and self.objective != "context_gain":
-            raise ValueError(f"statement_view learns by context gain: it needs objective='context_gain', "
-                             f"got {self.objective!r}")
         if self.soft_targets and self.objective != "context_gain":
             raise ValueError(f"soft_targets applies to objective='context_gain', got {self.objective!r}")
         if self.self_study and self.objective != "context_gain":

@@ -45,18 +45,6 @@ def in_context(item) -> torch.Tensor:
     return item.found_in_context
 
 
-def neutral_prompt(tokenizer) -> list[int]:
-    """statement_view's prompt, which asks nothing: the chat template around an empty user turn,
-    or the BOS (else EOS) token for a tokenizer without a template."""
-    if getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)
-        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if token is None:
-        raise FastclError("statement_view needs a chat template or a BOS or EOS token in the tokenizer")
-    return [token]
-
-
 @dataclass
 class Interaction:
     """One served request, as learned: response tokens after the served (teacher) prompt and
@@ -78,7 +66,6 @@ class Interaction:
     taught: Optional[torch.Tensor] = None
     taught_gain: Optional[torch.Tensor] = None
     found_in_context: Optional[torch.Tensor] = None  # grounded: in_context(), once computed
-    statement: Optional["Interaction"] = None  # statement_view: the response after the neutral prompt
 
     @property
     def prompt(self) -> list[int]:
@@ -111,7 +98,6 @@ class Recipe:
         # The anchor's text also serves gate_repair, with or without the anchor term.
         self.anchor = Anchor.from_tokenizer(tokenizer) if config.anchor_weight > 0 or config.gate_repair else None
         self.gate = Gate()
-        self.neutral_prompt = neutral_prompt(tokenizer) if config.statement_view else None
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
 
@@ -183,8 +169,6 @@ class Recipe:
                             [i.response for i in contextual], [i.weight for i in contextual])
             learned += sum(len(i.response) for i in contextual)
         elif contextual and objective == "context_gain":
-            if self.neutral_prompt is not None:
-                contextual = contextual + [self._as_statement(i) for i in contextual]
             learned += self._accumulate_gain(contextual)
         elif contextual:
             plain += contextual
@@ -193,15 +177,6 @@ class Recipe:
         self.costs[component] += seconds_since(start, learner.device)
         self.tokens[component] += sum(len(i.prompt) + len(i.response) for i in items)
         return learned
-
-    def _as_statement(self, item: Interaction) -> Interaction:
-        """statement_view: the same response and teacher after the neutral prompt, made once a
-        request (so its own grounding and taught tokens are kept across replays)."""
-        if item.statement is None:
-            item.statement = Interaction(item.teacher, self.neutral_prompt, item.response, item.weight,
-                                         item.teacher_logprobs, teacher_top=item.teacher_top)
-        item.statement.weight = item.weight
-        return item.statement
 
     def _accumulate_gain(self, items: list[Interaction]) -> int:
         learner, config = self.learner, self.learner.config

@@ -725,28 +725,3 @@ def test_contrast_margin_pushes_another_requests_taught_token_below_the_answer()
         patched(contrast_margin=1.0, contrast_min_gain=-1.0)
     with pytest.raises(ValueError, match="contrast_margin applies to objective='context_gain'"):
         patched(contrast_margin=1.0, objective="next_token")
-
-
-class BosOnlyTokenizer:
-    """The least statement_view needs of a tokenizer: no chat template, a BOS token."""
-
-    chat_template = None
-    bos_token_id = 1
-    eos_token_id = 2
-
-
-def test_statement_view_also_learns_the_response_after_a_neutral_prompt():
-    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
-    options = dict(gain_threshold=-float("inf"), step_every=0, anchor_weight=0.0, gate_tolerance=None,
-                   protect_directions=0)
-    _, both = patched(tokenizer=BosOnlyTokenizer(), statement_view=True, **options)
-    assert both.learn(teacher, response, student).tokens_learned == 2 * len(response)
-    _, plain = patched(step_every=0)
-    plain.learn(student, response)
-    plain.learn([BosOnlyTokenizer.bos_token_id], response)
-    for a, b in zip(both.modules.values(), plain.modules.values()):
-        torch.testing.assert_close(a.grad_B, b.grad_B, rtol=1e-5, atol=1e-7)
-    with pytest.raises(fastcl.PatchError, match="statement_view need the tokenizer"):
-        fastcl.patch(tiny_model("llama"), statement_view=True)
-    with pytest.raises(ValueError, match="statement_view learns by context gain"):
-        fastcl.patch(tiny_model("llama"), statement_view=True, objective="distill")
