@@ -88,6 +88,9 @@ class LearnerConfig:
     # learn(), to the directions in which that request's inputs stand out most from general text.
     projection: str = "random"
     projection_ridge: float = 0.1  # "whitened": general text's input moment + this x its mean eigenvalue
+    # "whitened": > 0 also whitens against the requests fitted before, at this weight against general
+    # text's moment (fastcl.projection.fit_to_inputs): A keeps what this request alone has.
+    projection_served: float = 0.0
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
     # A refused update first gets up to this many repair steps, each checked again: one optimizer
     # step (from a fresh optimizer) on the anchor's loss alone over all of its text, taking drift
@@ -163,6 +166,11 @@ class LearnerConfig:
             raise ValueError(f"gate_tolerance must be >= 0 or None, got {self.gate_tolerance!r}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if not self.projection_served >= 0:
+            raise ValueError(f"projection_served must be >= 0, got {self.projection_served!r}")
+        if self.projection_served and self.projection != "whitened":
+            raise ValueError(f"projection_served weighs earlier requests in the whitened fit: it needs "
+                             f"projection='whitened', got {self.projection!r}")
         if not self.projection_ridge > 0:
             raise ValueError(f"projection_ridge must be positive, got {self.projection_ridge!r}")
         if self.backward_dtype not in BACKWARD_DTYPES:

@@ -40,7 +40,8 @@ class FastLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, *, layer_index: int, rank: int, scale: float, seed: int, backend: str,
-                 protected: Optional[torch.Tensor] = None, whitener=None, backward_dtype: Optional[str] = None):
+                 protected: Optional[torch.Tensor] = None, whitener=None, backward_dtype: Optional[str] = None,
+                 served_weight: float = 0.0):
         super().__init__()
         if type(base) not in LINEAR_TYPES:
             raise TypeError(f"FastLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
@@ -69,6 +70,11 @@ class FastLinear(nn.Module):
         self.whitener = whitener.to(device) if whitener is not None else None
         self.fit_positions: Optional[torch.Tensor] = None
         self.fitted = False
+        # projection_served: the mean whitened input moment of the requests fitted so far (fp64,
+        # d_in x d_in, made on the first fit), counted with this weight against general text's.
+        self.served_weight = served_weight
+        self.served_moment: Optional[torch.Tensor] = None
+        self.served_requests = 0
         # fastcl.precision: the setting, and the dtype dX's products run in for this layer's weight.
         self.backward_dtype = backward_dtype
         self.dx_dtype = input_gradient_dtype(backward_dtype, self.weight.dtype, device.type)
@@ -91,8 +97,29 @@ class FastLinear(nn.Module):
         if not self.b_is_zero:
             raise RuntimeError("fit_projection() needs B = 0: A would change under live fast weights")
         X = x.detach().reshape(-1, self.in_features)[positions]
-        self.A.copy_(fit_to_inputs(self.A, X, self.whitener, self.protected))
+        self.A.copy_(fit_to_inputs(self.A, X, self.whitener, self.protected, self._served_metric()))
         self.fitted = True
+        if self.served_weight:
+            self._count_served(X)
+
+    def _served_metric(self) -> Optional[torch.Tensor]:
+        """I + served_weight x the mean whitened moment of earlier requests (None before any)."""
+        if not self.served_weight or not self.served_requests:
+            return None
+        metric = self.served_moment * (self.served_weight / self.served_requests)
+        metric.diagonal().add_(1.0)
+        return metric
+
+    def _count_served(self, X: torch.Tensor) -> None:
+        """Add one request's mean whitened input moment (its rows after the protected directions
+        are removed, as the fit sees them)."""
+        X = X.float()
+        if self.protected is not None:
+            X = X - (X @ self.protected) @ self.protected.t()
+        Xw = self.whitener.apply(X).double()
+        moment = Xw.t() @ Xw / max(Xw.shape[0], 1)
+        self.served_moment = moment if self.served_moment is None else self.served_moment.add_(moment)
+        self.served_requests += 1
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A in fp32, shape (d_out, d_in)."""
@@ -152,6 +179,8 @@ class FastLinear(nn.Module):
             self.protected = protected.to(self.weight.device)
         if self.whitener is not None:
             self.whitener = self.whitener.to(self.weight.device)
+        if self.served_moment is not None:
+            self.served_moment = self.served_moment.to(self.weight.device)
         if self.A.dtype != self.weight.dtype:
             self.A = self.A.to(self.weight.dtype)
         self.dx_dtype = input_gradient_dtype(self.backward_dtype, self.weight.dtype, self.weight.device.type)

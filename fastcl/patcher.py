@@ -218,7 +218,7 @@ def patch(
     fast = {
         name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend,
                          protected=protected.get(name), whitener=whitening.get(name),
-                         backward_dtype=config.backward_dtype)
+                         backward_dtype=config.backward_dtype, served_weight=config.projection_served)
         for i, (name, base) in enumerate(base_modules.items())
     }
     # Everything that can fail has run; from here on the model changes.

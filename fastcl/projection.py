@@ -44,7 +44,8 @@ def make_projection(
 
 
 @torch.no_grad()
-def fit_to_inputs(drawn: torch.Tensor, X: torch.Tensor, whitener, avoid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fit_to_inputs(drawn: torch.Tensor, X: torch.Tensor, whitener, avoid: Optional[torch.Tensor] = None,
+                  served: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A (rank x d_in, fp32) for learning from inputs X (n x d_in): its rows span the directions
     in which X stands out most from general text, so B's gradient keeps most of the full one
     (dW lies in the span of the inputs) while general text sees the update no more than through
@@ -54,16 +55,32 @@ def fit_to_inputs(drawn: torch.Tensor, X: torch.Tensor, whitener, avoid: Optiona
     C^-1/2 y and scaled to tr(C)/d of general-text energy, a random row's expectation; without
     the protected directions `avoid`. Rows beyond X's rank keep the random draw `drawn`, made
     orthogonal to the fitted ones.
+
+    `served` (d x d, symmetric positive definite, in whitened coordinates: I + weight x the mean
+    whitened input moment of earlier requests) also counts earlier traffic as what not to stand
+    out from: the rows then maximise X's energy over general text's plus earlier requests', the
+    generalised eigenproblem solved through served's Cholesky factor L. What every request shares
+    (the chat template, "a city question") is played down; what this request alone has (its
+    entity) is kept, so an update keyed there moves other requests' answers less.
     """
     X = X.float()
     if avoid is not None:
         X = X - (X @ avoid) @ avoid.t()
-    _, S, Vh = torch.linalg.svd(whitener.apply(X), full_matrices=False)
+    Xw = whitener.apply(X)
+    factor = None
+    if served is not None:
+        factor = torch.linalg.cholesky(served.to(Xw.device, torch.float64))
+        Xw = torch.linalg.solve_triangular(factor, Xw.double().t(), upper=False).t().float()  # X_w L^-T
+    _, S, Vh = torch.linalg.svd(Xw, full_matrices=False)
     rank = drawn.shape[0]
     k = min(rank, int((S > S[0] * 1e-4).sum())) if S.numel() and S[0] > 0 else 0
     A = drawn.float().clone()
     if k:
-        V = whitener.apply(Vh[:k]) * whitener.level  # v^T C v = level^2 = tr(C)/d
+        W = Vh[:k]
+        if factor is not None:  # back from L's coordinates to whitened ones, unit rows
+            W = torch.linalg.solve_triangular(factor.t(), W.double().t(), upper=True).t().float()
+            W = W / W.norm(dim=1, keepdim=True)
+        V = whitener.apply(W) * whitener.level  # v^T C v = level^2 = tr(C)/d
         if avoid is not None:
             V = V - (V @ avoid) @ avoid.t()
         basis = torch.linalg.qr(V.t())[0].t()

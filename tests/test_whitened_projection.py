@@ -135,3 +135,46 @@ def test_whitened_projection_is_refused_without_a_tokenizer_and_with_replicas(mo
     with pytest.raises(fastcl.FastclError, match="replicas would not share A"):
         learner.learn(teacher, response, student)
     assert not any(m.fitted for m in learner.modules.values())
+
+
+def test_served_metric_plays_down_what_earlier_requests_share_and_keeps_what_is_new():
+    d, rank, n = 40, 6, 4
+    w = Whitener.from_moment(spd_moment(d, seed=1), rows=1, ridge=0.1, k=d)
+    drawn = make_projection(0, 1, 0, rank, d, torch.float32, "cpu")
+    specific = torch.randn(n, d, generator=torch.Generator().manual_seed(3))
+    shared = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    X = specific + 3 * shared  # this request: its own part plus what every request has
+    # The identity metric is the plain whitened fit.
+    torch.testing.assert_close(fit_to_inputs(drawn, X, w, served=torch.eye(d, dtype=torch.float64)),
+                               fit_to_inputs(drawn, X, w), rtol=0, atol=1e-5)
+    earlier = w.apply(shared.expand(10, d)).double()
+    metric = torch.eye(d, dtype=torch.float64) + 10 * earlier.t() @ earlier / 10
+    plain, served = fit_to_inputs(drawn, X, w)[:n], fit_to_inputs(drawn, X, w, served=metric)[:n]
+    assert (served @ shared).abs().sum() < 0.1 * (plain @ shared).abs().sum()
+    assert (served @ specific.t()).norm() > 0.8 * (plain @ specific.t()).norm()
+    # Rows keep a random row's general-text energy.
+    ridged = spd_moment(d, seed=1) + 0.1 * w.level**2 * torch.eye(d, dtype=torch.float64)
+    energy = torch.einsum("id,de,ie->i", served.double(), ridged, served.double())
+    torch.testing.assert_close(energy, torch.full((n,), w.level**2, dtype=energy.dtype), rtol=1e-4, atol=0)
+
+
+def test_projection_served_counts_each_fitted_request_and_changes_the_next_fit():
+    teacher, response, student = request(3)
+    later = request(4)
+    fits = {}
+    for weight in (0.0, 1.0):
+        _, learner = whitened(projection_served=weight)
+        learner.learn(teacher, response, student)
+        learner.learn(*later)
+        fits[weight] = {name: m.A.clone() for name, m in learner.modules.items()}
+        counted = {m.served_requests for m in learner.modules.values()}
+        assert counted == ({2} if weight else {0})
+    # The first request is fitted alike (nothing served before it); the second is not.
+    assert all(not torch.allclose(fits[1.0][name], fits[0.0][name], atol=1e-4) for name in fits[0.0])
+
+
+def test_projection_served_needs_the_whitened_projection():
+    with pytest.raises(ValueError, match="projection_served weighs earlier requests"):
+        fastcl.LearnerConfig(projection_served=1.0)
+    with pytest.raises(ValueError, match="projection_served must be >= 0"):
+        fastcl.LearnerConfig(projection="whitened", projection_served=-1.0)
