@@ -38,15 +38,11 @@ class LearnerConfig:
     # The learn() recipe (fastcl.recipe). Defaults are the measured winner (bench/RESULTS.md).
     objective: str = "context_gain"  # how a request with a context-free student prompt is learned
     gain_threshold: float = 0.5  # nats: response tokens the context made this much likelier are learned
-    teacher_min_prob: float = 0.0  # ...and only those the teacher gave at least this probability (0: all)
     # ...and only tokens that occur in the removed context (the served prompt's part the student
     # prompt lacks): what the answer copied from its document, not what the model added or
     # confused (another company's value, an invented country). None: on wherever it applies
     # (objective="context_gain"); True: on, and an error with another objective; False: off.
     grounded: Optional[bool] = None
-    # k > 0: a learned token is trained toward the teacher's top-k distribution at its position
-    # (the document's other candidates too), not the served token alone; 0: the served token.
-    soft_targets: int = 0
     passes: int = 1  # optimizer steps per scheduled step on the same requests
     # Further steps on the context-gain requests just learned, their own loss only (no replay, no
     # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
@@ -56,13 +52,6 @@ class LearnerConfig:
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
     replay_recent: int = 0  # and this many of the newest requests in the buffer, every step
-    # Of replay_per_step, this many are the buffered requests with the most context gain left
-    # (as measured when each was last learned), the rest drawn at random.
-    replay_priority: int = 0
-    # A replayed request keeps learning the tokens its context taught when it was first learned,
-    # whatever their gain now, so later facts that pull on them are pushed back (cross-entropy
-    # fades by itself as the student's probability nears 1).
-    replay_taught: bool = False
     # > 0: at each learned token (and each replayed request's first-taught tokens), the tokens other
     # requests were taught must stay this many nats below the request's own answer (a hinge;
     # fastcl.loss.contrast_margin_loss): against learned values answering for every entity.
@@ -126,8 +115,8 @@ class LearnerConfig:
             raise ValueError(f"sync_every must be None (synchronous) or a positive integer, got {self.sync_every!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent", "replay_priority",
-                     "self_study", "self_study_tokens", "soft_targets", "step_every", "consolidate_every",
+        for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent",
+                     "self_study", "self_study_tokens", "step_every", "consolidate_every",
                      "protect_directions", "gate_repair", "gate_backoff", "gate_every"):
             value = getattr(self, name)
             least = 1 if name in ("passes", "gate_every", "self_study_tokens") else 0
@@ -136,9 +125,6 @@ class LearnerConfig:
         for name in ("replay_per_step", "replay_recent"):
             if getattr(self, name) and not self.replay:
                 raise ValueError(f"{name} needs a replay buffer: set replay= to its capacity")
-        if self.replay_priority > self.replay_per_step:
-            raise ValueError(f"replay_priority ({self.replay_priority}) is a share of replay_per_step "
-                             f"({self.replay_per_step}): it cannot be larger")
         if not self.contrast_margin >= 0:
             raise ValueError(f"contrast_margin is in nats and must be >= 0, got {self.contrast_margin!r}")
         if not self.contrast_min_gain >= 0:
@@ -151,10 +137,6 @@ class LearnerConfig:
         if self.grounded is True and self.objective != "context_gain":
             raise ValueError(f"grounded filters the tokens context gain learns: it needs objective='context_gain', "
                              f"got {self.objective!r}")
-        if not 0.0 <= self.teacher_min_prob <= 1.0:
-            raise ValueError(f"teacher_min_prob is a probability in [0, 1], got {self.teacher_min_prob!r}")
-        if self.soft_targets and self.objective != "context_gain":
-            raise ValueError(f"soft_targets applies to objective='context_gain', got {self.objective!r}")
         if self.self_study and self.objective != "context_gain":
             raise ValueError(f"self_study learns its samples by context gain: it needs objective='context_gain', "
                              f"got {self.objective!r}")

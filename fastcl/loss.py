@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -101,9 +100,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tens
 
 def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torch.Tensor, rows: torch.Tensor,
                       cols: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, threshold: float,
-                      teacher_min_prob: float = 0.0,
-                      soft_targets: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                      always: Optional[torch.Tensor] = None,
                       contrast: Optional["Contrast"] = None,
                       allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the response tokens that the context taught: (loss sum, learned-token mask, each
@@ -114,31 +110,16 @@ def context_gain_loss(student_logits: torch.Tensor, teacher_token_logprobs: torc
     get a cross-entropy term; the rest (words the student would say anyway, and whatever the
     context did not support) get none, so the update is spent on what is new. As the student
     learns a fact its gain falls below the threshold and the fact stops being trained.
-    With teacher_min_prob, a token is learned only if the teacher gave it at least that
-    probability: a greedy answer's low-probability tokens are the model's guesses, not what the
-    context said. With soft_targets, (ids, log-probabilities) of the teacher's top k tokens at
-    each response position, a learned token's term is the cross-entropy to that distribution
-    (renormalised over the k) instead of to the served token alone. Tokens not marked in
-    `allowed` (when given) are never learned. Tokens marked in `always`
-    are learned whatever their gain now. With contrast, a margin term (contrast_margin_loss) is
-    added at the learned tokens and at contrast.positions.
+    Tokens not marked in `allowed` (when given) are never learned. With contrast, a margin term
+    (contrast_margin_loss) is added at the learned tokens and at contrast.positions.
     """
     distribution = student_logits[rows, cols].float().log_softmax(-1)
     student = distribution.gather(-1, targets[:, None]).squeeze(-1)
     gain = teacher_token_logprobs - student.detach()
     learned = gain > threshold
-    if teacher_min_prob > 0:
-        learned &= teacher_token_logprobs >= math.log(teacher_min_prob)
     if allowed is not None:
         learned &= allowed
-    if always is not None:
-        learned |= always
-    if soft_targets is not None:
-        ids, logprobs = soft_targets
-        per_token = (logprobs.softmax(-1) * distribution.gather(-1, ids)).sum(-1)
-    else:
-        per_token = student
-    total = -(per_token * learned * weight[rows]).sum()
+    total = -(student * learned * weight[rows]).sum()
     if contrast is not None:
         positions = (learned & (gain >= contrast.min_gain)) | contrast.positions
         total = total + contrast_margin_loss(distribution, targets, positions, contrast, weight[rows])

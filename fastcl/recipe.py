@@ -56,12 +56,7 @@ class Interaction:
     response: list[int]
     weight: float
     teacher_logprobs: Optional[torch.Tensor] = None
-    # Context gain still to learn: the summed gain, in nats, of the response tokens above the
-    # threshold when this request was last learned (None: not learned by context gain yet).
-    gain_left: Optional[float] = None
-    # soft_targets: per response token, the teacher's top-k token ids and their log-probabilities.
-    teacher_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    # replay_taught, contrast_margin: which response tokens context gain selected the first time
+    # contrast_margin: which response tokens context gain selected the first time
     # this was learned, and their gain then (nats; 0 where not selected).
     taught: Optional[torch.Tensor] = None
     taught_gain: Optional[torch.Tensor] = None
@@ -140,15 +135,10 @@ class Recipe:
         logits = learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         distribution = logits[batch.rows, batch.cols].float().log_softmax(-1)
         token_logprobs = distribution.gather(-1, batch.targets[:, None]).squeeze(-1)
-        k = learner.config.soft_targets
-        top = distribution.topk(k, dim=-1) if k else None
         offset = 0
         for item in items:
-            span = slice(offset, offset + len(item.response))
             if item.teacher_logprobs is None:  # given ones (from generation) are kept
-                item.teacher_logprobs = token_logprobs[span]
-            if top is not None:
-                item.teacher_top = (top.indices[span], top.values[span])
+                item.teacher_logprobs = token_logprobs[offset: offset + len(item.response)]
             offset += len(item.response)
         self.costs["teacher"] += seconds_since(start, learner.device)
         self.tokens["teacher"] += int(batch.attention_mask.sum())
@@ -183,31 +173,21 @@ class Recipe:
         batch = prompt_response_batch([i.student for i in items], [i.response for i in items], 0, learner.device)
         # Given ones are kept on the host, scored ones where the model is; replay mixes both.
         teacher = torch.cat([i.teacher_logprobs.to(learner.device) for i in items])
-        soft = None
-        if config.soft_targets:
-            soft = tuple(torch.cat([i.teacher_top[j].to(learner.device) for i in items]) for j in (0, 1))
         weights = torch.tensor([i.weight for i in items], device=learner.device)
         learned_count = []
         fitting = self._fit_projection_to(batch)
-        keep = self._taught_mask(items) if config.replay_taught else None
         contrast = self._contrast(items) if config.contrast_margin else None
-        record_taught = config.replay_taught or config.contrast_margin > 0
         allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.learns_grounded else None
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
-                                                     config.gain_threshold, config.teacher_min_prob, soft, keep,
-                                                     contrast, allowed)
+                                                     config.gain_threshold, contrast, allowed)
             learned_count.append(int(learned.sum()))
-            if record_taught:
+            if contrast is not None:
                 sizes = [len(i.response) for i in items]
                 for item, mask, first in zip(items, learned.split(sizes), (gain * learned).split(sizes)):
                     if item.taught is None:
                         item.taught, item.taught_gain = mask.cpu(), first.detach().cpu()
-            if config.replay_priority:
-                left = torch.zeros(len(items), device=gain.device).index_add_(0, batch.rows, gain * learned)
-                for item, value in zip(items, left.tolist()):
-                    item.gain_left = value
             # Nothing new in these responses and no intruder within the margin: skip the backward.
             active = learned_count[0] > 0 or (contrast is not None and bool(total.detach() != 0))
             return (total if active else total.detach()), learned
@@ -219,13 +199,6 @@ class Recipe:
             for module in fitting:  # a layer the forward did not reach must not fit later
                 module.fit_positions = None
         return learned_count[0]
-
-    def _taught_mask(self, items: list[Interaction]) -> torch.Tensor:
-        """Per response token of `items`, in order: did context gain select it the first time its
-        request was learned (False for requests not learned yet)."""
-        device = self.learner.device
-        return torch.cat([i.taught.to(device) if i.taught is not None
-                          else torch.zeros(len(i.response), dtype=torch.bool, device=device) for i in items])
 
     def _contrast(self, items: list[Interaction]) -> Contrast:
         """contrast_margin: the tokens other requests were taught with at least contrast_min_gain
@@ -280,7 +253,7 @@ class Recipe:
         items = self.interactions(prompt_ids, response_ids, student_prompt_ids, weight, teacher_logprobs)
         config = self.learner.config
         studied = [i for i in items if i.student is not None and i.weight > 0]
-        unscored = [i for i in studied if i.teacher_logprobs is None or (config.soft_targets and i.teacher_top is None)]
+        unscored = [i for i in studied if i.teacher_logprobs is None]
         if config.objective == "context_gain" and unscored:
             self.score_teacher(unscored)
         report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
@@ -304,8 +277,6 @@ class Recipe:
                                                      config.self_study_temperature, config.self_study_tokens, seed):
                 extra.append(Interaction(item.teacher, item.student, response, item.weight, logprobs))
         self.costs["self_study_generate"] += seconds_since(start, self.learner.device)
-        if config.soft_targets and extra:
-            self.score_teacher(extra)
         return extra
 
     def scheduled_step(self):
@@ -344,22 +315,13 @@ class Recipe:
         return self.costs["gate"] + self.costs.get("repair", 0.0)
 
     def _replay_sample(self) -> list:
-        """The newest replay_recent requests of the buffer, and replay_per_step of the others: the
-        replay_priority of them with the most context gain left (as last measured; the newest
-        first among equals), the rest at random (the same draws as before replay_recent and
-        replay_priority existed when both are 0)."""
+        """The newest replay_recent requests of the buffer, and replay_per_step of the others at
+        random (the same draws as before replay_recent existed when it is 0)."""
         config = self.learner.config
         buffer = list(self.replay)
         split = max(len(buffer) - config.replay_recent, 0)
         older, recent = buffer[:split], buffer[split:]
-        chosen = []
-        if config.replay_priority:
-            known = [i for i in range(len(older)) if older[i].gain_left is not None]
-            ranked = sorted(known, key=lambda i: (older[i].gain_left, i), reverse=True)[:config.replay_priority]
-            chosen, taken = [older[i] for i in ranked], set(ranked)
-            older = [item for i, item in enumerate(older) if i not in taken]
-        draws = min(config.replay_per_step - len(chosen), len(older))
-        return recent + chosen + self._rng.sample(older, draws)
+        return recent + self._rng.sample(older, min(config.replay_per_step, len(older)))
 
     def _asynchronous_replica(self) -> bool:
         replicas = self.learner.replicas

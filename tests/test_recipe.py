@@ -139,25 +139,6 @@ def test_replay_recent_replays_the_newest_requests_every_step(monkeypatch):
         assert newest == [r for _, r in requests[max(0, i - 2):i]]
 
 
-def test_replay_priority_replays_the_request_with_the_most_gain_left(monkeypatch):
-    """replay_priority=1: one of each step's replayed requests is the buffered one with the most
-    context gain left when it was last learned; the other is drawn at random."""
-    _, learner = patched(replay=16, replay_per_step=2, replay_priority=1)
-    recipe = learner.recipe
-    replayed = record_replayed(monkeypatch, recipe)
-    teachers, students, responses = rows(40, 6), rows(41, 6), rows(42, 6)
-    for i, (t, s, r) in enumerate(zip(teachers, students, responses)):
-        # Request 0's teacher is certain of every response token (gain: the student's loss, a few
-        # nats a token); the others' teachers find the responses impossible (no gain at all).
-        logprobs = torch.zeros(len(r)) if i == 0 else torch.full((len(r),), -1e3)
-        learner.learn(t, r, s, teacher_logprobs=logprobs)
-    buffer = list(recipe.replay)
-    assert buffer[0].gain_left > 0.5 and all(item.gain_left == 0 for item in buffer[1:])
-    assert [len(batch) for batch in replayed] == [1, 2, 2, 2, 2]
-    assert all(batch[0] is buffer[0] for batch in replayed), "the request with gain left comes first"
-    assert all(batch[1] is not buffer[0] for batch in replayed[1:])
-
-
 def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
     """Inner steps step on the request's own context gain only (no replay, no anchor) and stop
     once no response token is gain_threshold short of the teacher."""
@@ -461,8 +442,6 @@ def test_recipe_options_are_validated_before_patching():
         fastcl.patch(model, replay=0, replay_per_step=0, replay_recent=1)
     with pytest.raises(ValueError, match="replay_recent must be an integer >= 0"):
         fastcl.patch(model, replay_recent=-1)
-    with pytest.raises(ValueError, match=r"replay_priority \(3\) is a share of replay_per_step \(2\)"):
-        fastcl.patch(model, replay_per_step=2, replay_priority=3)
     with pytest.raises(fastcl.PatchError, match="tokenizer"):
         fastcl.patch(model, anchor_weight=0.5)
     assert not hasattr(model, "fastcl")
@@ -547,18 +526,6 @@ def test_self_study_options_are_validated():
     assert not hasattr(model, "fastcl")
 
 
-def test_teacher_min_prob_learns_only_the_tokens_the_teacher_believed():
-    teacher, student, response = rows(40, 1)[0], rows(41, 1)[0], rows(42, 1, low=5, high=6)[0]
-    believed = torch.tensor([0.9, 0.1, 0.6, 0.3, 0.5])
-    _, learner = patched(step_every=0, gain_threshold=-float("inf"), teacher_min_prob=0.5)
-    report = learner.learn(teacher, response, student, teacher_logprobs=believed.log())
-    assert report.tokens_learned == 3  # 0.9, 0.6 and 0.5
-    _, everything = patched(step_every=0, gain_threshold=-float("inf"))
-    assert everything.learn(teacher, response, student, teacher_logprobs=believed.log()).tokens_learned == 5
-    with pytest.raises(ValueError, match=r"teacher_min_prob is a probability in \[0, 1\]"):
-        patched(teacher_min_prob=1.5)
-
-
 def test_grounded_learns_only_response_tokens_found_in_the_removed_context():
     """The context is the served prompt minus what it shares with the student prompt at both
     ends (the chat template's start, the question and the template's end)."""
@@ -603,46 +570,6 @@ def test_the_default_recipe_moves_what_the_answer_copied_from_its_context_into_t
     assert float(after[:3].mean()) < float(before[:3].mean()) - 0.5
     # The invented word's loss moves only through what the copied ones share with it, far less.
     assert float(before[3] - after[3]) < 0.5 * float((before[:3] - after[:3]).mean())
-
-
-def test_soft_targets_train_learned_tokens_toward_the_teachers_top_k():
-    """k = 1 is the served token (when it is the teacher's top one); with k = vocabulary and a
-    threshold every token passes, the term is the cross-entropy to the teacher's distribution."""
-    teacher, student = rows(43, 1)[0], rows(44, 1)[0]
-    model, _ = patched(step_every=0)
-    with torch.no_grad():  # a greedy response: each token the teacher's top one
-        ids = list(teacher)
-        for _ in range(4):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    response = ids[len(teacher):]
-    grads = {}
-    for name, k in (("served", 0), ("top1", 1), ("full", VOCAB)):
-        _, learner = patched(step_every=0, gain_threshold=-float("inf"), soft_targets=k)
-        assert learner.learn(teacher, response, student).tokens_learned == len(response)
-        grads[name] = [m.grad_B.clone() for m in learner.modules.values()]
-    for a, b in zip(grads["served"], grads["top1"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads["served"], grads["full"]))
-    # The full-vocabulary term is the distillation cross-entropy: its gradient is distill()'s.
-    _, distilled = patched(step_every=0, objective="distill")
-    distilled.learn(teacher, response, student)
-    for a, m in zip(grads["full"], distilled.modules.values()):
-        torch.testing.assert_close(a, m.grad_B, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="soft_targets applies to objective='context_gain'"):
-        patched(soft_targets=4, objective="next_token")
-
-
-@pytest.mark.parametrize("replay_taught", [False, True])
-def test_replay_taught_keeps_learning_the_tokens_first_taught(replay_taught):
-    teacher, student, response = rows(45, 1)[0], rows(46, 1)[0], rows(47, 1, low=4, high=5)[0]
-    believed = torch.tensor([0.0, -0.1, -9.0, 0.0])  # the third token: the teacher doubted it, no gain
-    _, learner = patched(step_every=0, replay_taught=replay_taught)
-    assert learner.learn(teacher, response, student, teacher_logprobs=believed).tokens_learned == 3
-    item = learner.recipe.pending[0]
-    if replay_taught:
-        assert item.taught.tolist() == [True, True, False, True]
-    learner.config.gain_threshold = 1e9  # as if the fact were learned: no token has gain left
-    assert learner.recipe.accumulate([item], "replay") == (3 if replay_taught else 0)
 
 
 def test_contrast_margin_loss_is_the_hinge_over_other_requests_tokens():
