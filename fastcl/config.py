@@ -52,6 +52,10 @@ class LearnerConfig:
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
     replay_recent: int = 0  # and this many of the newest requests in the buffer, every step
+    # Spaced replay: a request learned in step s is replayed in steps s + k for each k here (while
+    # the buffer still holds it), besides the random draws: every fact gets these replays soon
+    # after it is served, where random draws from the buffer give the newest facts almost none.
+    replay_schedule: Sequence[int] = ()
     # > 0: at each learned token (and each replayed request's first-taught tokens), the tokens other
     # requests were taught must stay this many nats below the request's own answer (a hinge;
     # fastcl.loss.contrast_margin_loss): against learned values answering for every entity.
@@ -122,6 +126,14 @@ class LearnerConfig:
             least = 1 if name in ("passes", "gate_every", "self_study_tokens") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        self.replay_schedule = tuple(self.replay_schedule)
+        if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in self.replay_schedule) \
+                or list(self.replay_schedule) != sorted(set(self.replay_schedule)):
+            raise ValueError(f"replay_schedule must be increasing positive integers (steps after a request's own), "
+                             f"got {self.replay_schedule!r}")
+        if self.replay_schedule and self.replay_schedule[-1] > self.replay:
+            raise ValueError(f"replay_schedule reaches {self.replay_schedule[-1]} steps back, beyond a replay buffer "
+                             f"of {self.replay} requests: raise replay= or shorten the schedule")
         for name in ("replay_per_step", "replay_recent"):
             if getattr(self, name) and not self.replay:
                 raise ValueError(f"{name} needs a replay buffer: set replay= to its capacity")
@@ -174,4 +186,5 @@ class LearnerConfig:
         d["targets"] = list(self.targets) if self.targets is not None else None
         d["exclude"] = list(self.exclude) if self.exclude is not None else None
         d["betas"] = list(self.betas)
+        d["replay_schedule"] = list(self.replay_schedule)
         return d

@@ -61,6 +61,7 @@ class Interaction:
     taught: Optional[torch.Tensor] = None
     taught_gain: Optional[torch.Tensor] = None
     found_in_context: Optional[torch.Tensor] = None  # grounded: in_context(), once computed
+    step_index: Optional[int] = None  # the scheduled step that learned it first (replay_schedule)
 
     @property
     def prompt(self) -> list[int]:
@@ -87,6 +88,7 @@ class Recipe:
         self.pending: list[Interaction] = []
         self.calls_since_step = 0
         self.steps_since_consolidation = 0
+        self.scheduled_steps = 0  # scheduled_step() calls so far: the clock of replay_schedule
         self.requests_seen = 0  # seeds each request's self-study samples
         self.costs: dict[str, float] = defaultdict(float)  # seconds per component
         self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
@@ -287,7 +289,7 @@ class Recipe:
         for p in range(config.passes):
             if p > 0:
                 self.accumulate(self.pending, "passes")
-            if (config.replay_per_step or config.replay_recent) and self.replay:
+            if (config.replay_per_step or config.replay_recent or config.replay_schedule) and self.replay:
                 self.accumulate(self._replay_sample(), "replay")
             if config.anchor_weight > 0 and learner.counters.tokens_pending > 0:
                 start = time.perf_counter()
@@ -297,7 +299,10 @@ class Recipe:
             stepped |= learner.step()
         self._inner_steps(stepped)
         if config.replay:
+            for item in self.pending:
+                item.step_index = self.scheduled_steps
             self.replay.extend(self.pending)
+        self.scheduled_steps += 1
         self.pending = []
         self.calls_since_step = 0
         consolidation = None
@@ -315,13 +320,18 @@ class Recipe:
         return self.costs["gate"] + self.costs.get("repair", 0.0)
 
     def _replay_sample(self) -> list:
-        """The newest replay_recent requests of the buffer, and replay_per_step of the others at
-        random (the same draws as before replay_recent existed when it is 0)."""
+        """The requests replay_schedule says are due this step, the newest replay_recent of the
+        others, and replay_per_step of the rest at random (the same draws as before
+        replay_recent and replay_schedule existed when both are off)."""
         config = self.learner.config
         buffer = list(self.replay)
+        schedule = config.replay_schedule
+        due = [i for i in buffer if self.scheduled_steps - i.step_index in schedule] if schedule else []
+        if due:
+            buffer = [i for i in buffer if all(i is not d for d in due)]
         split = max(len(buffer) - config.replay_recent, 0)
         older, recent = buffer[:split], buffer[split:]
-        return recent + self._rng.sample(older, min(config.replay_per_step, len(older)))
+        return due + recent + self._rng.sample(older, min(config.replay_per_step, len(older)))
 
     def _asynchronous_replica(self) -> bool:
         replicas = self.learner.replicas

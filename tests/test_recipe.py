@@ -139,6 +139,34 @@ def test_replay_recent_replays_the_newest_requests_every_step(monkeypatch):
         assert newest == [r for _, r in requests[max(0, i - 2):i]]
 
 
+def test_replay_schedule_replays_each_request_at_its_offsets(monkeypatch):
+    """replay_schedule=(1, 3): the request learned in step s comes back in steps s + 1 and s + 3
+    and in no other, beside the random draws (none here), while the buffer holds it."""
+    _, learner = patched(replay=8, replay_per_step=0, replay_schedule=[1, 3])
+    assert learner.config.replay_schedule == (1, 3)
+    replayed = record_replayed(monkeypatch, learner.recipe)
+    requests = list(zip(rows(32, 7), rows(33, 7)))
+    for prompt, response in requests:
+        learner.learn(prompt, response)
+    # Step 0 has an empty buffer and replays nothing (the replay call is skipped), so the record
+    # starts at step 1.
+    due = [[response for step_learned, (_, response) in enumerate(requests) if step - step_learned in (1, 3)]
+           for step in range(1, len(requests))]
+    assert [[item.response for item in batch] for batch in replayed] == due
+    assert [len(batch) for batch in replayed] == [1, 1, 2, 2, 2, 2]
+    # Random draws come on top of what is due, never the same request twice in a step.
+    _, mixed = patched(replay=8, replay_per_step=2, replay_schedule=[1])
+    replayed = record_replayed(monkeypatch, mixed.recipe)
+    for prompt, response in requests:
+        mixed.learn(prompt, response)
+    for batch, (_, previous) in zip(replayed, requests):
+        assert batch[0].response == previous and len({id(item) for item in batch}) == len(batch)
+    for wrong, message in (([3, 1], "increasing positive integers"), ([0, 2], "increasing positive integers"),
+                           ([4, 4], "increasing positive integers"), ([16], "beyond a replay buffer of 8")):
+        with pytest.raises(ValueError, match=message):
+            patched(replay=8, replay_schedule=wrong)
+
+
 def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
     """Inner steps step on the request's own context gain only (no replay, no anchor) and stop
     once no response token is gain_threshold short of the teacher."""
