@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .ops import backends, lowrank_linear
 from .precision import input_gradient_dtype
-from .projection import fit_to_inputs, make_projection
+from .projection import fit_to_inputs, make_projection, whitened_rows
 
 try:  # GPT-2 style layers store W as (d_in, d_out); patched through a transposed view.
     from transformers.pytorch_utils import Conv1D
@@ -113,10 +113,7 @@ class FastLinear(nn.Module):
     def _count_served(self, X: torch.Tensor) -> None:
         """Add one request's mean whitened input moment (its rows after the protected directions
         are removed, as the fit sees them)."""
-        X = X.float()
-        if self.protected is not None:
-            X = X - (X @ self.protected) @ self.protected.t()
-        Xw = self.whitener.apply(X).double()
+        Xw = whitened_rows(X, self.whitener, self.protected).double()
         moment = Xw.t() @ Xw / max(Xw.shape[0], 1)
         self.served_moment = moment if self.served_moment is None else self.served_moment.add_(moment)
         self.served_requests += 1

@@ -43,6 +43,14 @@ def make_projection(
     return A.to(device=device, dtype=dtype)
 
 
+def whitened_rows(X: torch.Tensor, whitener, avoid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """X's rows (fp32) without the protected directions `avoid`, whitened: what a fit sees."""
+    X = X.float()
+    if avoid is not None:
+        X = X - (X @ avoid) @ avoid.t()
+    return whitener.apply(X)
+
+
 @torch.no_grad()
 def fit_to_inputs(drawn: torch.Tensor, X: torch.Tensor, whitener, avoid: Optional[torch.Tensor] = None,
                   served: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -63,10 +71,7 @@ def fit_to_inputs(drawn: torch.Tensor, X: torch.Tensor, whitener, avoid: Optiona
     (the chat template, "a city question") is played down; what this request alone has (its
     entity) is kept, so an update keyed there moves other requests' answers less.
     """
-    X = X.float()
-    if avoid is not None:
-        X = X - (X @ avoid) @ avoid.t()
-    Xw = whitener.apply(X)
+    Xw = whitened_rows(X, whitener, avoid)
     factor = None
     if served is not None:
         factor = torch.linalg.cholesky(served.to(Xw.device, torch.float64))
