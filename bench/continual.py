@@ -3,6 +3,7 @@
     python bench/continual.py                       # the default recipe, 20 companies, seeds 1 2 3
     python bench/continual.py --seeds 0 --companies 10 --ablation replay=0 anchor_weight=0
     python bench/continual.py --json out.json       # also write every number
+    python bench/continual.py --rehearse            # also after one idle learner.rehearse()
 
 For each seed it generates a fresh stream of fictional-company facts (fastcl.facts), measures the
 no-context floor and the in-context ceiling on held-out phrasings, serves every fact's served
@@ -27,8 +28,10 @@ import torch
 
 import fastcl
 from fastcl import benchmark as B
+from fastcl import evaluate as E
 from fastcl.facts import fact_stream
 from fastcl.info import cpu_model
+from fastcl.timing import seconds_since
 
 # The shipped defaults of fastcl.patch() are the recipe under test; --ablation overrides them.
 DEFAULT = {"rank": 16}
@@ -43,7 +46,7 @@ def parse_overrides(pairs):
     return out
 
 
-def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool) -> dict:
+def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool, rehearse: bool = False) -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
     before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
@@ -54,6 +57,8 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     forward = B.forward_seconds(model, tokenizer, facts, served.answers)
     after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
     stats = learner.stats()
+    rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact) \
+        if rehearse else {}
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     costs = {k: v / forward for k, v in stats["seconds"].items()}  # in plain forwards of the served tokens
@@ -95,6 +100,34 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "gate_refusals": stats["gate_refusals"],
         "gate_halved": stats["gate_halved"],
         "gate_repaired": stats["gate_repaired"],
+        **rehearsed,
+    }
+
+
+def rehearse_and_measure(model, tokenizer, learner, facts, before: dict, in_context: dict, forward: float,
+                         exact: bool) -> dict:
+    """--rehearse: after the stream is measured, one learner.rehearse() (a pass over the replay
+    buffer, least replayed first, as a server would while idle), then the same measures again,
+    as "rehearsed_*" keys; its cost in plain forwards of the served tokens, apart from learn()'s."""
+    refusals, halved = learner.counters.gate_refusals, learner.counters.gate_halved
+    start = time.perf_counter()
+    report = learner.rehearse()
+    seconds = seconds_since(start, E.model_device(model))
+    after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+    return {
+        "rehearsed_after": after["mc"],
+        "rehearsed_recovered": B.gap_recovered(after["mc"], before["mc"], in_context["mc"]),
+        "rehearsed_after_framed": after["mc_framed"],
+        "rehearsed_recovered_framed": B.gap_recovered(after["mc_framed"], before["mc_framed"], in_context["mc_framed"]),
+        "rehearsed_probability_after": after["mc_probability"],
+        "rehearsed_exact_after": after.get("exact"),
+        "rehearsed_general_after": after["general"],
+        "rehearsed_general_framed_after": after["general_framed"],
+        "rehearsed_perplexity_after": after["perplexity"],
+        "rehearse_steps": report.steps,
+        "rehearse_forwards": seconds / forward,
+        "rehearse_gate_refusals": learner.counters.gate_refusals - refusals,
+        "rehearse_gate_halved": learner.counters.gate_halved - halved,
     }
 
 
@@ -142,6 +175,20 @@ def table(summary: dict) -> str:
     ]
     if "exact_before" in summary:
         rows.insert(9, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+    if "rehearsed_after" in summary:
+        rows += [
+            ("after rehearse() (one idle pass over the replay buffer): closed-book MC", cell("rehearsed_after")),
+            ("  fraction of the gap recovered", cell("rehearsed_recovered")),
+            ("  the same in the answer frame", cell("rehearsed_recovered_framed")),
+            ("  the answer's probability over the options", cell("rehearsed_probability_after")),
+            ("  general probes (124 MC)", cell("rehearsed_general_after")),
+            ("  general-text perplexity", cell("rehearsed_perplexity_after", "{:.2f}")),
+            ("  its cost, in plain forwards of the served tokens", cell("rehearse_forwards", "{:.2f}")),
+            ("  consolidations refused / halved during it", cell("rehearse_gate_refusals", "{:.1f}")
+             + " / " + cell("rehearse_gate_halved", "{:.1f}")),
+        ]
+        if "rehearsed_exact_after" in summary:
+            rows.insert(-5, ("  closed-book exact match", cell("rehearsed_exact_after")))
     lines = ["| measure | mean ± spread over seeds |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
@@ -156,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json, e.g. replay=0 lr=3e-3")
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match generation (faster)")
     parser.add_argument("--json", help="write all numbers here")
+    parser.add_argument("--rehearse", action="store_true", help="after measuring, learner.rehearse() once (one "
+                        "idle pass over the replay buffer) and measure again: reported as extra rows")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the model serves and learns (cuda: a GPU)")
     args = parser.parse_args(argv)
@@ -169,7 +218,8 @@ def main(argv=None) -> int:
     runs = []
     for seed in args.seeds:
         start = time.perf_counter()
-        runs.append(run_seed(model, tokenizer, seed, args.companies, options, exact=not args.no_exact))
+        runs.append(run_seed(model, tokenizer, seed, args.companies, options, exact=not args.no_exact,
+                             rehearse=args.rehearse))
         print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     summary = summarize(runs)
     print(f"fastcl continual benchmark: SmolLM2-135M-Instruct, {args.companies} companies x 4 facts, "

@@ -24,9 +24,25 @@ problem); if "immediate" is high and the end is low, later traffic overwrote the
 in context, fast weights live) that name the asked value, by quarter of the stream; with
 --served-base, "base_states_value_by_quarter" is the same for the base model answering without
 learning: if learning lowers it, learning damages what is served, and so what it learns next.
+"swapped_company" (before -> after) asks each fact's held-out questions about the stream's next
+company, with the fact's options: how often the fact's own value is picked for a company it does
+not belong to. What "after" gains beyond this is knowledge of which company has the value; what
+this gains too is a learned value's pull on any question of its kind.
 "wrong_is_learned_value" (before -> after) is the share of wrong held-out picks that are the
 value some other company of the stream has for that attribute: if it rises after learning, the
 model answers with learned values whichever company is asked about (interference).
+
+--trajectory N follows each fact through the stream: every N requests, every fact served so far
+is scored on its held-out phrasings (accuracy and answer probability), beside how often replay
+has drawn it and the gate's refusals and halvings by request ("trajectory"); "end_by_replays"
+groups the facts' end-of-stream accuracy by how often they were replayed. It asks whether a
+fact that ends near the floor was never learned, was learned and then overwritten, or was
+dropped by the gate. About 2 more minutes a stream at N = 10.
+
+--rehearse measures the stream's end, then lets the learner rehearse (learner.rehearse(): one
+pass over its replay buffer, the least-replayed requests first, as a server would while idle)
+and measures again under "rehearsal", with the rehearsal's steps and seconds: both figures come
+from one run, so their difference carries no stream-to-stream noise.
 """
 
 from __future__ import annotations
@@ -79,12 +95,80 @@ def wrong_is_learned_value(facts, picks) -> float:
     return sum((f.attribute, value) in learned for f, value in wrong) / len(wrong) if wrong else float("nan")
 
 
+def per_fact_scores(model, tokenizer, facts) -> tuple[list[float], list[float]]:
+    """Per fact: held-out accuracy and mean answer probability over its held-out phrasings."""
+    items = [(q, f.options, f.answer_index) for f in facts for q in f.eval_questions]
+    scores = E.multiple_choice_scores(model, tokenizer, items)
+    accuracy, probability, i = [], [], 0
+    for f in facts:
+        rows, asked = scores[i:i + len(f.eval_questions)], items[i:i + len(f.eval_questions)]
+        accuracy.append(round(E.accuracy_of_scores(rows, asked), 3))
+        probability.append(round(E.mean_answer_probability(rows, asked), 4))
+        i += len(f.eval_questions)
+    return accuracy, probability
+
+
+class Trajectory:
+    """--trajectory: counts replay draws per fact and the gate's verdicts per request, and scores
+    every served fact every `every` requests. Attached to a learner by wrapping its recipe's
+    replay draw; the learner's own behaviour is unchanged (the same draws, in the same order)."""
+
+    def __init__(self, model, tokenizer, facts, learner, every: int):
+        self.model, self.tokenizer, self.facts, self.every = model, tokenizer, facts, every
+        self.learner, self.recipe = learner, learner.recipe
+        self.replays = [0] * len(facts)
+        self.index_of: dict[int, int] = {}  # id(Interaction) -> fact index
+        self.checkpoints: list[dict] = []
+        self.gate_events: list[list[int]] = []  # [request index, refusals, halvings] where either moved
+        draw = self.recipe._replay_sample
+
+        def counted_draw():
+            chosen = draw()
+            for item in chosen:
+                self.replays[self.index_of[id(item)]] += 1
+            return chosen
+
+        self.recipe._replay_sample = counted_draw
+
+    def after_learn(self, index: int, counters_before: tuple[int, int]) -> None:
+        if self.recipe.replay:  # step_every=1: the request just learned is the buffer's newest
+            self.index_of[id(self.recipe.replay[-1])] = index
+        counters = self.learner.counters
+        moved = (counters.gate_refusals - counters_before[0], counters.gate_halved - counters_before[1])
+        if any(moved):
+            self.gate_events.append([index, *moved])
+        if (index + 1) % self.every == 0:
+            accuracy, probability = per_fact_scores(self.model, self.tokenizer, self.facts[:index + 1])
+            self.checkpoints.append({"served": index + 1, "accuracy": accuracy, "probability": probability,
+                                     "replays": list(self.replays[:index + 1])})
+
+    def summary(self, end_accuracy: list[float]) -> dict:
+        buckets = {"0": (0, 0), "1-2": (1, 2), "3-5": (3, 5), "6+": (6, 10 ** 9)}
+        by_replays = {}
+        for name, (low, high) in buckets.items():
+            chosen = [a for a, r in zip(end_accuracy, self.replays) if low <= r <= high]
+            by_replays[name] = [len(chosen), round(sum(chosen) / len(chosen), 3) if chosen else None]
+        return {"end_by_replays": by_replays, "replays": self.replays, "gate_events": self.gate_events,
+                "trajectory": self.checkpoints}
+
+
+def swapped_items(facts) -> list[tuple[str, tuple[str, ...], int]]:
+    """Each fact's held-out questions asked about the stream's next company instead (cyclically),
+    with the fact's own options and answer: a pick of the fact's value there is not knowledge of
+    *which* company it belongs to (where the next company's own value happens to be among the
+    options, picking it counts as a miss). With one company, the questions are the fact's own."""
+    companies = list(dict.fromkeys(f.company for f in facts))
+    other = {c: companies[(k + 1) % len(companies)] for k, c in enumerate(companies)}
+    return [(q.replace(f.company, other[f.company]), f.options, f.answer_index) for f in facts for q in f.eval_questions]
+
+
 def states_value(tokenizer, facts, answers) -> list[bool]:
     """Per served answer: does it name the asked value (case-insensitive)."""
     return [fact.value.lower() in tokenizer.decode(answer).lower() for fact, answer in zip(facts, answers)]
 
 
-def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_base: bool = False) -> dict:
+def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_base: bool = False,
+             trajectory_every: int = 0, rehearse: bool = False) -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
     base_states = states_value(tokenizer, facts, B.serve(model, tokenizer, None, facts).answers) if served_base else None
@@ -92,44 +176,68 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     picks, probability_before = held_out_picks(model, tokenizer, facts)
     floor, confused_before = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
+    swapped = swapped_items(facts)
+    swapped_before = E.multiple_choice_accuracy(model, tokenizer, swapped)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
     immediate = []
     learn = learner.learn
+    if trajectory_every and learner.config.step_every != 1:
+        raise ValueError("--trajectory follows requests into the replay buffer one step at a time: it needs step_every=1")
+    trajectory = Trajectory(model, tokenizer, facts, learner, trajectory_every) if trajectory_every else None
 
     def learn_then_score(*args, **kwargs):
+        counters = (learner.counters.gate_refusals, learner.counters.gate_halved)
         report = learn(*args, **kwargs)
         immediate.append(held_out(model, tokenizer, facts[len(immediate)]))
+        if trajectory is not None:
+            trajectory.after_learn(len(immediate) - 1, counters)
         return report
 
     learner.learn = learn_then_score
     served = B.serve(model, tokenizer, learner, facts)
-    picks, probability_after = held_out_picks(model, tokenizer, facts)
-    after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
-    served_after = E.multiple_choice_hits(model, tokenizer, served_items)
-    stats = learner.stats()
-    refused, halved, repaired = stats["gate_refusals"], stats["gate_halved"], stats["gate_repaired"]
-    perplexity = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
-    probes = E.load_probes()
-    general = E.multiple_choice_accuracy(model, tokenizer, probes)
-    general_framed = E.multiple_choice_accuracy(model, tokenizer, probes, frame=E.ANSWER_FRAME)
-    fastcl.unpatch(model, merge=False)
-    model.load_state_dict(original)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     quarter = max(1, len(facts) // 4)
     by_quarter = lambda xs: [round(mean(xs[i: i + quarter]), 3) for i in range(0, len(xs), quarter)]  # noqa: E731
+
+    def end_of_stream() -> tuple[dict, list[float], list[int]]:
+        picks, probability_after = held_out_picks(model, tokenizer, facts)
+        after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
+        stats = learner.stats()
+        probes = E.load_probes()
+        return {
+            "after": mean(after), "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
+            "answer_probability": [round(probability_before, 4), round(probability_after, 4)],
+            "served_after": mean(E.multiple_choice_hits(model, tokenizer, served_items)),
+            "swapped_company": [round(swapped_before, 3), round(E.multiple_choice_accuracy(model, tokenizer, swapped), 3)],
+            "after_by_quarter": by_quarter(after),
+            "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
+            "perplexity_after": round(E.perplexity(model, tokenizer, E.load_text("general_text.txt")), 2),
+            "general_after": round(E.multiple_choice_accuracy(model, tokenizer, probes), 3),
+            "general_framed_after": round(E.multiple_choice_accuracy(model, tokenizer, probes, frame=E.ANSWER_FRAME), 3),
+            "gate_refusals": stats["gate_refusals"], "gate_halved": stats["gate_halved"],
+            "gate_repaired": stats["gate_repaired"],
+        }, after, picks
+
+    measured, after, picks = end_of_stream()
+    rehearsed = {}
+    if rehearse:
+        start = time.perf_counter()
+        report = learner.rehearse()
+        rehearsed = {"rehearsal": {"steps": report.steps, "requests": report.requests,
+                                   "seconds": round(time.perf_counter() - start, 1),
+                                   "serving_learn_seconds": round(served.learn_seconds, 1),
+                                   **end_of_stream()[0]}}
+    fastcl.unpatch(model, merge=False)
+    model.load_state_dict(original)
     return {
-        "seed": seed, "floor": mean(floor), "ceiling": ceiling, "after": mean(after),
-        "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
-        "answer_probability": [round(probability_before, 4), round(probability_after, 4)],
-        "served_floor": mean(served_floor), "served_after": mean(served_after), "immediate": mean(immediate),
-        "after_by_quarter": by_quarter(after),
-        "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
-        "perplexity_after": round(perplexity, 2), "general_after": round(general, 3),
-        "general_framed_after": round(general_framed, 3),
-        "gate_refusals": refused, "gate_halved": halved, "gate_repaired": repaired,
+        "seed": seed, "floor": mean(floor), "ceiling": ceiling, **measured,
+        "served_floor": mean(served_floor), "immediate": mean(immediate),
         "served_states_value_by_quarter": by_quarter(states_value(tokenizer, facts, served.answers)),
         **({"base_states_value_by_quarter": by_quarter(base_states)} if base_states is not None else {}),
+        **({"immediate_by_fact": [round(x, 3) for x in immediate], "end_by_fact": after, "end_picks": picks,
+            **trajectory.summary(after)} if trajectory is not None else {}),
+        **rehearsed,
     }
 
 
@@ -185,6 +293,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="where the model serves and learns (cuda: a GPU)")
     parser.add_argument("--served-base", action="store_true", help="also serve the stream with the base model "
                         "(no learning) and report how often its answers name the asked value (about 1.5 min)")
+    parser.add_argument("--trajectory", type=int, default=0, metavar="N", help="every N requests, score every "
+                        "fact served so far, with replay counts and gate verdicts (see above)")
+    parser.add_argument("--rehearse", action="store_true", help="after the stream is measured, learner.rehearse() "
+                        "(one pass over the replay buffer, least replayed first) and measure again "
+                        "(\"rehearsal\"): the same run before and after, so the difference has no stream noise")
     parser.add_argument("--compare", nargs=2, metavar=("OURS", "THEIRS"), help="compare two saved runs (JSON "
                         "lines of this script's output) instead of running anything")
     args = parser.parse_args(argv)
@@ -203,7 +316,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for options, done in zip(recipes, results):
             start = time.perf_counter()
-            done.append(diagnose(model, tokenizer, seed, args.companies, options, args.served_base))
+            done.append(diagnose(model, tokenizer, seed, args.companies, options, args.served_base,
+                                 args.trajectory, args.rehearse))
             print(json.dumps({"options": options, **done[-1], "seconds": round(time.perf_counter() - start)}),
                   flush=True)
     if len(recipes) == 2:

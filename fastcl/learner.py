@@ -23,7 +23,7 @@ from .inputs import Weight, as_weight, check_vocabulary, validate_request
 from .layers import FastLinear
 from .loss import LogitsGradient, distillation_loss, next_token_gradient
 from .patcher import PatchReport
-from .recipe import LearnReport, Recipe
+from .recipe import LearnReport, Recipe, RehearsalReport
 
 log = logging.getLogger("fastcl")
 
@@ -150,6 +150,15 @@ class Learner:
         """
         self._check_attached()
         return self.recipe.learn(prompt_ids, response_ids, student_prompt_ids, weight, teacher_logprobs)
+
+    def rehearse(self, steps: Optional[int] = None, requests_per_step: Optional[int] = None,
+                 progress=None) -> RehearsalReport:
+        """Learn again from the replay buffer while no traffic comes (fastcl.recipe.Recipe.rehearse):
+        least-replayed requests first, the anchor beside them, merges gated as usual. By default one
+        pass over the buffer in steps of replay_per_step + 1 requests. `progress`: anything with
+        update(1) (a tqdm bar), called per step."""
+        self._check_attached()
+        return self.recipe.rehearse(steps, requests_per_step, progress)
 
     def add_probe(self, score, tolerance: float, name: Optional[str] = None) -> None:
         """Gate every consolidation on `score(model) -> float` (higher is better): a merge that

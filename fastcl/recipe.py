@@ -62,11 +62,19 @@ class Interaction:
     taught_gain: Optional[torch.Tensor] = None
     found_in_context: Optional[torch.Tensor] = None  # grounded: in_context(), once computed
     step_index: Optional[int] = None  # the scheduled step that learned it first (replay_schedule)
+    replays: int = 0  # how often replay (or rehearse()) has learned it again
 
     @property
     def prompt(self) -> list[int]:
         """What the learning forward reads before the response."""
         return self.student if self.student is not None else self.teacher
+
+
+@dataclass
+class RehearsalReport:
+    steps: int  # optimizer steps taken
+    requests: int  # buffered requests learned again, counted once per step that drew them
+    consolidations: list = field(default_factory=list)  # a ConsolidationReport per merge that ran
 
 
 @dataclass
@@ -290,13 +298,8 @@ class Recipe:
             if p > 0:
                 self.accumulate(self.pending, "passes")
             if (config.replay_per_step or config.replay_recent or config.replay_schedule) and self.replay:
-                self.accumulate(self._replay_sample(), "replay")
-            if config.anchor_weight > 0 and learner.counters.tokens_pending > 0:
-                start = time.perf_counter()
-                _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
-                self.costs["anchor"] += seconds_since(start, learner.device)
-                self.tokens["anchor"] += tokens
-            stepped |= learner.step()
+                self._learn_again(self._replay_sample(), "replay")
+            stepped |= self._anchor_and_step()
         self._inner_steps(stepped)
         if config.replay:
             for item in self.pending:
@@ -305,6 +308,25 @@ class Recipe:
         self.scheduled_steps += 1
         self.pending = []
         self.calls_since_step = 0
+        return stepped, self._consolidate_on_schedule(stepped)
+
+    def _learn_again(self, items: list[Interaction], component: str) -> None:
+        self.accumulate(items, component)
+        for item in items:
+            item.replays += 1
+
+    def _anchor_and_step(self) -> bool:
+        """The anchor's term on general text (scaled to the tokens pending), then one step."""
+        learner, config = self.learner, self.learner.config
+        if config.anchor_weight > 0 and learner.counters.tokens_pending > 0:
+            start = time.perf_counter()
+            _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
+            self.costs["anchor"] += seconds_since(start, learner.device)
+            self.tokens["anchor"] += tokens
+        return learner.step()
+
+    def _consolidate_on_schedule(self, stepped: bool):
+        learner, config = self.learner, self.learner.config
         consolidation = None
         if stepped or self._asynchronous_replica():  # they count rounds, not local steps: all consolidate together
             self.steps_since_consolidation += 1
@@ -313,7 +335,46 @@ class Recipe:
             consolidation = learner.consolidate()
             self.costs["consolidate"] += seconds_since(start, learner.device) - (self._gate_seconds() - checked)
             self.steps_since_consolidation = 0
-        return stepped, consolidation
+        return consolidation
+
+    def rehearse(self, steps: Optional[int] = None, requests_per_step: Optional[int] = None,
+                 progress=None) -> RehearsalReport:
+        """Idle-time learning from the replay buffer, in passes: each pass learns every buffered
+        request once more, the least replayed so far first (the oldest first among equals), a
+        step's worth at a time with the anchor beside them, consolidating on the usual schedule,
+        gate included. Random replay during serving gives the newest requests almost no replays
+        before traffic stops; this gives them theirs first. Defaults: steps of a serving step's
+        size (replay_per_step + 1 requests), one pass."""
+        learner, config = self.learner, self.learner.config
+        if self.pending:
+            raise FastclError(f"rehearse(): {len(self.pending)} learned requests are waiting for their step; "
+                              f"call learner.step() (step_every=0) before rehearsing")
+        if requests_per_step is None:
+            requests_per_step = config.replay_per_step + 1
+        for name, value in (("steps", steps), ("requests_per_step", requests_per_step)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InputError(f"rehearse(): {name} must be a positive integer, got {value!r}")
+        if learner.replicas.group is not None:
+            raise FastclError("rehearse() is for one learner: replicas' buffers differ in size, and synchronous "
+                              "replicas must all step together")
+        if steps is None:
+            steps = -(-len(self.replay) // requests_per_step)
+        report = RehearsalReport(steps=0, requests=0)
+        queue: list[Interaction] = []
+        for _ in range(steps if self.replay else 0):
+            if not queue:  # a new pass over the buffer: every request once, the least replayed first
+                queue = sorted(self.replay, key=lambda item: item.replays)  # stable: the oldest first among equals
+            chosen, queue = queue[:requests_per_step], queue[requests_per_step:]
+            self._learn_again(chosen, "rehearse")
+            stepped = self._anchor_and_step()
+            report.steps += int(stepped)
+            report.requests += len(chosen)
+            consolidation = self._consolidate_on_schedule(stepped)
+            if consolidation is not None:
+                report.consolidations.append(consolidation)
+            if progress is not None:
+                progress.update(1)
+        return report
 
     def _gate_seconds(self) -> float:
         """What consolidate() spends on the gate (its checks, and gate_repair's steps)."""

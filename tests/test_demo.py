@@ -41,15 +41,18 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     model, tokenizer = fresh_smollm
     original = {k: v.clone() for k, v in model.state_dict().items()}
     continual = load_bench("continual")
-    run = continual.run_seed(model, tokenizer, seed=7, companies=1, options={"rank": 8}, exact=False)
+    run = continual.run_seed(model, tokenizer, seed=7, companies=1, options={"rank": 8}, exact=False, rehearse=True)
     for key in ("floor", "ceiling", "after", "floor_framed", "ceiling_framed", "after_framed", "general_before",
-                "general_after", "general_framed_before", "general_framed_after"):
+                "general_after", "general_framed_before", "general_framed_after", "rehearsed_after",
+                "rehearsed_general_after"):
         assert 0.0 <= run[key] <= 1.0, key
     # graded: a softmax share, so strictly inside (0, 1)
     assert all(0.0 < run[key] < 1.0 for key in ("probability_before", "probability_after"))
     assert run["ceiling"] > run["floor"], "the document in context should help: the stream is broken"
     assert run["perplexity_after"] > 1.0 and run["served_tokens"] > 0 and run["learn_all_forwards"] > 0
     assert run["self_generated_forwards"] == 0  # self_study is off: nothing to report apart
+    # rehearse(): one pass over the four buffered requests in steps of replay_per_step + 1 = 4
+    assert run["rehearse_steps"] == 1 and run["rehearse_forwards"] > 0 and run["rehearsed_perplexity_after"] > 1.0
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), f"run_seed left {name} changed"
@@ -59,6 +62,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert "answer frame" in continual.table(summary)
     assert "probability over the options" in continual.table(summary)
     assert "self-generated data" in continual.table(summary)
+    assert "after rehearse()" in continual.table(summary)
 
 
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
@@ -77,13 +81,27 @@ def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
     model, tokenizer = fresh_smollm
     original = {k: v.clone() for k, v in model.state_dict().items()}
     diagnose_stream = load_bench("diagnose_stream")
-    result = diagnose_stream.diagnose(model, tokenizer, seed=7, companies=1, options={"rank": 8})
+    result = diagnose_stream.diagnose(model, tokenizer, seed=7, companies=1, options={"rank": 8},
+                                      trajectory_every=2, rehearse=True)
     for key in ("floor", "ceiling", "after", "served_floor", "served_after", "immediate", "general_after",
                 "general_framed_after"):
         assert 0.0 <= result[key] <= 1.0, key
     assert len(result["after_by_quarter"]) == 4  # 4 facts, one per quarter
     assert len(result["wrong_is_learned_value"]) == 2  # before -> after (NaN where no pick is wrong)
     assert all(0.0 < p < 1.0 for p in result["answer_probability"]) and len(result["answer_probability"]) == 2
+    # --trajectory 2: the first two facts scored after two requests, all four after four, with the
+    # replay draws counted per fact (steps 1-3 draw up to replay_per_step = 3 of 1, 2, 3 buffered)
+    assert [c["served"] for c in result["trajectory"]] == [2, 4]
+    assert [len(c["accuracy"]) for c in result["trajectory"]] == [2, 4]
+    assert result["replays"] == [3, 2, 1, 0]
+    assert result["trajectory"][-1]["accuracy"] == result["end_by_fact"]
+    # one company: the "next" company is itself, so the swapped questions are the held-out ones
+    assert result["swapped_company"] == [result["floor"], result["after"]]
+    # --rehearse: the same run measured again after one pass over the buffer
+    rehearsal = result["rehearsal"]
+    assert rehearsal["steps"] == 1 and rehearsal["requests"] == 4
+    assert rehearsal["answer_probability"][0] == result["answer_probability"][0]
+    assert 0.0 <= rehearsal["after"] <= 1.0 and rehearsal["perplexity_after"] > 1.0
     assert not hasattr(model, "fastcl")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), f"diagnose left {name} changed"

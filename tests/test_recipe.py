@@ -167,6 +167,66 @@ def test_replay_schedule_replays_each_request_at_its_offsets(monkeypatch):
             patched(replay=8, replay_schedule=wrong)
 
 
+def record_component(monkeypatch, recipe, component) -> list:
+    """The list each accumulate() call of `component` appends its requests to."""
+    seen = []
+    real = recipe.accumulate
+    monkeypatch.setattr(recipe, "accumulate",
+                        lambda items, name: (seen.append(list(items)) if name == component else None)
+                        or real(items, name))
+    return seen
+
+
+def test_rehearse_learns_the_least_replayed_requests_first_and_steps_and_merges(monkeypatch):
+    """rehearse(): each step takes the buffered requests replayed least (oldest first among
+    equals), learns them again, steps and consolidates; by default one pass over the buffer."""
+    _, learner = patched(replay=6, replay_per_step=1)
+    requests = list(zip(rows(40, 6), rows(41, 6)))
+    for prompt, response in requests:
+        learner.learn(prompt, response)
+    buffer = list(learner.recipe.replay)
+    counts_before = [item.replays for item in buffer]
+    assert sum(counts_before) == 5  # steps 1-5 drew one request each (step 0 had an empty buffer)
+    rehearsed = record_component(monkeypatch, learner.recipe, "rehearse")
+    steps, merges = learner.counters.steps, learner.counters.consolidations
+    report = learner.rehearse()
+    assert report.steps == 3 and report.requests == 6  # 6 buffered requests, 2 a step
+    assert learner.counters.steps == steps + 3 and learner.counters.consolidations == merges + 3
+    assert len(report.consolidations) == 3
+    expected = sorted(range(6), key=lambda k: (counts_before[k], k))  # least replayed, then oldest
+    position = {id(item): k for k, item in enumerate(buffer)}
+    assert [position[id(item)] for batch in rehearsed for item in batch] == expected  # each request once
+    assert [item.replays for item in buffer] == [c + 1 for c in counts_before]
+    # steps beyond one pass start the next pass, again least replayed first.
+    rehearsed.clear()
+    learner.rehearse(steps=3, requests_per_step=4)
+    counts = [c + 1 for c in counts_before]
+    second = sorted(range(6), key=lambda k: (counts[k], k))
+    third = sorted(range(6), key=lambda k: (counts[k] + 1, k))
+    assert [[position[id(item)] for item in batch] for batch in rehearsed] == [second[:4], second[4:], third[:4]]
+
+
+def test_rehearse_lowers_the_loss_on_buffered_requests_and_checks_its_arguments():
+    model, learner = patched(replay=8, replay_per_step=1, lr=3e-2)
+    requests = list(zip(rows(42, 4), rows(43, 4)))
+    for prompt, response in requests:
+        learner.learn(prompt, response)
+    before = sum(response_loss(model, p, r) for p, r in requests)
+    learner.rehearse(steps=4)
+    assert sum(response_loss(model, p, r) for p, r in requests) < before
+    for wrong in (0, -1, 1.5, True):
+        with pytest.raises(fastcl.InputError, match="positive integer"):
+            learner.rehearse(steps=wrong)
+        with pytest.raises(fastcl.InputError, match="positive integer"):
+            learner.rehearse(requests_per_step=wrong)
+    _, empty = patched(replay=8)
+    assert empty.rehearse().steps == 0  # nothing buffered: nothing to do
+    _, waiting = patched(replay=8, step_every=0)
+    waiting.learn(*requests[0])
+    with pytest.raises(fastcl.FastclError, match="waiting for their step"):
+        waiting.rehearse()
+
+
 def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
     """Inner steps step on the request's own context gain only (no replay, no anchor) and stop
     once no response token is gain_threshold short of the teacher."""
