@@ -11,7 +11,8 @@ question with its document in context (greedy answer), learns with learner.learn
 measures again closed-book. Forgetting is measured on 124 general-knowledge probes and on
 general-text perplexity (fastcl/data; neither is ever trained on). The multiple-choice items are
 also scored inside an answer frame ("The answer is <option>", fastcl.evaluate.ANSWER_FRAME),
-reported beside the bare score. Costs are per served token, beside a plain no-grad forward over
+reported beside the bare score, and asked about another company of the stream as a control
+(how often the fact's value is picked for a company it does not belong to). Costs are per served token, beside a plain no-grad forward over
 the same tokens.
 """
 
@@ -50,12 +51,15 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
     before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+    swapped = B.swapped_company_items(facts)
+    swapped_before = E.multiple_choice_accuracy(model, tokenizer, swapped)
     in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
     ceiling = in_context["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
     served = B.serve(model, tokenizer, learner, facts)
     forward = B.forward_seconds(model, tokenizer, facts, served.answers)
     after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+    swapped_after = E.multiple_choice_accuracy(model, tokenizer, swapped)
     stats = learner.stats()
     rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact) \
         if rehearse else {}
@@ -77,6 +81,11 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "ceiling_framed": in_context["mc_framed"],
         "after_framed": after["mc_framed"],
         "recovered_framed": B.gap_recovered(after["mc_framed"], before["mc_framed"], in_context["mc_framed"]),
+        # Each fact's held-out questions asked about another company of the stream, with the fact's
+        # options (B.swapped_company_items): picking the fact's value there is its pull on any
+        # question of its kind, not knowledge of which company it belongs to.
+        "swapped_before": swapped_before,
+        "swapped_after": swapped_after,
         "probability_before": before["mc_probability"],  # the answer's softmax share of the option scores
         "probability_after": after["mc_probability"],
         "exact_before": before.get("exact"),
@@ -153,6 +162,8 @@ def table(summary: dict) -> str:
         ("in-context MC (ceiling)", cell("ceiling")),
         ("closed-book MC after learning", cell("after")),
         ("fraction of the gap recovered", cell("recovered")),
+        ("control: the same questions about another company (the fact's value picked), before -> after",
+         change("swapped_before", "swapped_after")),
         ("the same in an answer frame ('The answer is <option>'): floor", cell("floor_framed")),
         ("  ceiling", cell("ceiling_framed")),
         ("  after learning", cell("after_framed")),
@@ -174,7 +185,7 @@ def table(summary: dict) -> str:
         ("consolidations given repair steps (gate_repair)", cell("gate_repaired", "{:.1f}")),
     ]
     if "exact_before" in summary:
-        rows.insert(9, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+        rows.insert(10, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
     if "rehearsed_after" in summary:
         rows += [
             ("after rehearse() (one idle pass over the replay buffer): closed-book MC", cell("rehearsed_after")),

@@ -152,16 +152,6 @@ class Trajectory:
                 "trajectory": self.checkpoints}
 
 
-def swapped_items(facts) -> list[tuple[str, tuple[str, ...], int]]:
-    """Each fact's held-out questions asked about the stream's next company instead (cyclically),
-    with the fact's own options and answer: a pick of the fact's value there is not knowledge of
-    *which* company it belongs to (where the next company's own value happens to be among the
-    options, picking it counts as a miss). With one company, the questions are the fact's own."""
-    companies = list(dict.fromkeys(f.company for f in facts))
-    other = {c: companies[(k + 1) % len(companies)] for k, c in enumerate(companies)}
-    return [(q.replace(f.company, other[f.company]), f.options, f.answer_index) for f in facts for q in f.eval_questions]
-
-
 def states_value(tokenizer, facts, answers) -> list[bool]:
     """Per served answer: does it name the asked value (case-insensitive)."""
     return [fact.value.lower() in tokenizer.decode(answer).lower() for fact, answer in zip(facts, answers)]
@@ -176,7 +166,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     picks, probability_before = held_out_picks(model, tokenizer, facts)
     floor, confused_before = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
-    swapped = swapped_items(facts)
+    swapped = B.swapped_company_items(facts)
     swapped_before = E.multiple_choice_accuracy(model, tokenizer, swapped)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)

@@ -107,5 +107,15 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     return results
 
 
+def swapped_company_items(facts: Sequence[Fact]) -> list[tuple[str, tuple[str, ...], int]]:
+    """Each fact's held-out questions asked about the stream's next company instead (cyclically),
+    with the fact's own options and answer: a pick of the fact's value there is not knowledge of
+    *which* company it belongs to (where the next company's own value happens to be among the
+    options, picking it counts as a miss). With one company, the questions are the fact's own."""
+    companies = list(dict.fromkeys(f.company for f in facts))
+    other = {c: companies[(k + 1) % len(companies)] for k, c in enumerate(companies)}
+    return [(q.replace(f.company, other[f.company]), f.options, f.answer_index) for f in facts for q in f.eval_questions]
+
+
 def gap_recovered(after: float, floor: float, ceiling: float) -> float:
     return (after - floor) / (ceiling - floor) if ceiling > floor else float("nan")

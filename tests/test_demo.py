@@ -51,6 +51,8 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert run["ceiling"] > run["floor"], "the document in context should help: the stream is broken"
     assert run["perplexity_after"] > 1.0 and run["served_tokens"] > 0 and run["learn_all_forwards"] > 0
     assert run["self_generated_forwards"] == 0  # self_study is off: nothing to report apart
+    # one company: the control's "other company" is itself, so it scores the held-out items again
+    assert (run["swapped_before"], run["swapped_after"]) == (run["floor"], run["after"])
     # rehearse(): one pass over the four buffered requests in steps of replay_per_step + 1 = 4
     assert run["rehearse_steps"] == 1 and run["rehearse_forwards"] > 0 and run["rehearsed_perplexity_after"] > 1.0
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
