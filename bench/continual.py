@@ -12,8 +12,8 @@ measures again closed-book. Forgetting is measured on 124 general-knowledge prob
 general-text perplexity (fastcl/data; neither is ever trained on). The multiple-choice items are
 also scored inside an answer frame ("The answer is <option>", fastcl.evaluate.ANSWER_FRAME),
 reported beside the bare score, and asked about another company of the stream as a control
-(how often the fact's value is picked for a company it does not belong to). Costs are per served token, beside a plain no-grad forward over
-the same tokens.
+(how often the fact's value is picked for a company it does not belong to). Costs are per
+served token, beside a plain no-grad forward over the same tokens.
 """
 
 from __future__ import annotations

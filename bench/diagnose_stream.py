@@ -99,13 +99,13 @@ def per_fact_scores(model, tokenizer, facts) -> tuple[list[float], list[float]]:
     """Per fact: held-out accuracy and mean answer probability over its held-out phrasings."""
     items = [(q, f.options, f.answer_index) for f in facts for q in f.eval_questions]
     scores = E.multiple_choice_scores(model, tokenizer, items)
-    accuracy, probability, i = [], [], 0
+    probabilities = [E.answer_probability(row, item[2]) for row, item in zip(scores, items)]
+    per_fact, i = [], 0
     for f in facts:
-        rows, asked = scores[i:i + len(f.eval_questions)], items[i:i + len(f.eval_questions)]
-        accuracy.append(round(E.accuracy_of_scores(rows, asked), 3))
-        probability.append(round(E.mean_answer_probability(rows, asked), 4))
+        per_fact.append(round(sum(probabilities[i:i + len(f.eval_questions)]) / len(f.eval_questions), 4))
         i += len(f.eval_questions)
-    return accuracy, probability
+    accuracy = per_fact_accuracy(facts, [E.best_option(row) for row in scores])
+    return [round(a, 3) for a in accuracy], per_fact
 
 
 class Trajectory:
