@@ -109,30 +109,24 @@ def per_fact_scores(model, tokenizer, facts) -> tuple[list[float], list[float]]:
 
 
 class Trajectory:
-    """--trajectory: counts replay draws per fact and the gate's verdicts per request, and scores
-    every served fact every `every` requests. Attached to a learner by wrapping its recipe's
-    replay draw; the learner's own behaviour is unchanged (the same draws, in the same order)."""
+    """--trajectory: keeps each fact's request as the learner holds it (whose `replays` the recipe
+    counts) and the gate's verdicts per request, and scores every served fact every `every`
+    requests. It only reads the learner, so the learner's draws and figures are unchanged."""
 
     def __init__(self, model, tokenizer, facts, learner, every: int):
         self.model, self.tokenizer, self.facts, self.every = model, tokenizer, facts, every
         self.learner, self.recipe = learner, learner.recipe
-        self.replays = [0] * len(facts)
-        self.index_of: dict[int, int] = {}  # id(Interaction) -> fact index
+        self.requests: list = []  # per fact served, its Interaction (None without a replay buffer)
         self.checkpoints: list[dict] = []
         self.gate_events: list[list[int]] = []  # [request index, refusals, halvings] where either moved
-        draw = self.recipe._replay_sample
 
-        def counted_draw():
-            chosen = draw()
-            for item in chosen:
-                self.replays[self.index_of[id(item)]] += 1
-            return chosen
-
-        self.recipe._replay_sample = counted_draw
+    @property
+    def replays(self) -> list[int]:
+        return [item.replays if item is not None else 0 for item in self.requests]
 
     def after_learn(self, index: int, counters_before: tuple[int, int]) -> None:
-        if self.recipe.replay:  # step_every=1: the request just learned is the buffer's newest
-            self.index_of[id(self.recipe.replay[-1])] = index
+        # step_every=1: the request just learned is the buffer's newest
+        self.requests.append(self.recipe.replay[-1] if self.recipe.replay else None)
         counters = self.learner.counters
         moved = (counters.gate_refusals - counters_before[0], counters.gate_halved - counters_before[1])
         if any(moved):
@@ -140,15 +134,16 @@ class Trajectory:
         if (index + 1) % self.every == 0:
             accuracy, probability = per_fact_scores(self.model, self.tokenizer, self.facts[:index + 1])
             self.checkpoints.append({"served": index + 1, "accuracy": accuracy, "probability": probability,
-                                     "replays": list(self.replays[:index + 1])})
+                                     "replays": self.replays})
 
     def summary(self, end_accuracy: list[float]) -> dict:
+        """Taken at the stream's end, before any rehearse() adds replays of its own."""
         buckets = {"0": (0, 0), "1-2": (1, 2), "3-5": (3, 5), "6+": (6, 10 ** 9)}
-        by_replays = {}
+        replays, by_replays = self.replays, {}
         for name, (low, high) in buckets.items():
-            chosen = [a for a, r in zip(end_accuracy, self.replays) if low <= r <= high]
+            chosen = [a for a, r in zip(end_accuracy, replays) if low <= r <= high]
             by_replays[name] = [len(chosen), round(sum(chosen) / len(chosen), 3) if chosen else None]
-        return {"end_by_replays": by_replays, "replays": self.replays, "gate_events": self.gate_events,
+        return {"end_by_replays": by_replays, "replays": replays, "gate_events": self.gate_events,
                 "trajectory": self.checkpoints}
 
 
@@ -210,6 +205,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
         }, after, picks
 
     measured, after, picks = end_of_stream()
+    followed = {"immediate_by_fact": [round(x, 3) for x in immediate], "end_by_fact": after, "end_picks": picks,
+                **trajectory.summary(after)} if trajectory is not None else {}
     rehearsed = {}
     if rehearse:
         start = time.perf_counter()
@@ -225,8 +222,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
         "served_floor": mean(served_floor), "immediate": mean(immediate),
         "served_states_value_by_quarter": by_quarter(states_value(tokenizer, facts, served.answers)),
         **({"base_states_value_by_quarter": by_quarter(base_states)} if base_states is not None else {}),
-        **({"immediate_by_fact": [round(x, 3) for x in immediate], "end_by_fact": after, "end_picks": picks,
-            **trajectory.summary(after)} if trajectory is not None else {}),
+        **followed,
         **rehearsed,
     }
 
