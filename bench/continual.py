@@ -12,7 +12,9 @@ measures again closed-book. Forgetting is measured on 124 general-knowledge prob
 general-text perplexity (fastcl/data; neither is ever trained on). The multiple-choice items are
 also scored inside an answer frame ("The answer is <option>", fastcl.evaluate.ANSWER_FRAME),
 reported beside the bare score, and asked about another company of the stream as a control
-(how often the fact's value is picked for a company it does not belong to). Costs are per
+(how often the fact's value is picked for a company it does not belong to), and asked with the
+stream's other learned values of the same attribute as distractors ("binding",
+fastcl.benchmark.binding_items: a hit needs knowing whose value it is). Costs are per
 served token, beside a plain no-grad forward over the same tokens.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -53,6 +56,9 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
     swapped = B.swapped_company_items(facts)
     swapped_before = E.multiple_choice_accuracy(model, tokenizer, swapped)
+    binding = B.binding_items(facts, seed=seed)
+    binding_before = E.multiple_choice_accuracy(model, tokenizer, binding)
+    binding_ceiling = E.multiple_choice_accuracy(model, tokenizer, B.binding_items(facts, in_context=True, seed=seed))
     in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
     ceiling = in_context["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
@@ -60,6 +66,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     forward = B.forward_seconds(model, tokenizer, facts, served.answers)
     after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
     swapped_after = E.multiple_choice_accuracy(model, tokenizer, swapped)
+    binding_after = E.multiple_choice_accuracy(model, tokenizer, binding)
     stats = learner.stats()
     rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact) \
         if rehearse else {}
@@ -86,6 +93,12 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         # question of its kind, not knowledge of which company it belongs to.
         "swapped_before": swapped_before,
         "swapped_after": swapped_after,
+        # The held-out questions with the stream's other learned values of the attribute as the
+        # distractors (B.binding_items): the pull above cancels, a hit needs the value's company.
+        "binding_floor": binding_before,
+        "binding_ceiling": binding_ceiling,
+        "binding_after": binding_after,
+        "binding_recovered": B.gap_recovered(binding_after, binding_before, binding_ceiling),
         "probability_before": before["mc_probability"],  # the answer's softmax share of the option scores
         "probability_after": after["mc_probability"],
         "exact_before": before.get("exact"),
@@ -145,6 +158,9 @@ def summarize(runs: list[dict]) -> dict:
     out = {}
     for k in keys:
         values = [r[k] for r in runs]
+        if any(math.isnan(v) for v in values):  # a gap that does not exist (ceiling <= floor)
+            out[k] = (float("nan"), float("nan"))
+            continue
         out[k] = (statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
     return out
 
@@ -164,6 +180,10 @@ def table(summary: dict) -> str:
         ("fraction of the gap recovered", cell("recovered")),
         ("control: the same questions about another company (the fact's value picked), before -> after",
          change("swapped_before", "swapped_after")),
+        ("binding: distractors are the stream's other learned values of the attribute: floor", cell("binding_floor")),
+        ("  ceiling", cell("binding_ceiling")),
+        ("  after learning", cell("binding_after")),
+        ("  fraction of the gap recovered", cell("binding_recovered")),
         ("the same in an answer frame ('The answer is <option>'): floor", cell("floor_framed")),
         ("  ceiling", cell("ceiling_framed")),
         ("  after learning", cell("after_framed")),
@@ -185,7 +205,7 @@ def table(summary: dict) -> str:
         ("consolidations given repair steps (gate_repair)", cell("gate_repaired", "{:.1f}")),
     ]
     if "exact_before" in summary:
-        rows.insert(10, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+        rows.insert(14, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
     if "rehearsed_after" in summary:
         rows += [
             ("after rehearse() (one idle pass over the replay buffer): closed-book MC", cell("rehearsed_after")),

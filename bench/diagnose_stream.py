@@ -28,6 +28,9 @@ learning: if learning lowers it, learning damages what is served, and so what it
 company, with the fact's options: how often the fact's own value is picked for a company it does
 not belong to. What "after" gains beyond this is knowledge of which company has the value; what
 this gains too is a learned value's pull on any question of its kind.
+"binding" (floor, ceiling, after) asks the held-out questions with the stream's other values of
+the attribute as distractors (fastcl.benchmark.binding_items): all options learned, so a hit
+needs the value's company.
 "wrong_is_learned_value" (before -> after) is the share of wrong held-out picks that are the
 value some other company of the stream has for that attribute: if it rises after learning, the
 model answers with learned values whichever company is asked about (interference).
@@ -163,6 +166,9 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
     swapped = B.swapped_company_items(facts)
     swapped_before = E.multiple_choice_accuracy(model, tokenizer, swapped)
+    binding = B.binding_items(facts, seed=seed)
+    binding_floor = E.multiple_choice_accuracy(model, tokenizer, binding)
+    binding_ceiling = E.multiple_choice_accuracy(model, tokenizer, B.binding_items(facts, in_context=True, seed=seed))
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
     immediate = []
@@ -195,6 +201,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
             "answer_probability": [round(probability_before, 4), round(probability_after, 4)],
             "served_after": mean(E.multiple_choice_hits(model, tokenizer, served_items)),
             "swapped_company": [round(swapped_before, 3), round(E.multiple_choice_accuracy(model, tokenizer, swapped), 3)],
+            "binding": [round(binding_floor, 3), round(binding_ceiling, 3),
+                        round(E.multiple_choice_accuracy(model, tokenizer, binding), 3)],
             "after_by_quarter": by_quarter(after),
             "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
             "perplexity_after": round(E.perplexity(model, tokenizer, E.load_text("general_text.txt")), 2),

@@ -5,6 +5,7 @@ Shared by bench/continual.py (seeds, ablations) and `fastcl demo`."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -115,6 +116,28 @@ def swapped_company_items(facts: Sequence[Fact]) -> list[tuple[str, tuple[str, .
     companies = list(dict.fromkeys(f.company for f in facts))
     other = {c: companies[(k + 1) % len(companies)] for k, c in enumerate(companies)}
     return [(q.replace(f.company, other[f.company]), f.options, f.answer_index) for f in facts for q in f.eval_questions]
+
+
+def binding_items(facts: Sequence[Fact], in_context: bool = False, n_options: int = 5,
+                  seed: int = 0) -> list[tuple[str, tuple[str, ...], int]]:
+    """Each fact's held-out questions with the stream's *other* values of the same attribute as
+    distractors (up to n_options - 1, fewer where the stream has fewer distinct ones): once the
+    stream is learned every option is a learned value, so a learned value's pull on any question
+    of its kind cancels and a hit needs knowing which company the value belongs to. Seeded, so
+    before and after score the same items; with the document in context for the ceiling."""
+    rng = random.Random(seed)
+    values: dict[str, list[str]] = {}
+    for f in facts:
+        if f.value not in values.setdefault(f.attribute, []):
+            values[f.attribute].append(f.value)
+    items = []
+    for f in facts:
+        others = [v for v in values[f.attribute] if v != f.value]
+        options = rng.sample(others, min(n_options - 1, len(others))) + [f.value]
+        rng.shuffle(options)
+        items += [(E.with_context(f.document, q) if in_context else q, tuple(options), options.index(f.value))
+                  for q in f.eval_questions]
+    return items
 
 
 def gap_recovered(after: float, floor: float, ceiling: float) -> float:

@@ -53,6 +53,8 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert run["self_generated_forwards"] == 0  # self_study is off: nothing to report apart
     # one company: the control's "other company" is itself, so it scores the held-out items again
     assert (run["swapped_before"], run["swapped_after"]) == (run["floor"], run["after"])
+    # and the binding items have no other company's value to offer: the answer alone, always a hit
+    assert (run["binding_floor"], run["binding_ceiling"], run["binding_after"]) == (1.0, 1.0, 1.0)
     # rehearse(): one pass over the four buffered requests in steps of replay_per_step + 1 = 4
     assert run["rehearse_steps"] == 1 and run["rehearse_forwards"] > 0 and run["rehearsed_perplexity_after"] > 1.0
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
@@ -65,6 +67,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert "probability over the options" in continual.table(summary)
     assert "self-generated data" in continual.table(summary)
     assert "after rehearse()" in continual.table(summary)
+    assert "binding" in continual.table(summary)
 
 
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
@@ -99,6 +102,7 @@ def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
     assert result["trajectory"][-1]["accuracy"] == result["end_by_fact"]
     # one company: the "next" company is itself, so the swapped questions are the held-out ones
     assert result["swapped_company"] == [result["floor"], result["after"]]
+    assert result["binding"] == [1.0, 1.0, 1.0]  # one company: the answer is the only option
     # --rehearse: the same run measured again after one pass over the buffer
     rehearsal = result["rehearsal"]
     assert rehearsal["steps"] == 1 and rehearsal["requests"] == 4

@@ -95,3 +95,24 @@ def test_paired_difference_compares_recipes_stream_by_stream():
                                                                       [{**r, **stream} for r in theirs]], [18, 19])
     assert report.splitlines()[0] == "{'rank': 64} minus {'rank': 16}, streams [18, 19]:"
     assert "recovered            +0.2000 +- 0.1000" in report and "+0.1000 +0.3000" in report
+
+
+def test_binding_items_offer_only_the_streams_values_of_the_same_attribute():
+    from fastcl.benchmark import binding_items
+
+    facts = F.fact_stream(6, seed=3)
+    items = binding_items(facts, seed=3)
+    assert len(items) == sum(len(f.eval_questions) for f in facts)
+    assert items == binding_items(facts, seed=3), "seeded: before and after must score the same items"
+    questions = [(f, q) for f in facts for q in f.eval_questions]
+    for (fact, question), (prompt, options, answer) in zip(questions, items):
+        assert prompt == question and options[answer] == fact.value
+        assert len(set(options)) == len(options) == 5, "stream 3's six companies have five distinct values of each attribute"
+        values = {f.value for f in facts if f.attribute == fact.attribute}
+        assert set(options) <= values, "a distractor that no company of the stream has is a never-learned value"
+    in_context = binding_items(facts, in_context=True, seed=3)
+    assert [(o, a) for _, o, a in in_context] == [(o, a) for _, o, a in items]
+    assert in_context[0][0].startswith(facts[0].document[:40])
+    # one company: no other value to offer, so the answer stands alone
+    lone = F.fact_stream(1, seed=7)
+    assert all(options == (lone[0].value,) for _, options, _ in binding_items(lone[:1], seed=0))
