@@ -63,6 +63,12 @@ class LearnerConfig:
     # ...counting only tokens taught with at least this much context gain (nats), as rivals and as
     # answers: a value's first pieces gain 4-12 nats, the words around it 0.5-2.5. 0: every taught token.
     contrast_min_gain: float = 0.0
+    # > 0: each learned response is also scored after its student prompt with the entity swapped
+    # for another request's (fastcl.recipe.swapped_prompt), and its learned tokens' log-probability
+    # there is pushed down with this weight: the part of a step that raises a value after any
+    # question of its kind cancels, the part bound to the request's own entity stays. One more
+    # forward and backward per learning pass.
+    swap_negatives: float = 0.0
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -141,6 +147,10 @@ class LearnerConfig:
             raise ValueError(f"contrast_margin is in nats and must be >= 0, got {self.contrast_margin!r}")
         if not self.contrast_min_gain >= 0:
             raise ValueError(f"contrast_min_gain is in nats and must be >= 0, got {self.contrast_min_gain!r}")
+        if not self.swap_negatives >= 0:
+            raise ValueError(f"swap_negatives is a weight and must be >= 0, got {self.swap_negatives!r}")
+        if self.swap_negatives and self.objective != "context_gain":
+            raise ValueError(f"swap_negatives applies to objective='context_gain', got {self.objective!r}")
         if self.contrast_margin and self.objective != "context_gain":
             raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
         if self.grounded is not None and not isinstance(self.grounded, bool):

@@ -27,12 +27,9 @@ from .timing import seconds_since
 BUILTIN_PROBE = "general_text_loglik"
 
 
-def in_context(item) -> torch.Tensor:
-    """Per response token of `item`: does it occur in the context its student prompt lacks (the
-    served prompt without the start and end it shares with the student prompt). Computed once a
-    request and kept on it, since replay asks again."""
-    if item.found_in_context is not None:
-        return item.found_in_context
+def context_span(item) -> tuple[int, int]:
+    """(start, end): the served prompt's tokens [start, len - end) are the context its student
+    prompt lacks (the served prompt less the start and end it shares with the student prompt)."""
     teacher, student = item.teacher, item.student
     start = 0
     while start < min(len(teacher), len(student)) and teacher[start] == student[start]:
@@ -40,9 +37,50 @@ def in_context(item) -> torch.Tensor:
     end = 0
     while end < min(len(teacher), len(student)) - start and teacher[-1 - end] == student[-1 - end]:
         end += 1
-    context = set(teacher[start:len(teacher) - end])
+    return start, end
+
+
+def in_context(item) -> torch.Tensor:
+    """Per response token of `item`: does it occur in the context its student prompt lacks.
+    Computed once a request and kept on it, since replay asks again."""
+    if item.found_in_context is not None:
+        return item.found_in_context
+    start, end = context_span(item)
+    context = set(item.teacher[start:len(item.teacher) - end])
     item.found_in_context = torch.tensor([t in context for t in item.response], dtype=torch.bool)
     return item.found_in_context
+
+
+def entity_span(item) -> Optional[tuple[int, int]]:
+    """The student prompt's longest run of at least two tokens that also occurs, in order, in the
+    removed context: in practice the name of what the question is about, which a question shares
+    with its document. (first, past-the-end) in the student prompt, or None; kept on the item."""
+    if item.entity is not None:
+        return item.entity or None
+    start, end = context_span(item)
+    context, student = item.teacher[start:len(item.teacher) - end], item.student
+    best, best_end, run = 0, 0, [0] * (len(context) + 1)  # run[j]: common run ending at context[j - 1]
+    for i in range(start, len(student)):
+        previous, run = run, [0] * (len(context) + 1)
+        for j, token in enumerate(context, 1):
+            if student[i] == token:
+                run[j] = previous[j - 1] + 1
+                if run[j] > best:
+                    best, best_end = run[j], i + 1
+    item.entity = (best_end - best, best_end) if best >= 2 else ()
+    return item.entity or None
+
+
+def swapped_prompt(item, donor) -> Optional[list[int]]:
+    """item's student prompt with its entity (entity_span) replaced by donor's, or None where
+    either has none or both name the same."""
+    own, other = entity_span(item), entity_span(donor)
+    if own is None or other is None:
+        return None
+    name = donor.student[other[0]:other[1]]
+    if name == item.student[own[0]:own[1]]:
+        return None
+    return item.student[:own[0]] + name + item.student[own[1]:]
 
 
 @dataclass
@@ -61,6 +99,7 @@ class Interaction:
     taught: Optional[torch.Tensor] = None
     taught_gain: Optional[torch.Tensor] = None
     found_in_context: Optional[torch.Tensor] = None  # grounded: in_context(), once computed
+    entity: Optional[tuple] = None  # swap_negatives: entity_span(), once computed (() where none)
     step_index: Optional[int] = None  # the scheduled step that learned it first (replay_schedule)
     replays: int = 0  # how often replay (or rehearse()) has learned it again
 
@@ -189,10 +228,13 @@ class Recipe:
         contrast = self._contrast(items) if config.contrast_margin else None
         allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.learns_grounded else None
 
+        learned_masks = []
+
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
                                                      config.gain_threshold, contrast, allowed)
             learned_count.append(int(learned.sum()))
+            learned_masks.append(learned)
             if contrast is not None:
                 sizes = [len(i.response) for i in items]
                 for item, mask, first in zip(items, learned.split(sizes), (gain * learned).split(sizes)):
@@ -208,7 +250,40 @@ class Recipe:
         finally:
             for module in fitting:  # a layer the forward did not reach must not fit later
                 module.fit_positions = None
+        if config.swap_negatives and learned_count[0]:
+            self._push_down_swapped(items, learned_masks[0])
         return learned_count[0]
+
+    def _push_down_swapped(self, items: list[Interaction], learned: torch.Tensor) -> None:
+        """swap_negatives: each request's learned tokens, after its student prompt with the entity
+        swapped for the newest other request's (the step's, then the replay buffer's, newest
+        first), get swap_negatives x their log-probability as loss, so the step lowers them there.
+        The gradient adds to the step's without counting tokens: it steers the step, it is not
+        more to learn."""
+        learner, config = self.learner, self.learner.config
+        donors = [*reversed(self.pending), *reversed(self.replay)]
+        chosen = []
+        for item, mask in zip(items, learned.split([len(i.response) for i in items])):
+            if not mask.any():
+                continue
+            prompt = next((p for p in (swapped_prompt(item, d) for d in donors if d.student is not None)
+                           if p is not None), None)
+            if prompt is not None:
+                chosen.append((prompt, item, mask))
+        if not chosen:
+            return
+        batch = prompt_response_batch([p for p, _, _ in chosen], [i.response for _, i, _ in chosen], 0,
+                                      learner.device)
+        mask = torch.cat([m for _, _, m in chosen]).to(learner.device)
+        weights = torch.tensor([i.weight for _, i, _ in chosen], device=learner.device)
+
+        def loss(logits):
+            logprobs = logits[batch.rows, batch.cols].float().log_softmax(-1)
+            logprobs = logprobs.gather(-1, batch.targets[:, None]).squeeze(-1)
+            return config.swap_negatives * (logprobs * mask * weights[batch.rows]).sum(), logprobs.detach()
+
+        learner._learn_from(lambda: learner.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
+                            loss, n_tokens=0)
 
     def _contrast(self, items: list[Interaction]) -> Contrast:
         """contrast_margin: the tokens other requests were taught with at least contrast_min_gain

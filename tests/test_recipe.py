@@ -734,3 +734,53 @@ def test_contrast_margin_pushes_another_requests_taught_token_below_the_answer()
         patched(contrast_margin=1.0, contrast_min_gain=-1.0)
     with pytest.raises(ValueError, match="contrast_margin applies to objective='context_gain'"):
         patched(contrast_margin=1.0, objective="next_token")
+
+
+def test_entity_span_is_the_longest_run_the_question_shares_with_its_context():
+    from fastcl.recipe import Interaction, entity_span, swapped_prompt
+    head, tail = [1, 2], [5]
+
+    def item(context, question):
+        return Interaction(head + context + question + tail, head + question + tail, [7], 1.0)
+
+    a = item([10, 40, 41, 11, 3], [3, 40, 41, 4])  # shares 3 alone and the run 40 41
+    b = item([50, 51, 52, 12], [6, 50, 51, 52, 4])
+    assert entity_span(a) == (3, 5) and a.entity == (3, 5)  # kept for replay
+    assert swapped_prompt(a, b) == head + [3, 50, 51, 52, 4] + tail
+    assert swapped_prompt(b, a) == head + [6, 40, 41, 4] + tail
+    assert swapped_prompt(a, item([40, 41, 9], [8, 40, 41])) is None  # the same entity: no negative
+    lone = item([10, 11, 12], [3, 10, 4, 12])  # only single tokens shared: no entity found
+    assert entity_span(lone) is None and lone.entity == () and swapped_prompt(a, lone) is None
+
+
+def test_swap_negatives_lowers_the_answer_after_another_entitys_question():
+    """With a buffered request about another entity, the step keeps raising the answer after
+    its own question and lowers it after the same question about the other entity, against the
+    same step without the option; with nothing to swap in, the option changes nothing."""
+    head, tail = [1, 2], [5]
+    own_context, own_question = [10, 40, 41, 11, 12, 13], [3, 40, 41, 4]
+    other_context, other_question = [20, 50, 51, 21], [3, 50, 51, 4]
+    response = [11, 12, 13]
+    teacher, student = head + own_context + own_question + tail, head + own_question + tail
+    swapped = head + other_question + tail
+
+    def learned(weight, buffered=True):
+        model, learner = patched(swap_negatives=weight, gain_threshold=-float("inf"), replay_per_step=0,
+                                 anchor_weight=0.0, lr=3e-2)
+        if buffered:
+            learner.recipe.replay.append(learner.recipe.interactions(
+                head + other_context + other_question + tail, [21], head + other_question + tail, 1.0)[0])
+        before = response_loss(model, student, response), response_loss(model, swapped, response)
+        learner.learn(teacher, response, student)
+        return before, (response_loss(model, student, response), response_loss(model, swapped, response))
+
+    (own_0, swap_0), (own_plain, swap_plain) = learned(0.0)
+    _, (own_neg, swap_neg) = learned(1.0)
+    assert own_plain < own_0 - 0.1 and own_neg < own_0 - 0.05  # the answer is learned either way
+    assert swap_plain < swap_0  # without the option the step raises it after the other question too
+    assert swap_neg > swap_plain + 0.05  # with it, less (or not at all)
+    assert learned(1.0, buffered=False)[1] == pytest.approx(learned(0.0, buffered=False)[1], abs=1e-6)
+    with pytest.raises(ValueError, match="swap_negatives is a weight"):
+        patched(swap_negatives=-1.0)
+    with pytest.raises(ValueError, match="swap_negatives applies to objective='context_gain'"):
+        patched(swap_negatives=1.0, objective="next_token")
