@@ -69,6 +69,10 @@ class LearnerConfig:
     # question of its kind cancels, the part bound to the request's own entity stays. One more
     # forward and backward per learning pass.
     swap_negatives: float = 0.0
+    # ...only at learned tokens with at least this much context gain (nats): the values (4-12
+    # nats), not the words around them (0.5-2.5), which every question of a kind shares and whose
+    # push-down moves general text (at 0, the gate refused nearly every merge; bench/RESULTS.md).
+    swap_min_gain: float = 3.0
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served

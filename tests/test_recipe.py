@@ -756,7 +756,8 @@ def test_entity_span_is_the_longest_run_the_question_shares_with_its_context():
 def test_swap_negatives_lowers_the_answer_after_another_entitys_question():
     """With a buffered request about another entity, the step keeps raising the answer after
     its own question and lowers it after the same question about the other entity, against the
-    same step without the option; with nothing to swap in, the option changes nothing."""
+    same step without the option; with nothing to swap in, or no token above swap_min_gain, the
+    option changes nothing."""
     head, tail = [1, 2], [5]
     own_context, own_question = [10, 40, 41, 11, 12, 13], [3, 40, 41, 4]
     other_context, other_question = [20, 50, 51, 21], [3, 50, 51, 4]
@@ -764,9 +765,9 @@ def test_swap_negatives_lowers_the_answer_after_another_entitys_question():
     teacher, student = head + own_context + own_question + tail, head + own_question + tail
     swapped = head + other_question + tail
 
-    def learned(weight, buffered=True):
-        model, learner = patched(swap_negatives=weight, gain_threshold=-float("inf"), replay_per_step=0,
-                                 anchor_weight=0.0, lr=3e-2)
+    def learned(weight, buffered=True, least=-float("inf")):
+        model, learner = patched(swap_negatives=weight, swap_min_gain=least, gain_threshold=-float("inf"),
+                                 replay_per_step=0, anchor_weight=0.0, lr=3e-2)
         if buffered:
             learner.recipe.replay.append(learner.recipe.interactions(
                 head + other_context + other_question + tail, [21], head + other_question + tail, 1.0)[0])
@@ -780,6 +781,8 @@ def test_swap_negatives_lowers_the_answer_after_another_entitys_question():
     assert swap_plain < swap_0  # without the option the step raises it after the other question too
     assert swap_neg > swap_plain + 0.05  # with it, less (or not at all)
     assert learned(1.0, buffered=False)[1] == pytest.approx(learned(0.0, buffered=False)[1], abs=1e-6)
+    # swap_min_gain: tokens taught with less context gain are not pushed down
+    assert learned(1.0, least=1e9)[1] == pytest.approx((own_plain, swap_plain), abs=1e-6)
     with pytest.raises(ValueError, match="swap_negatives is a weight"):
         patched(swap_negatives=-1.0)
     with pytest.raises(ValueError, match="swap_negatives applies to objective='context_gain'"):
