@@ -70,8 +70,8 @@ class LearnerConfig:
     # forward and backward per learning pass.
     swap_negatives: float = 0.0
     # ...only at learned tokens with at least this much context gain (nats): the values (4-12
-    # nats), not the words around them (0.5-2.5), which every question of a kind shares and whose
-    # push-down moves general text (at 0, the gate refused nearly every merge; bench/RESULTS.md).
+    # nats), not the words around them (0.5-2.5), which every question of a kind shares. Either way
+    # the gate refused most merges on development streams (bench/RESULTS.md): off by default.
     swap_min_gain: float = 3.0
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
