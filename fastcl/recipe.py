@@ -234,7 +234,8 @@ class Recipe:
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
                                                      config.gain_threshold, contrast, allowed)
             learned_count.append(int(learned.sum()))
-            learned_masks.append(learned & (gain >= config.swap_min_gain))
+            if config.swap_negatives:
+                learned_masks.append(learned & (gain >= config.swap_min_gain))
             if contrast is not None:
                 sizes = [len(i.response) for i in items]
                 for item, mask, first in zip(items, learned.split(sizes), (gain * learned).split(sizes)):
@@ -255,12 +256,11 @@ class Recipe:
         return learned_count[0]
 
     def _push_down_swapped(self, items: list[Interaction], learned: torch.Tensor) -> None:
-        """swap_negatives: each request's learned tokens (those with at least swap_min_gain of
-        context gain: `learned`), after its student prompt with the entity
-        swapped for the newest other request's (the step's, then the replay buffer's, newest
-        first), get swap_negatives x their log-probability as loss, so the step lowers them there.
-        The gradient adds to the step's without counting tokens: it steers the step, it is not
-        more to learn."""
+        """swap_negatives: each request's `learned` tokens (those with at least swap_min_gain of
+        context gain), after its student prompt with the entity swapped for the newest other
+        request's (the step's, then the replay buffer's), get swap_negatives x their
+        log-probability as loss, so the step lowers them there. The gradient adds to the step's
+        without counting tokens: it steers the step, it is not more to learn."""
         learner, config = self.learner, self.learner.config
         donors = [*reversed(self.pending), *reversed(self.replay)]
         chosen = []
