@@ -54,19 +54,14 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = fact_stream(companies, seed=seed)
     before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
-    swapped = B.swapped_company_items(facts)
-    swapped_before = E.multiple_choice_accuracy(model, tokenizer, swapped)
-    binding = B.binding_items(facts, seed=seed)
-    binding_before = E.multiple_choice_accuracy(model, tokenizer, binding)
-    binding_ceiling = E.multiple_choice_accuracy(model, tokenizer, B.binding_items(facts, in_context=True, seed=seed))
+    controls = B.Controls.measure(model, tokenizer, facts, seed)
     in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
     ceiling = in_context["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
     served = B.serve(model, tokenizer, learner, facts)
     forward = B.forward_seconds(model, tokenizer, facts, served.answers)
     after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
-    swapped_after = E.multiple_choice_accuracy(model, tokenizer, swapped)
-    binding_after = E.multiple_choice_accuracy(model, tokenizer, binding)
+    swapped_after, binding_after = controls.after(model, tokenizer)
     stats = learner.stats()
     rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact) \
         if rehearse else {}
@@ -91,14 +86,14 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         # Each fact's held-out questions asked about another company of the stream, with the fact's
         # options (B.swapped_company_items): picking the fact's value there is its pull on any
         # question of its kind, not knowledge of which company it belongs to.
-        "swapped_before": swapped_before,
+        "swapped_before": controls.swapped_before,
         "swapped_after": swapped_after,
         # The held-out questions with the stream's other learned values of the attribute as the
         # distractors (B.binding_items): the pull above cancels, a hit needs the value's company.
-        "binding_floor": binding_before,
-        "binding_ceiling": binding_ceiling,
+        "binding_floor": controls.binding_floor,
+        "binding_ceiling": controls.binding_ceiling,
         "binding_after": binding_after,
-        "binding_recovered": B.gap_recovered(binding_after, binding_before, binding_ceiling),
+        "binding_recovered": B.gap_recovered(binding_after, controls.binding_floor, controls.binding_ceiling),
         "probability_before": before["mc_probability"],  # the answer's softmax share of the option scores
         "probability_after": after["mc_probability"],
         "exact_before": before.get("exact"),
@@ -205,7 +200,8 @@ def table(summary: dict) -> str:
         ("consolidations given repair steps (gate_repair)", cell("gate_repaired", "{:.1f}")),
     ]
     if "exact_before" in summary:
-        rows.insert(14, ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+        rows.insert(1 + rows.index(next(r for r in rows if r[0].startswith("the answer's probability"))),
+                    ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
     if "rehearsed_after" in summary:
         rows += [
             ("after rehearse() (one idle pass over the replay buffer): closed-book MC", cell("rehearsed_after")),

@@ -164,11 +164,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     picks, probability_before = held_out_picks(model, tokenizer, facts)
     floor, confused_before = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
-    swapped = B.swapped_company_items(facts)
-    swapped_before = E.multiple_choice_accuracy(model, tokenizer, swapped)
-    binding = B.binding_items(facts, seed=seed)
-    binding_floor = E.multiple_choice_accuracy(model, tokenizer, binding)
-    binding_ceiling = E.multiple_choice_accuracy(model, tokenizer, B.binding_items(facts, in_context=True, seed=seed))
+    controls = B.Controls.measure(model, tokenizer, facts, seed)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
     immediate = []
@@ -196,13 +192,13 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
         after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
         stats = learner.stats()
         probes = E.load_probes()
+        swapped_after, binding_after = controls.after(model, tokenizer)
         return {
             "after": mean(after), "recovered": B.gap_recovered(mean(after), mean(floor), ceiling),
             "answer_probability": [round(probability_before, 4), round(probability_after, 4)],
             "served_after": mean(E.multiple_choice_hits(model, tokenizer, served_items)),
-            "swapped_company": [round(swapped_before, 3), round(E.multiple_choice_accuracy(model, tokenizer, swapped), 3)],
-            "binding": [round(binding_floor, 3), round(binding_ceiling, 3),
-                        round(E.multiple_choice_accuracy(model, tokenizer, binding), 3)],
+            "swapped_company": [round(controls.swapped_before, 3), round(swapped_after, 3)],
+            "binding": [round(controls.binding_floor, 3), round(controls.binding_ceiling, 3), round(binding_after, 3)],
             "after_by_quarter": by_quarter(after),
             "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
             "perplexity_after": round(E.perplexity(model, tokenizer, E.load_text("general_text.txt")), 2),

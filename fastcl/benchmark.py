@@ -140,5 +140,31 @@ def binding_items(facts: Sequence[Fact], in_context: bool = False, n_options: in
     return items
 
 
+@dataclass
+class Controls:
+    """The held-out questions asked two more ways, scored before learning: about another
+    company (swapped_company_items; the fact's value picked) and with the stream's other values
+    as distractors (binding_items: floor, and ceiling with the document in context). after()
+    scores both again."""
+
+    swapped: list
+    binding: list
+    swapped_before: float
+    binding_floor: float
+    binding_ceiling: float
+
+    @classmethod
+    def measure(cls, model, tokenizer, facts: Sequence[Fact], seed: int) -> "Controls":
+        swapped, binding = swapped_company_items(facts), binding_items(facts, seed=seed)
+        in_context = binding_items(facts, in_context=True, seed=seed)
+        scores = [E.multiple_choice_accuracy(model, tokenizer, items) for items in (swapped, binding, in_context)]
+        return cls(swapped, binding, *scores)
+
+    def after(self, model, tokenizer) -> tuple[float, float]:
+        """(control, binding) accuracy of the model as it is now."""
+        return (E.multiple_choice_accuracy(model, tokenizer, self.swapped),
+                E.multiple_choice_accuracy(model, tokenizer, self.binding))
+
+
 def gap_recovered(after: float, floor: float, ceiling: float) -> float:
     return (after - floor) / (ceiling - floor) if ceiling > floor else float("nan")

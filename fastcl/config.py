@@ -12,6 +12,7 @@ OPTIMIZERS = ("adam", "sgd")
 OBJECTIVES = ("context_gain", "distill", "next_token")
 PROJECTIONS = ("random", "whitened")
 BACKWARD_DTYPES = ("auto", "bfloat16", None)
+LEARN_AT = ("all", "entity", "entity_last")
 
 
 @dataclass
@@ -73,6 +74,12 @@ class LearnerConfig:
     # nats), not the words around them (0.5-2.5), which every question of a kind shares. Either way
     # the gate refused most merges on development streams (bench/RESULTS.md): off by default.
     swap_min_gain: float = 3.0
+    # Which positions of a context-gain learning forward the fast weights learn from (the loss and
+    # the backward are unchanged; only grad_B's rows are chosen): "all"; "entity", the student
+    # prompt's entity (fastcl.recipe.entity_span: the run of tokens the question shares with its
+    # removed context), so the update is keyed to what the question is about rather than to the
+    # answer's position; "entity_last", its last token. A request with no entity learns at all.
+    learn_at: str = "all"
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -155,6 +162,10 @@ class LearnerConfig:
             raise ValueError(f"swap_negatives is a weight and must be >= 0, got {self.swap_negatives!r}")
         if self.swap_negatives and self.objective != "context_gain":
             raise ValueError(f"swap_negatives applies to objective='context_gain', got {self.objective!r}")
+        if self.learn_at not in LEARN_AT:
+            raise ValueError(f"learn_at must be one of {LEARN_AT}, got {self.learn_at!r}")
+        if self.learn_at != "all" and self.objective != "context_gain":
+            raise ValueError(f"learn_at={self.learn_at!r} applies to objective='context_gain', got {self.objective!r}")
         if self.contrast_margin and self.objective != "context_gain":
             raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
         if self.grounded is not None and not isinstance(self.grounded, bool):

@@ -70,6 +70,8 @@ class FastLinear(nn.Module):
         self.whitener = whitener.to(device) if whitener is not None else None
         self.fit_positions: Optional[torch.Tensor] = None
         self.fitted = False
+        # learn_at: set by the learner around a learning forward; the rows of x that dB learns from.
+        self.sketch_mask: Optional[torch.Tensor] = None
         # projection_served: the mean whitened input moment of the requests fitted so far (fp64,
         # d_in x d_in, made on the first fit), counted with this weight against general text's.
         self.served_weight = served_weight
@@ -135,7 +137,7 @@ class FastLinear(nn.Module):
             positions, self.fit_positions = self.fit_positions, None
             self.fit_projection(x, positions)
         return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend,
-                              self.dx_dtype)
+                              self.dx_dtype, self.sketch_mask)
 
     def _serving_forward(self, x: torch.Tensor):
         """The backend's forward with W, b, A and B bound, rebuilt whenever one of them may have

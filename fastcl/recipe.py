@@ -99,7 +99,7 @@ class Interaction:
     taught: Optional[torch.Tensor] = None
     taught_gain: Optional[torch.Tensor] = None
     found_in_context: Optional[torch.Tensor] = None  # grounded: in_context(), once computed
-    entity: Optional[tuple] = None  # swap_negatives: entity_span(), once computed (() where none)
+    entity: Optional[tuple] = None  # swap_negatives, learn_at: entity_span(), once computed (() where none)
     step_index: Optional[int] = None  # the scheduled step that learned it first (replay_schedule)
     replays: int = 0  # how often replay (or rehearse()) has learned it again
 
@@ -229,6 +229,7 @@ class Recipe:
         allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.learns_grounded else None
 
         learned_masks = []
+        self._mask_sketches(items, batch)
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
@@ -251,9 +252,28 @@ class Recipe:
         finally:
             for module in fitting:  # a layer the forward did not reach must not fit later
                 module.fit_positions = None
+            for module in learner.modules.values():
+                module.sketch_mask = None
         if config.swap_negatives and learned_count[0]:
             self._push_down_swapped(items, learned_masks[0])
         return learned_count[0]
+
+    def _mask_sketches(self, items: list[Interaction], batch) -> None:
+        """learn_at: every layer's dB learns only from each row's entity positions (all of the
+        row where entity_span finds none)."""
+        learn_at = self.learner.config.learn_at
+        if learn_at == "all":
+            return
+        mask = torch.ones(batch.input_ids.shape, dtype=torch.float32)
+        for row, item in enumerate(items):
+            span = entity_span(item)
+            if span is not None:
+                first, end = span
+                mask[row] = 0.0
+                mask[row, end - 1 if learn_at == "entity_last" else first:end] = 1.0
+        mask = mask.to(self.learner.device)
+        for module in self.learner.modules.values():
+            module.sketch_mask = mask
 
     def _push_down_swapped(self, items: list[Interaction], learned: torch.Tensor) -> None:
         """swap_negatives: each request's `learned` tokens (those with at least swap_min_gain of

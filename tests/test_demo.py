@@ -68,6 +68,10 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert "self-generated data" in continual.table(summary)
     assert "after rehearse()" in continual.table(summary)
     assert "binding" in continual.table(summary)
+    # with exact match, its row follows the answer probability's
+    lines = continual.table({**summary, "exact_before": (0.0, 0.0), "exact_after": (0.25, 0.0)}).splitlines()
+    exact_row = next(i for i, line in enumerate(lines) if "exact match, before -> after" in line)
+    assert "probability over the options" in lines[exact_row - 1]
 
 
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):

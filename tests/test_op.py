@@ -84,6 +84,28 @@ def test_accumulates_across_backward_calls():
     assert_close(grad_B, total, what="accumulated dB")
 
 
+def test_sketch_mask_chooses_the_rows_dB_learns_from_and_changes_nothing_else():
+    """dB = c dY^T (s * m) against the reference's dB over only the masked rows; y and dX as
+    without a mask (dX never reads the sketch)."""
+    x, W, b, A, B = make(7, 24, 10, 3, torch.float32, lead=(2,))
+    mask = torch.zeros(2, 7)
+    mask[0, 2:5] = 1.0
+    mask[1, 6] = 1.0
+    dy = torch.randn(2, 7, 10, generator=torch.Generator().manual_seed(3))
+    results = []
+    for sketch_mask in (None, mask):
+        xi, B_leaf, grad_B = x.clone().requires_grad_(), B.clone().requires_grad_(), torch.zeros(10, 3)
+        y = lowrank_linear(xi, W, b, A, B_leaf, grad_B, 0.5, "torch", sketch_mask=sketch_mask)
+        y.backward(dy)
+        results.append((y.detach(), xi.grad, grad_B))
+    (y_all, dx_all, dB_all), (y_masked, dx_masked, dB_masked) = results
+    assert torch.equal(y_all, y_masked) and torch.equal(dx_all, dx_masked)
+    rows = mask.bool()
+    _, _, dB_rows = run_reference(x[rows], W, b, A, B, 0.5, dy[rows])
+    assert_close(dB_masked, dB_rows, what="dB over the masked rows")
+    assert not torch.allclose(dB_masked, dB_all)
+
+
 def test_gradcheck_float64():
     x, W, b, A, B = make(7, 9, 11, 3, torch.float64)
     x.requires_grad_()

@@ -787,3 +787,37 @@ def test_swap_negatives_lowers_the_answer_after_another_entitys_question():
         patched(swap_negatives=-1.0)
     with pytest.raises(ValueError, match="swap_negatives applies to objective='context_gain'"):
         patched(swap_negatives=1.0, objective="next_token")
+
+
+def test_learn_at_the_entity_learns_from_its_positions_only():
+    """learn_at="entity": dB comes from the entity's rows of the student prompt only (another
+    gradient than learning at every position, still one that learns the answer); a request with
+    no entity learns at every position; the layers' masks are cleared after each pass."""
+    head, tail = [1, 2], [5]
+    teacher, student = head + [10, 40, 41, 11, 12, 13] + [3, 40, 41, 4] + tail, head + [3, 40, 41, 4] + tail
+    lone_teacher, lone_student = head + [10, 11, 12, 13] + [3, 40, 4] + tail, head + [3, 40, 4] + tail
+    response = [11, 12, 13]
+
+    def accumulated(learn_at, prompts=(teacher, student)):
+        model, learner = patched(learn_at=learn_at, gain_threshold=-float("inf"), replay_per_step=0,
+                                 anchor_weight=0.0, step_every=100, consolidate_every=0)
+        learner.learn(prompts[0], response, prompts[1])
+        assert all(m.sketch_mask is None for m in learner.modules.values())
+        return torch.cat([m.grad_B.flatten() for m in learner.modules.values()])
+
+    every, entity, last = accumulated("all"), accumulated("entity"), accumulated("entity_last")
+    assert entity.norm() > 0 and last.norm() > 0
+    assert not torch.allclose(entity, every) and not torch.allclose(last, entity)
+    assert torch.equal(accumulated("entity", (lone_teacher, lone_student)),
+                       accumulated("all", (lone_teacher, lone_student)))
+
+    model, learner = patched(learn_at="entity", gain_threshold=-float("inf"), replay_per_step=0, anchor_weight=0.0,
+                             lr=3e-2)
+    before = response_loss(model, student, response)
+    for _ in range(3):
+        learner.learn(teacher, response, student)
+    assert response_loss(model, student, response) < before - 0.1
+    with pytest.raises(ValueError, match="learn_at must be one of"):
+        patched(learn_at="subject")
+    with pytest.raises(ValueError, match="learn_at='entity' applies to objective='context_gain'"):
+        patched(learn_at="entity", objective="next_token")

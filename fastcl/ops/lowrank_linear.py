@@ -110,8 +110,10 @@ class LowRankLinearFunction(torch.autograd.Function):
     """The eager path: the registered op's forward and backward, without its dispatch overhead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, grad_B, scale, impl, dx_dtype):
+    def forward(ctx, x, weight, bias, A, B, grad_B, scale, impl, dx_dtype, sketch_mask=None):
         y, s = impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
+        if sketch_mask is not None:  # dX never reads s, so this selects only the rows dB learns from
+            s = s * sketch_mask.unsqueeze(-1).to(s.dtype)
         ctx.save_for_backward(s, weight, A, B)
         # State and constants, not activations.
         ctx.grad_B, ctx.scale, ctx.impl, ctx.dx_dtype = grad_B, scale, impl, dx_dtype
@@ -122,7 +124,7 @@ class LowRankLinearFunction(torch.autograd.Function):
         s, weight, A, B = ctx.saved_tensors
         needs_dx = ctx.needs_input_grad[0]
         dx = backward(ctx.impl, dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx, ctx.dx_dtype)
-        return dx, None, None, None, None, None, None, None, None
+        return dx, None, None, None, None, None, None, None, None, None
 
 
 def lowrank_linear(
@@ -135,17 +137,22 @@ def lowrank_linear(
     scale: float,
     backend: str = "auto",
     dx_dtype: Optional[torch.dtype] = None,
+    sketch_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y = x W^T + b + scale (x A^T) B^T; backward adds scale dY^T (x A^T) into grad_B.
 
     weight is (d_out, d_in) (a transposed view is fine), A is (r, d_in) in x's dtype, B and
     grad_B are (d_out, r) fp32. Leading dimensions of x are kept. dx_dtype: the dtype the input
-    gradient's products run in (fastcl.precision), None for x's own.
+    gradient's products run in (fastcl.precision), None for x's own. sketch_mask (x's leading
+    shape): grad_B learns only from the rows it weights; y and dX are unchanged.
     """
     if torch.compiler.is_compiling():
+        if sketch_mask is not None:
+            raise NotImplementedError("sketch_mask (LearnerConfig.learn_at) is eager-only: the registered op "
+                                      "saves the whole sketch")
         y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend, dx_dtype)
         return y
     impl = backends.implementation(backend, x.device)
     if not torch.is_grad_enabled():  # serving: no graph to build
         return impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)[0]
-    return LowRankLinearFunction.apply(x, weight, bias, A, B, grad_B, float(scale), impl, dx_dtype)
+    return LowRankLinearFunction.apply(x, weight, bias, A, B, grad_B, float(scale), impl, dx_dtype, sketch_mask)
