@@ -224,12 +224,14 @@ class Recipe:
         teacher = torch.cat([i.teacher_logprobs.to(learner.device) for i in items])
         weights = torch.tensor([i.weight for i in items], device=learner.device)
         learned_count = []
-        fitting = self._fit_projection_to(batch)
         contrast = self._contrast(items) if config.contrast_margin else None
         allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.learns_grounded else None
 
         learned_masks = []
-        self._mask_sketches(items, batch)
+        sketch_mask = self._sketch_mask(items, batch)
+        fitting = self._fit_projection_to(batch, sketch_mask)
+        for module in learner.modules.values():
+            module.sketch_mask = sketch_mask
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
@@ -258,12 +260,12 @@ class Recipe:
             self._push_down_swapped(items, learned_masks[0])
         return learned_count[0]
 
-    def _mask_sketches(self, items: list[Interaction], batch) -> None:
-        """learn_at: every layer's dB learns only from each row's entity positions (all of the
-        row where entity_span finds none)."""
+    def _sketch_mask(self, items: list[Interaction], batch) -> Optional[torch.Tensor]:
+        """learn_at: the positions of `batch` every layer's dB learns from, each row's entity
+        (all of the row where entity_span finds none); None for learn_at="all"."""
         learn_at = self.learner.config.learn_at
         if learn_at == "all":
-            return
+            return None
         mask = torch.ones(batch.input_ids.shape, dtype=torch.float32)
         for row, item in enumerate(items):
             span = entity_span(item)
@@ -271,9 +273,7 @@ class Recipe:
                 first, end = span
                 mask[row] = 0.0
                 mask[row, end - 1 if learn_at == "entity_last" else first:end] = 1.0
-        mask = mask.to(self.learner.device)
-        for module in self.learner.modules.values():
-            module.sketch_mask = mask
+        return mask.to(self.learner.device)
 
     def _push_down_swapped(self, items: list[Interaction], learned: torch.Tensor) -> None:
         """swap_negatives: each request's `learned` tokens (those with at least swap_min_gain of
@@ -327,10 +327,11 @@ class Recipe:
         positions = torch.cat([strong(i) for i in items]).to(device)
         return Contrast(pool, own[owner], positions, self.learner.config.contrast_margin, least)
 
-    def _fit_projection_to(self, batch) -> list:
+    def _fit_projection_to(self, batch, sketch_mask: Optional[torch.Tensor] = None) -> list:
         """projection="whitened": at the first learn() of a projection epoch (every B zero, nothing
         accumulated), every layer's A is fitted, during the learning forward, to its inputs at the
-        positions that predict response tokens. Returns the layers told to fit."""
+        positions dB learns from: those that predict response tokens, or learn_at's (sketch_mask).
+        Returns the layers told to fit."""
         learner = self.learner
         if learner.config.projection == "random" or learner.counters.tokens_pending:
             return []
@@ -340,7 +341,10 @@ class Recipe:
         if learner.replicas.group is not None:
             raise FastclError("projection='whitened' fits A to each replica's own requests, so replicas would not "
                               "share A; learn with projection='random' across replicas")
-        positions = batch.rows * batch.input_ids.shape[1] + batch.cols
+        if sketch_mask is None:
+            positions = batch.rows * batch.input_ids.shape[1] + batch.cols
+        else:
+            positions = sketch_mask.flatten().nonzero().squeeze(-1)
         for module in modules:
             module.fit_positions = positions
         return modules

@@ -178,3 +178,24 @@ def test_projection_served_needs_the_whitened_projection():
         fastcl.LearnerConfig(projection_served=1.0)
     with pytest.raises(ValueError, match="projection_served must be >= 0"):
         fastcl.LearnerConfig(projection="whitened", projection_served=-1.0)
+
+
+def test_learn_at_the_entity_fits_a_to_the_entity_positions(monkeypatch):
+    """learn_at="entity" with the whitened projection: A is fitted to the inputs dB learns from,
+    the student prompt's entity, not to the positions that predict the response."""
+    from fastcl.layers import FastLinear
+    seen = []
+    fit = FastLinear.fit_projection
+
+    def recording(self, x, positions):
+        seen.append(positions.tolist())
+        return fit(self, x, positions)
+
+    monkeypatch.setattr(FastLinear, "fit_projection", recording)
+    head, tail = [1, 2], [5]
+    teacher, student = head + [10, 40, 41, 11, 12, 13] + [3, 40, 41, 4] + tail, head + [3, 40, 41, 4] + tail
+    for learn_at, expected in (("entity", [3, 4]), ("entity_last", [4]), ("all", [6, 7, 8])):
+        seen.clear()
+        _, learner = whitened(learn_at=learn_at, gain_threshold=-float("inf"))
+        learner.learn(teacher, [11, 12, 13], student)
+        assert len(seen) == len(learner.modules) and all(p == expected for p in seen), learn_at
