@@ -262,11 +262,11 @@ class Recipe:
 
     def _sketch_mask(self, items: list[Interaction], batch) -> Optional[torch.Tensor]:
         """learn_at: the positions of `batch` every layer's dB learns from, each row's entity
-        (all of the row where entity_span finds none); None for learn_at="all"."""
+        (all of the row's tokens where entity_span finds none); None for learn_at="all"."""
         learn_at = self.learner.config.learn_at
         if learn_at == "all":
             return None
-        mask = torch.ones(batch.input_ids.shape, dtype=torch.float32)
+        mask = batch.attention_mask.to("cpu", torch.float32)  # never padding: the whitened fit reads these rows
         for row, item in enumerate(items):
             span = entity_span(item)
             if span is not None:

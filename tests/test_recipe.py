@@ -821,3 +821,18 @@ def test_learn_at_the_entity_learns_from_its_positions_only():
         patched(learn_at="subject")
     with pytest.raises(ValueError, match="learn_at='entity' applies to objective='context_gain'"):
         patched(learn_at="entity", objective="next_token")
+
+
+def test_learn_at_mask_of_a_padded_batch_never_selects_padding():
+    """A row with no entity learns at its own tokens, not at the padding after them."""
+    from fastcl.batching import prompt_response_batch
+    from fastcl.recipe import Interaction
+    head, tail = [1, 2], [5]
+    named = Interaction(head + [10, 40, 41, 11] + [3, 40, 41, 4, 6, 6] + tail, head + [3, 40, 41, 4, 6, 6] + tail,
+                        [11], 1.0)
+    lone = Interaction(head + [10, 11] + [3, 4] + tail, head + [3, 4] + tail, [11], 1.0)
+    batch = prompt_response_batch([named.student, lone.student], [[11], [11]], 0)
+    _, learner = patched(learn_at="entity")
+    mask = learner.recipe._sketch_mask([named, lone], batch)
+    assert mask[0].nonzero().flatten().tolist() == [3, 4]
+    assert mask[1].nonzero().flatten().tolist() == list(range(len(lone.student) + 1))
