@@ -123,21 +123,24 @@ class Gate:
             raise ValueError(f"gate tolerance must be >= 0, got {tolerance}")
         if any(p.name == name for p in self.probes):
             raise ValueError(f"a gate probe named {name!r} already exists")
-        self.probes.append(GateProbe(name, score, tolerance))
-        self.baseline = None  # re-measured with the new probe included
+        self.probes.append(GateProbe(name, score, tolerance))  # its baseline is taken at the next check
 
     def measure_baseline(self, learner) -> None:
-        """Score the committed weights once (the first check, or the first unchecked merge with
-        gate_every > 1: a baseline taken later would already hold that merge's drift)."""
-        if self.baseline is None:
-            with learner.fast_weights_bypassed():
-                self.baseline = {p.name: float(p.score(learner.model)) for p in self.probes}
+        """Score the committed weights once per probe (the first check, or the first unchecked
+        merge with gate_every > 1: a baseline taken later would already hold that merge's drift).
+        A probe added later is measured then; the others keep theirs (a baseline loaded from a
+        state file included), so drift never starts again from a drifted model."""
+        missing = [p for p in self.probes if self.baseline is None or p.name not in self.baseline]
+        if missing:
+            with learner.fast_weights_bypassed(), torch.no_grad():
+                self.baseline = {**(self.baseline or {}), **{p.name: float(p.score(learner.model)) for p in missing}}
 
     def check(self, learner) -> GateResult:
         self.measure_baseline(learner)
         result = GateResult(passed=True)
         for p in self.probes:
-            score = float(p.score(learner.model))
+            with torch.no_grad():  # a user's probe need not say so: no graph is built for a score
+                score = float(p.score(learner.model))
             drop = self.baseline[p.name] - score
             result.scores[p.name] = {"baseline": self.baseline[p.name], "score": score, "drop": drop,
                                      "tolerance": p.tolerance}

@@ -4,6 +4,8 @@ The file holds, per patched layer i, `B.i` and `grad_B.i` (fp32), the optimizer'
 tensors as `optim.i.<key>`, and, when the weights differ from the base model (after a
 consolidation) or when asked, the merged weights as `weight.i`. The metadata holds the config,
 counters, layer names and shapes, and an exact checksum of every patched weight at save time.
+Since version 2 it also holds the recipe's state (fastcl.recipe_state: the replay buffer, the
+schedule, the gate's baselines, the anchor's reference); a version 1 file loads without it.
 
 load() reads and checks everything first and writes only when all of it fits: a file for
 another model, shape, rank or base weights is refused with a message naming the mismatch.
@@ -19,13 +21,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import recipe_state
 from .errors import StateFileError
 
 if TYPE_CHECKING:
     from .learner import Learner
 
 FORMAT = "fastcl-state"
-VERSION = "1"
+VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # 1: no recipe state
 # Must match: B is meaningless under another rank or scale, and optimizer state under another rule.
 _STRUCTURAL = ("rank", "alpha", "optimizer")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -71,6 +75,9 @@ def save(learner: "Learner", path, include_weights: Optional[bool] = None) -> No
         "checksums": json.dumps([weight_checksum(m.weight) for _, m in modules]),
         "b_is_zero": json.dumps([m.b_is_zero for _, m in modules]),
     }
+    recipe_metadata, recipe_tensors = recipe_state.export(learner.recipe)
+    metadata.update(recipe_metadata)
+    tensors.update(recipe_tensors)
     tmp = f"{os.fspath(path)}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under `path`
@@ -89,8 +96,9 @@ def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise StateFileError(f"{path}: not a readable safetensors file (corrupt or truncated?): {exc}") from exc
     if metadata.get("format") != FORMAT:
         raise StateFileError(f"{path}: not a fastcl state file (format tag {metadata.get('format')!r})")
-    if metadata.get("version") != VERSION:
-        raise StateFileError(f"{path}: state format version {metadata.get('version')!r}; this fastcl reads {VERSION!r}")
+    if metadata.get("version") not in READABLE_VERSIONS:
+        raise StateFileError(f"{path}: state format version {metadata.get('version')!r}; this fastcl reads "
+                             f"{', '.join(map(repr, READABLE_VERSIONS))}")
     return tensors, metadata
 
 
@@ -158,6 +166,8 @@ def load(learner: "Learner", path) -> None:
             )
         staged.append(entry)
 
+    staged_recipe = recipe_state.stage(learner.recipe, metadata, tensors, path)
+
     from .learner import Counters
 
     try:
@@ -190,3 +200,4 @@ def load(learner: "Learner", path) -> None:
             if entry["optim"]:
                 optimizer_state["state"][i] = entry["optim"]
     learner.optimizer.load_state_dict(optimizer_state)
+    recipe_state.apply(learner.recipe, staged_recipe)

@@ -1,0 +1,152 @@
+"""save()/load() carry the recipe's state: a learner restarted from a file goes on learning as
+the saved one would have (replay buffer, schedule, random draws, the gate's baselines, the
+anchor's reference), and a damaged recipe state is refused with nothing changed."""
+
+from dataclasses import fields
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import fastcl
+from fastcl import recipe_state
+from fastcl.guard import Anchor
+from fastcl.recipe import Interaction
+from helpers import VOCAB, tiny_model
+
+
+def rows(seed, n, low=3, high=9):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def guarded(model):
+    """A learner with everything the recipe keeps between calls: a replay buffer sampled at
+    random, an anchor (set by hand: patch() wants a tokenizer for the shipped text), a gate with
+    a probe that tracks drift from the model at its first check, steps every second call."""
+    learner = fastcl.patch(model, rank=4, lr=1e-2, grounded=False, gain_threshold=-1.0, step_every=2,
+                           consolidate_every=1, replay=6, replay_per_step=2)
+    learner.config.anchor_weight = 1.0
+    learner.recipe.anchor = Anchor(rows(40, 1, low=45, high=46)[0], window=16, top_k=8)
+    learner.add_probe(lambda m: -float(m(torch.tensor([rows(41, 1, low=20, high=21)[0]])).logits.float().std()),
+                      tolerance=10.0, name="spread")
+    return learner
+
+
+def requests(seed, n):
+    return list(zip(rows(seed, n, 6, 12), rows(seed + 1, n), rows(seed + 2, n, 3, 6)))  # teacher, student, response
+
+
+def serve(learner, stream):
+    for teacher, student, response in stream:
+        learner.learn(teacher, response, student)
+
+
+def test_every_interaction_field_is_saved_or_derived():
+    """A field added to Interaction must be saved, or declared derived (recomputed on use)."""
+    known = {*recipe_state.TOKEN_FIELDS, *recipe_state.PER_TOKEN_FIELDS, *recipe_state.SCALAR_FIELDS,
+             *recipe_state.DERIVED_FIELDS}
+    assert {f.name for f in fields(Interaction)} == known
+
+
+def test_a_learner_restarted_from_its_file_continues_as_if_never_stopped(tmp_path):
+    model = tiny_model("llama")
+    learner = guarded(model)
+    serve(learner, requests(50, 9))  # odd: one request waits for its step
+    assert len(learner.recipe.pending) == 1 and len(learner.recipe.replay) == 6  # the buffer is full
+    assert learner.counters.consolidations == 4 and learner.recipe.gate.baseline is not None
+    path = tmp_path / "state.safetensors"
+    learner.save(path)
+
+    later = requests(60, 7)
+    serve(learner, later)
+    expected = {n: (m.weight.detach().clone(), m.B.detach().clone()) for n, m in learner.modules.items()}
+
+    fresh = guarded(tiny_model("llama"))  # the base weights: the file holds the merged ones
+    fresh.load(path)
+    assert fresh.recipe.gate.baseline == pytest.approx(
+        {"spread": learner.recipe.gate.baseline["spread"]}, abs=0)  # the start model's, not the loaded one's
+    serve(fresh, later)
+    for name, module in fresh.modules.items():
+        weight, fast = expected[name]
+        assert torch.equal(module.weight, weight), f"{name}: the weights differ after the same requests"
+        assert torch.equal(module.B, fast), name
+    assert [i.replays for i in fresh.recipe.replay] == [i.replays for i in learner.recipe.replay]
+
+
+def test_without_the_recipe_state_the_restart_takes_the_drifted_model_as_its_reference(tmp_path):
+    """What the saved state prevents: a version 1 file (no recipe state) still loads, and then the
+    gate's baseline is taken from the loaded, already-changed weights."""
+    learner = guarded(tiny_model("llama"))
+    serve(learner, requests(50, 8))
+    path, old = tmp_path / "state.safetensors", tmp_path / "v1.safetensors"
+    learner.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "recipe"}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.split(".")[0] not in ("replay", "pending",
+                                                                                              "anchor")}
+    save_file(tensors, str(old), metadata={**metadata, "version": "1"})
+    fresh = guarded(tiny_model("llama"))
+    fresh.load(old)
+    assert not fresh.recipe.replay and fresh.recipe.gate.baseline is None
+    fresh.recipe.check_gate(skip=True)
+    assert fresh.recipe.gate.baseline["spread"] != learner.recipe.gate.baseline["spread"]
+
+
+def rewrite(path, out, change):
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    change(metadata, tensors)
+    save_file(tensors, str(out), metadata=metadata)
+
+
+def damage_tokens(metadata, tensors):
+    tensors["replay.0.response"] = torch.tensor([VOCAB + 5])
+
+
+def damage_logprobs(metadata, tensors):
+    tensors["replay.1.teacher_logprobs"] = tensors["replay.1.teacher_logprobs"][:-1]
+
+
+def damage_anchor(metadata, tensors):
+    del tensors["anchor.0.probs"]
+
+
+def damage_schedule(metadata, tensors):
+    metadata["recipe"] = metadata["recipe"].replace('"requests_seen": 8', '"requests_seen": -1')
+
+
+@pytest.mark.parametrize("damage, message", [
+    (damage_tokens, "replay.0.response holds token ids outside the vocabulary"),
+    (damage_logprobs, "replay.1.teacher_logprobs has shape"),
+    (damage_anchor, "anchor.0.probs is missing"),
+    (damage_schedule, "requests_seen must be an integer >= 0"),
+])
+def test_a_damaged_recipe_state_is_refused_and_nothing_changes(tmp_path, damage, message):
+    learner = guarded(tiny_model("llama"))
+    serve(learner, requests(50, 8))
+    path, bad = tmp_path / "state.safetensors", tmp_path / "bad.safetensors"
+    learner.save(path)
+    rewrite(path, bad, damage)
+
+    other = guarded(tiny_model("llama"))
+    serve(other, requests(70, 3))
+    before = {n: (m.weight.detach().clone(), m.B.detach().clone()) for n, m in other.modules.items()}
+    replay, baseline = list(other.recipe.replay), dict(other.recipe.gate.baseline)
+    with pytest.raises(fastcl.StateFileError, match=message):
+        other.load(bad)
+    assert list(other.recipe.replay) == replay and other.recipe.gate.baseline == baseline
+    for name, module in other.modules.items():
+        assert torch.equal(module.weight, before[name][0]) and torch.equal(module.B, before[name][1]), name
+
+
+def test_a_probe_added_later_keeps_the_others_baselines():
+    learner = guarded(tiny_model("llama"))
+    serve(learner, requests(50, 4))
+    first = dict(learner.recipe.gate.baseline)
+    learner.add_probe(lambda m: 0.0, tolerance=1.0, name="constant")
+    serve(learner, requests(80, 2))
+    assert learner.recipe.gate.baseline == {**first, "constant": 0.0}
