@@ -86,8 +86,10 @@ def stage(recipe, metadata: dict, tensors: dict[str, torch.Tensor], path) -> Opt
     return Staged(meta, queues, _anchor_targets(recipe, meta, tensors, path))
 
 
-def apply(recipe, staged: Optional[Staged]) -> None:
-    """Write a staged state into the recipe (never raises on a staged state)."""
+def apply(recipe, staged: Optional[Staged], traffic: bool = True) -> None:
+    """Write a staged state into the recipe (never raises on a staged state). traffic=False
+    leaves the replay buffer and the pending requests empty: a replica restarted from the group's
+    shared file would otherwise replay the saving replica's requests a second time."""
     if staged is None:
         return
     meta, device = staged.meta, recipe.learner.device
@@ -99,8 +101,9 @@ def apply(recipe, staged: Optional[Staged]) -> None:
     # Probes not in the file (added since) are measured at their first check, on the loaded weights.
     recipe.gate.baseline = dict(meta["gate_baseline"]) if meta["gate_baseline"] is not None else None
     recipe.replay.clear()
-    recipe.replay.extend(staged.queues["replay"])  # a smaller buffer here keeps the newest
-    recipe.pending = staged.queues["pending"]
+    if traffic:
+        recipe.replay.extend(staged.queues["replay"])  # a smaller buffer here keeps the newest
+    recipe.pending = staged.queues["pending"] if traffic else []
     if recipe.anchor is not None:
         recipe.anchor.targets = ([(i.to(device), p.to(device)) for i, p in staged.anchor_targets]
                                  if staged.anchor_targets is not None else None)

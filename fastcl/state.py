@@ -200,4 +200,5 @@ def load(learner: "Learner", path) -> None:
             if entry["optim"]:
                 optimizer_state["state"][i] = entry["optim"]
     learner.optimizer.load_state_dict(optimizer_state)
-    recipe_state.apply(learner.recipe, staged_recipe)
+    # In a group the buffer is per replica, as the accumulators are; the rest is the group's.
+    recipe_state.apply(learner.recipe, staged_recipe, traffic=learner.replicas.group is None)

@@ -150,3 +150,21 @@ def test_a_probe_added_later_keeps_the_others_baselines():
     learner.add_probe(lambda m: 0.0, tolerance=1.0, name="constant")
     serve(learner, requests(80, 2))
     assert learner.recipe.gate.baseline == {**first, "constant": 0.0}
+
+
+def test_a_replica_restarted_from_the_group_file_keeps_its_own_traffic(tmp_path, monkeypatch):
+    """In a group the file's replay buffer is the saving replica's: a restarted replica starts
+    with an empty one, and takes the group's schedule, gate baselines and anchor reference."""
+    learner = guarded(tiny_model("llama"))
+    serve(learner, requests(50, 9))
+    path = tmp_path / "shared.safetensors"
+    learner.save(path)
+    replica = guarded(tiny_model("llama"))
+    monkeypatch.setattr(type(replica.replicas), "group", property(lambda self: object()))  # no collectives
+    monkeypatch.setattr(replica.replicas, "after_load", lambda: None)
+    replica.load(path)
+    assert not replica.recipe.replay and not replica.recipe.pending
+    assert replica.recipe.scheduled_steps == learner.recipe.scheduled_steps
+    assert replica.recipe.gate.baseline == learner.recipe.gate.baseline
+    for (indices, probs), (theirs, their_probs) in zip(replica.recipe.anchor.targets, learner.recipe.anchor.targets):
+        assert torch.equal(indices, theirs) and torch.equal(probs, their_probs)
