@@ -78,12 +78,14 @@ def stage(recipe, metadata: dict, tensors: dict[str, torch.Tensor], path) -> Opt
         for key in ("calls_since_step", "steps_since_consolidation", "scheduled_steps", "requests_seen"):
             if not isinstance(meta[key], int) or meta[key] < 0:
                 raise StateFileError(f"{path}: recipe {key} must be an integer >= 0, got {meta[key]!r}")
+        if meta["anchor_next"] is not None and (not isinstance(meta["anchor_next"], int) or meta["anchor_next"] < 0):
+            raise StateFileError(f"{path}: recipe anchor_next must be an integer >= 0, got {meta['anchor_next']!r}")
         baseline = meta["gate_baseline"]
         if baseline is not None and not all(isinstance(v, (int, float)) for v in baseline.values()):
             raise StateFileError(f"{path}: the gate's baseline holds a non-number")
+        return Staged(meta, queues, _anchor_targets(recipe, meta, tensors, path))
     except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
         raise StateFileError(f"{path}: damaged recipe state ({exc!r})") from exc
-    return Staged(meta, queues, _anchor_targets(recipe, meta, tensors, path))
 
 
 def apply(recipe, staged: Optional[Staged], traffic: bool = True) -> None:

@@ -119,11 +119,16 @@ def damage_schedule(metadata, tensors):
     metadata["recipe"] = metadata["recipe"].replace('"requests_seen": 8', '"requests_seen": -1')
 
 
+def damage_json(metadata, tensors):
+    metadata["recipe"] = metadata["recipe"].replace('"anchor_next": ', '"anchor_next": "x", "_": ')
+
+
 @pytest.mark.parametrize("damage, message", [
     (damage_tokens, "replay.0.response holds token ids outside the vocabulary"),
     (damage_logprobs, "replay.1.teacher_logprobs has shape"),
     (damage_anchor, "anchor.0.probs is missing"),
     (damage_schedule, "requests_seen must be an integer >= 0"),
+    (damage_json, "anchor_next must be an integer >= 0"),
 ])
 def test_a_damaged_recipe_state_is_refused_and_nothing_changes(tmp_path, damage, message):
     learner = guarded(tiny_model("llama"))
