@@ -63,8 +63,8 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
     swapped_after, binding_after = controls.after(model, tokenizer)
     stats = learner.stats()
-    rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact) \
-        if rehearse else {}
+    rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact,
+                                     controls) if rehearse else {}
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     costs = {k: v / forward for k, v in stats["seconds"].items()}  # in plain forwards of the served tokens
@@ -122,7 +122,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
 
 
 def rehearse_and_measure(model, tokenizer, learner, facts, before: dict, in_context: dict, forward: float,
-                         exact: bool) -> dict:
+                         exact: bool, controls) -> dict:
     """--rehearse: after the stream is measured, one learner.rehearse() (a pass over the replay
     buffer, least replayed first, as a server would while idle), then the same measures again,
     as "rehearsed_*" keys; its cost in plain forwards of the served tokens, apart from learn()'s."""
@@ -131,6 +131,7 @@ def rehearse_and_measure(model, tokenizer, learner, facts, before: dict, in_cont
     report = learner.rehearse()
     seconds = seconds_since(start, E.model_device(model))
     after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+    swapped, binding = controls.after(model, tokenizer)
     return {
         "rehearsed_after": after["mc"],
         "rehearsed_recovered": B.gap_recovered(after["mc"], before["mc"], in_context["mc"]),
@@ -141,6 +142,8 @@ def rehearse_and_measure(model, tokenizer, learner, facts, before: dict, in_cont
         "rehearsed_general_after": after["general"],
         "rehearsed_general_framed_after": after["general_framed"],
         "rehearsed_perplexity_after": after["perplexity"],
+        "rehearsed_swapped_after": swapped,
+        "rehearsed_binding_recovered": B.gap_recovered(binding, controls.binding_floor, controls.binding_ceiling),
         "rehearse_steps": report.steps,
         "rehearse_forwards": seconds / forward,
         "rehearse_gate_refusals": learner.counters.gate_refusals - refusals,
@@ -208,6 +211,8 @@ def table(summary: dict) -> str:
             ("  fraction of the gap recovered", cell("rehearsed_recovered")),
             ("  the same in the answer frame", cell("rehearsed_recovered_framed")),
             ("  the answer's probability over the options", cell("rehearsed_probability_after")),
+            ("  control (another company's questions)", cell("rehearsed_swapped_after")),
+            ("  binding: fraction of the gap recovered", cell("rehearsed_binding_recovered")),
             ("  general probes (124 MC)", cell("rehearsed_general_after")),
             ("  general-text perplexity", cell("rehearsed_perplexity_after", "{:.2f}")),
             ("  its cost, in plain forwards of the served tokens", cell("rehearse_forwards", "{:.2f}")),
@@ -215,7 +220,8 @@ def table(summary: dict) -> str:
              + " / " + cell("rehearse_gate_halved", "{:.1f}")),
         ]
         if "rehearsed_exact_after" in summary:
-            rows.insert(-5, ("  closed-book exact match", cell("rehearsed_exact_after")))
+            rows.insert(rows.index(next(r for r in rows if r[0] == "  the answer's probability over the options")),
+                        ("  closed-book exact match", cell("rehearsed_exact_after")))
     lines = ["| measure | mean ± spread over seeds |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)

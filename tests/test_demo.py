@@ -57,6 +57,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     assert (run["binding_floor"], run["binding_ceiling"], run["binding_after"]) == (1.0, 1.0, 1.0)
     # rehearse(): one pass over the four buffered requests in steps of replay_per_step + 1 = 4
     assert run["rehearse_steps"] == 1 and run["rehearse_forwards"] > 0 and run["rehearsed_perplexity_after"] > 1.0
+    assert run["rehearsed_swapped_after"] == run["rehearsed_after"]  # the control, rescored after it
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), f"run_seed left {name} changed"
