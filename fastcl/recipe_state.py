@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from .errors import StateFileError
+from .errors import InputError, StateFileError
+from .inputs import check_vocabulary
 from .recipe import Interaction
 
 TOKEN_FIELDS = ("teacher", "student", "response")  # lists of token ids
@@ -124,10 +125,10 @@ def _item(recipe, queue: str, j: int, entry: dict, tensors: dict, path) -> Inter
             continue
         if tensor.dim() != 1 or tensor.dtype != torch.int64 or not tensor.numel():
             raise StateFileError(f"{path}: {prefix}.{name} must be a non-empty row of token ids")
-        low, high = int(tensor.min()), int(tensor.max())
-        if low < 0 or high >= recipe.learner._vocab_size:
-            raise StateFileError(f"{path}: {prefix}.{name} holds token ids outside the vocabulary "
-                                 f"[0, {recipe.learner._vocab_size})")
+        try:
+            check_vocabulary(f"{path}: {prefix}.{name}", tensor, recipe.learner._vocab_size)
+        except InputError as exc:
+            raise StateFileError(str(exc)) from exc
         values[name] = tensor.tolist()
     for name in PER_TOKEN_FIELDS:
         tensor = tensors.get(f"{prefix}.{name}")

@@ -167,6 +167,9 @@ def load(learner: "Learner", path) -> None:
         staged.append(entry)
 
     staged_recipe = recipe_state.stage(learner.recipe, metadata, tensors, path)
+    # In a group the buffer is per replica, as the accumulators are; the rest is the group's.
+    # (Asked before writing: `group` raises if a process group was given and is gone.)
+    own_traffic = learner.replicas.group is None
 
     from .learner import Counters
 
@@ -200,5 +203,4 @@ def load(learner: "Learner", path) -> None:
             if entry["optim"]:
                 optimizer_state["state"][i] = entry["optim"]
     learner.optimizer.load_state_dict(optimizer_state)
-    # In a group the buffer is per replica, as the accumulators are; the rest is the group's.
-    recipe_state.apply(learner.recipe, staged_recipe, traffic=learner.replicas.group is None)
+    recipe_state.apply(learner.recipe, staged_recipe, traffic=own_traffic)
