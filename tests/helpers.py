@@ -17,6 +17,13 @@ TOLERANCES = {
 VOCAB = 97
 
 
+def random_rows(seed, n, low=3, high=9):
+    """n rows of random token ids, each of a random length in [low, high)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
 def assert_close(actual, expected, dtype=None, what="tensor", rtol=None, atol=None):
     """allclose with the dtype's tolerance; on failure name the first bad index and NaN/inf."""
     dtype = dtype or expected.dtype

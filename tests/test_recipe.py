@@ -5,13 +5,7 @@ import pytest
 import torch
 
 import fastcl
-from helpers import VOCAB, assert_same_state, learner_state, tiny_model
-
-
-def rows(seed, n, low=3, high=9):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+from helpers import VOCAB, assert_same_state, learner_state, random_rows as rows, tiny_model
 
 
 def patched(**kw):
