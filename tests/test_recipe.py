@@ -830,3 +830,100 @@ def test_learn_at_mask_of_a_padded_batch_never_selects_padding():
     mask = learner.recipe._sketch_mask([named, lone], batch)
     assert mask[0].nonzero().flatten().tolist() == [3, 4]
     assert mask[1].nonzero().flatten().tolist() == list(range(len(lone.student) + 1))
+
+
+def anchor_loss(learner):
+    """The anchor's loss over its whole text: the mean of its windows' mean cross-entropies."""
+    anchor = learner.recipe.anchor
+    anchor.prepare(learner)
+    total = 0.0
+    with torch.no_grad():
+        for window, (ids, probs) in zip(anchor.windows, anchor.targets):
+            logprobs = learner.model(input_ids=torch.tensor([window[:-1]])).logits[0].double().log_softmax(-1)
+            total += float(-(probs.double() * logprobs.gather(-1, ids)).sum(-1).mean())
+    return total / len(anchor.windows)
+
+
+def first_order_drift(learner, eps=1e-3):
+    """d/dt of the anchor's loss with the live update scaled by t, at t = 0 (central difference)."""
+    fast = {n: m.B.detach().clone() for n, m in learner.modules.items()}
+    losses = []
+    for t in (eps, -eps):
+        with torch.no_grad():
+            for n, m in learner.modules.items():
+                m.B.copy_(fast[n] * t)
+        losses.append(anchor_loss(learner))
+    with torch.no_grad():
+        for n, m in learner.modules.items():
+            m.B.copy_(fast[n])
+    return (losses[0] - losses[1]) / (2 * eps)
+
+
+def drifting(restore):
+    """A learner with committed drift (a random update merged), an anchor on a random text, and
+    an update B whose merge would raise the anchor's loss at first order."""
+    from fastcl.guard import Anchor
+
+    model = tiny_model("llama")
+    model.float()
+    learner = fastcl.patch(model, rank=4, lr=1e-2, grounded=False, consolidate_every=0, backward_dtype=None)
+    learner.config.drift_projection, learner.config.drift_restore = True, restore  # by hand: no tokenizer
+    learner.recipe.anchor = Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8)
+    learner.recipe.anchor.prepare(learner)  # the reference: the model before any drift
+    plant(learner, 0.05)
+    learner.consolidate(gate=False)
+    plant(learner, 0.1)
+    if first_order_drift(learner) < 0:
+        with torch.no_grad():
+            for m in learner.modules.values():
+                m.B.neg_()
+    return learner
+
+
+@pytest.mark.parametrize("restore", [0.0, 0.5])
+def test_drift_projection_takes_the_merges_first_order_drift_out(restore):
+    learner = drifting(restore)
+    rise = first_order_drift(learner)
+    with learner.fast_weights_bypassed():
+        kl = anchor_loss(learner) - anchor_loss_at_reference(learner)  # the committed weights' drift
+    assert rise > 0 and kl > 0
+    pending = {n: torch.randn_like(m.grad_B) for n, m in learner.modules.items()}
+    for n, m in learner.modules.items():
+        m.grad_B.copy_(pending[n])
+    learner.counters.tokens_pending = 5
+    learner.recipe.project_off_drift()
+    after = first_order_drift(learner)
+    assert learner.recipe.projected == 1 and learner.stats()["drift_projected"] == 1
+    assert after == pytest.approx(-restore * kl, abs=0.02 * rise), (rise, after)
+    # Accumulated gradients not yet stepped are left as they were.
+    assert learner.counters.tokens_pending == 5
+    assert all(torch.equal(m.grad_B, pending[n]) for n, m in learner.modules.items())
+
+
+def anchor_loss_at_reference(learner):
+    """The anchor's loss of its reference itself: the entropy of the cached targets."""
+    anchor = learner.recipe.anchor
+    return float(sum(float(-(p.double() * p.double().clamp_min(1e-30).log()).sum(-1).mean())
+                     for _, p in anchor.targets) / len(anchor.windows))
+
+
+def test_drift_projection_needs_the_tokenizer_and_a_valid_restore():
+    with pytest.raises(fastcl.PatchError, match="drift_projection need the tokenizer"):
+        patched(drift_projection=True)
+    with pytest.raises(ValueError, match="drift_restore acts through drift_projection"):
+        patched(drift_restore=0.1)
+    with pytest.raises(ValueError, match="drift_restore must be >= 0"):
+        patched(drift_projection=True, drift_restore=-1.0)
+    with pytest.raises(ValueError, match="drift_projection must be True or False"):
+        patched(drift_projection=1)
+
+
+def test_drift_projection_runs_only_while_the_gates_drift_is_near_its_limit():
+    learner = drifting(0.0)
+    learner.config.consolidate_every = 1
+    prompt, response = rows(13, 2)
+    learner.learn(prompt, response)
+    assert "project" not in learner.stats()["tokens_processed"] and learner.counters.consolidations == 2
+    learner.drift_near_limit = True  # what the gate sets when a check used over half a tolerance
+    learner.learn(prompt, response)
+    assert learner.stats()["tokens_processed"]["project"] > 0 and learner.counters.consolidations == 3
