@@ -205,7 +205,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
             "general_after": round(E.multiple_choice_accuracy(model, tokenizer, probes), 3),
             "general_framed_after": round(E.multiple_choice_accuracy(model, tokenizer, probes, frame=E.ANSWER_FRAME), 3),
             "gate_refusals": stats["gate_refusals"], "gate_halved": stats["gate_halved"],
-            "gate_repaired": stats["gate_repaired"], "drift_projected": stats["drift_projected"],
+            "gate_repaired": stats["gate_repaired"],
         }, after, picks
 
     measured, after, picks = end_of_stream()

@@ -107,15 +107,6 @@ class LearnerConfig:
     # out of the live fast weights while what the requests taught stays in them. Then gate_backoff.
     # Needs a tokenizer (the anchor's text); runs only where the gate refuses.
     gate_repair: int = 0
-    # While the gate's last check used over half a tolerance (or refused), each merge's update B
-    # loses its component along the anchor loss's gradient at the committed weights when that
-    # component would raise the anchor's loss (as A-GEM does for an old task): the merge then adds
-    # no drift on general text at first order. drift_restore > 0 also takes this fraction of the
-    # anchor's current KL out at first order (the correction never longer than B itself), so drift
-    # near the limit is pulled back rather than only held. Costs a forward+backward of the anchor
-    # text per merge while near the limit; needs a tokenizer.
-    drift_projection: bool = False
-    drift_restore: float = 0.0
     gate_backoff: int = 2  # a refused update is halved up to this many times, each checked again, before it is dropped
     # The gate scores every gate_every-th merge only (its probe text costs about 4 forwards of a
     # served request), and every merge while its last check used more than half a tolerance. A
@@ -190,14 +181,6 @@ class LearnerConfig:
             raise ValueError(f"self_study_temperature must be positive, got {self.self_study_temperature!r}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
-        if not isinstance(self.drift_projection, bool):
-            raise ValueError(f"drift_projection must be True or False, got {self.drift_projection!r}")
-        if not self.drift_restore >= 0:
-            raise ValueError(f"drift_restore must be >= 0, got {self.drift_restore!r}")
-        if self.drift_restore and not self.drift_projection:
-            raise ValueError("drift_restore acts through drift_projection: set drift_projection=True")
-        if self.drift_projection and self.gate_tolerance is None:
-            raise ValueError("drift_projection acts while the gate's drift is near its limit: it needs gate_tolerance")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:
             raise ValueError(f"gate_tolerance must be >= 0 or None, got {self.gate_tolerance!r}")
         if self.projection not in PROJECTIONS:

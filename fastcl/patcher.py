@@ -138,8 +138,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
                                     ("gate_tolerance", config.gate_tolerance is not None),
                                     ("protect_directions", config.protect_directions > 0),
                                     ("projection", config.projection == "whitened"),
-                                    ("gate_repair", config.gate_repair > 0),
-                                    ("drift_projection", config.drift_projection)) if on]
+                                    ("gate_repair", config.gate_repair > 0)) if on]
     explicit = [name for name in wanted if name in options]
     if explicit:
         raise PatchError(f"{', '.join(explicit)} need the tokenizer: pass patch(model, tokenizer=tok, ...)")

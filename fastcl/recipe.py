@@ -137,12 +137,10 @@ class Recipe:
         self.steps_since_consolidation = 0
         self.scheduled_steps = 0  # scheduled_step() calls so far: the clock of replay_schedule
         self.requests_seen = 0  # seeds each request's self-study samples
-        self.projected = 0  # merges whose update drift_projection changed
         self.costs: dict[str, float] = defaultdict(float)  # seconds per component
         self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
         # The anchor's text also serves gate_repair, with or without the anchor term.
-        self.anchor = (Anchor.from_tokenizer(tokenizer)
-                       if config.anchor_weight > 0 or config.gate_repair or config.drift_projection else None)
+        self.anchor = Anchor.from_tokenizer(tokenizer) if config.anchor_weight > 0 or config.gate_repair else None
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
@@ -433,8 +431,6 @@ class Recipe:
         if stepped or self._asynchronous_replica():  # they count rounds, not local steps: all consolidate together
             self.steps_since_consolidation += 1
         if config.consolidate_every and self.steps_since_consolidation >= config.consolidate_every:
-            if config.drift_projection and learner.drift_near_limit:
-                self.project_off_drift()
             start, checked = time.perf_counter(), self._gate_seconds()
             consolidation = learner.consolidate()
             self.costs["consolidate"] += seconds_since(start, learner.device) - (self._gate_seconds() - checked)
@@ -550,50 +546,6 @@ class Recipe:
                 learner.modules[name].grad_B.copy_(grad)
             learner.counters.tokens_pending = pending
         return gate, repairs
-
-    @torch.no_grad()
-    def project_off_drift(self) -> None:
-        """drift_projection: take out of the live update B the part that raises the anchor's loss
-        at first order. The gradient is the anchor's over its whole text at the committed weights
-        (B set to zero for it, then put back), so <g, B> is the merge's first-order drift; where it
-        is positive (or with drift_restore, above -drift_restore x the anchor's KL) B moves along
-        -g just enough to bring it there. Accumulated gradients not yet stepped are kept."""
-        learner, config = self.learner, self.learner.config
-        modules = [m for m in learner.modules.values() if not m.b_is_zero]
-        if not modules:
-            return
-        start = time.perf_counter()
-        update = [m.B.detach().clone() for m in modules]
-        held = {name: m.grad_B.clone() for name, m in learner.modules.items()} if learner.counters.tokens_pending else {}
-        for m in learner.modules.values():
-            m.grad_B.zero_()
-        kl = 0.0
-        try:
-            for m in modules:
-                m.B.zero_()
-            for _ in self.anchor.windows:  # a full cycle: the anchor term's own order is unchanged
-                window_kl, tokens = self.anchor.accumulate(learner, scale=1.0 / len(self.anchor.windows))
-                kl += window_kl / len(self.anchor.windows)
-                self.tokens["project"] += tokens
-            gradient = [m.grad_B.clone() for m in modules]
-        finally:
-            for m, b in zip(modules, update):
-                m.B.copy_(b)
-            for m in learner.modules.values():
-                m.grad_B.zero_()
-            for name, grad in held.items():
-                learner.modules[name].grad_B.copy_(grad)
-        rise = sum(float((g * b).sum()) for g, b in zip(gradient, update))  # first-order drift of the merge
-        allowed = -config.drift_restore * max(kl, 0.0)
-        norm_sq = sum(float(g.pow(2).sum()) for g in gradient)
-        if rise > allowed and norm_sq > 0:
-            coefficient = (rise - allowed) / norm_sq
-            update_norm = sum(float(b.pow(2).sum()) for b in update) ** 0.5
-            coefficient = min(coefficient, update_norm / norm_sq**0.5)  # never a correction longer than B
-            for m, g in zip(modules, gradient):
-                m.B.sub_(g, alpha=coefficient)
-            self.projected += 1
-        self.costs["project"] += seconds_since(start, learner.device)
 
     def check_gate(self, skip: bool = False):
         """The gate's verdict on the live fast weights, or None without probes; skip=True (an
