@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from .ops.backends import CHOICES as BACKEND_CHOICES
 
@@ -13,6 +14,15 @@ OBJECTIVES = ("context_gain", "distill", "next_token")
 PROJECTIONS = ("random", "whitened")
 BACKWARD_DTYPES = ("auto", "bfloat16", None)
 LEARN_AT = ("all", "entity", "entity_last")
+
+
+def name_matches(patterns: Iterable[str], name: str) -> Optional[str]:
+    """The first pattern that matches the whole qualified name or its last component."""
+    leaf = name.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if re.fullmatch(pattern, name) or re.fullmatch(pattern, leaf):
+            return pattern
+    return None
 
 
 @dataclass
@@ -80,6 +90,9 @@ class LearnerConfig:
     # removed context), so the update is keyed to what the question is about rather than to the
     # answer's position; "entity_last", its last token. A request with no entity learns at all.
     learn_at: str = "all"
+    # Which patched layers learn_at keys (patterns as in targets, matched against the qualified
+    # name or its last part); the others learn at every position. None: every patched layer.
+    learn_at_targets: Optional[Sequence[str]] = None
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -90,6 +103,10 @@ class LearnerConfig:
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
+    # The anchor also holds the reference model's own answers to this many shipped reading chats
+    # (fastcl/data/reading_anchor.jsonl: a passage in context, a question about it), generated once
+    # at its first use: how the model answers from a context, which prose does not exercise.
+    anchor_reading: int = 0
     # A avoids this many leading directions of each layer's input on general text (fastcl.protection;
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
@@ -120,6 +137,8 @@ class LearnerConfig:
             self.targets = [self.targets]
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+        if isinstance(self.learn_at_targets, str):
+            self.learn_at_targets = [self.learn_at_targets]
         self.betas = tuple(self.betas)
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
@@ -164,6 +183,11 @@ class LearnerConfig:
             raise ValueError(f"swap_negatives applies to objective='context_gain', got {self.objective!r}")
         if self.learn_at not in LEARN_AT:
             raise ValueError(f"learn_at must be one of {LEARN_AT}, got {self.learn_at!r}")
+        if not isinstance(self.anchor_reading, int) or isinstance(self.anchor_reading, bool) or self.anchor_reading < 0:
+            raise ValueError(f"anchor_reading counts reading chats and must be an integer >= 0, "
+                             f"got {self.anchor_reading!r}")
+        if self.learn_at_targets is not None and self.learn_at == "all":
+            raise ValueError("learn_at_targets names the layers learn_at keys; set learn_at='entity' or 'entity_last'")
         if self.learn_at != "all" and self.objective != "context_gain":
             raise ValueError(f"learn_at={self.learn_at!r} applies to objective='context_gain', got {self.objective!r}")
         if self.contrast_margin and self.objective != "context_gain":
@@ -210,6 +234,7 @@ class LearnerConfig:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if self.targets is not None else None
         d["exclude"] = list(self.exclude) if self.exclude is not None else None
+        d["learn_at_targets"] = list(self.learn_at_targets) if self.learn_at_targets is not None else None
         d["betas"] = list(self.betas)
         d["replay_schedule"] = list(self.replay_schedule)
         return d

@@ -271,6 +271,45 @@ def test_anchor_pulls_general_behaviour_back_to_the_reference():
     assert sum(held) < 0.5 * sum(drifted)
 
 
+def test_anchor_reading_chats_hold_the_reference_models_own_answers():
+    """With reading prompts, prepare() has the reference model (fast weights bypassed) answer each
+    greedily and puts prompt + answer between the text's windows; the reference distribution is
+    then cached on those windows like on the text's."""
+    from fastcl.guard import Anchor
+
+    model, learner = patched(lr=3e-2, eps=1e-8, consolidate_every=0)
+    text, prompts = rows(12, 1, low=60, high=61)[0], rows(15, 2)
+    learner.learn(*rows(13, 2))  # live fast weights: the answers must still be the reference model's
+    anchor = Anchor(text, window=20, top_k=8, prompts=prompts, eos_token_id=0, answer_tokens=6)
+    assert len(anchor.windows) == 3
+    anchor.prepare(learner)
+    with learner.fast_weights_bypassed(), torch.no_grad():
+        expected = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                   max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=0)[0].tolist()
+                    for p in prompts]
+    assert anchor.windows[1] == expected[0] and anchor.windows[3] == expected[1]
+    assert anchor.windows[::2] == Anchor(text, window=20).windows and len(anchor.windows) == 5
+    assert len(anchor.targets) == 5 and anchor.targets[1][0].shape == (len(expected[0]) - 1, 8)
+    assert not anchor.prompts
+
+
+def test_anchor_reading_counts_the_shipped_chats(smollm):
+    """anchor_reading=n takes the first n shipped reading chats, chat-formatted; more than are
+    shipped, or a negative count, is refused."""
+    from fastcl.guard import reading_prompts
+
+    _, tokenizer = smollm
+    prompts = reading_prompts(tokenizer, 3)
+    assert len(prompts) == 3 and "Danube" in tokenizer.decode(prompts[0])
+    assert tokenizer.decode(prompts[0]).rstrip().endswith("assistant")
+    with pytest.raises(ValueError, match="more reading chats than the 12 shipped"):
+        reading_prompts(tokenizer, 13)
+    with pytest.raises(ValueError, match="anchor_reading counts reading chats"):
+        patched(anchor_reading=-1)
+    with pytest.raises(fastcl.PatchError, match="anchor_reading need the tokenizer"):
+        patched(anchor_reading=2)
+
+
 def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
     model, learner = patched(consolidate_every=0, gate_every=1)  # every merge checked (gate_every: below)
     probe_ids = torch.tensor([rows(14, 1, low=30, high=31)[0]])
@@ -815,6 +854,36 @@ def test_learn_at_the_entity_learns_from_its_positions_only():
         patched(learn_at="subject")
     with pytest.raises(ValueError, match="learn_at='entity' applies to objective='context_gain'"):
         patched(learn_at="entity", objective="next_token")
+
+
+def test_learn_at_targets_keys_only_the_named_layers():
+    """learn_at_targets: the named layers learn at the entity, the others at every position, in
+    the same pass; a pattern that names no patched layer, or one without learn_at, is refused."""
+    head, tail = [1, 2], [5]
+    teacher, student = head + [10, 40, 41, 11, 12, 13] + [3, 40, 41, 4] + tail, head + [3, 40, 41, 4] + tail
+
+    def accumulated(**kw):
+        model, learner = patched(gain_threshold=-float("inf"), replay_per_step=0, anchor_weight=0.0,
+                                 step_every=100, consolidate_every=0, **kw)
+        learner.learn(teacher, [11, 12, 13], student)
+        assert all(m.sketch_mask is None for m in learner.modules.values())
+        return {name: m.grad_B.clone() for name, m in learner.modules.items()}
+
+    every, entity = accumulated(), accumulated(learn_at="entity")
+    mixed = accumulated(learn_at="entity", learn_at_targets=["gate_proj", "up_proj", "down_proj"])
+    mlp = [n for n in mixed if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")]
+    assert mlp and len(mlp) < len(mixed)
+    for name, grad in mixed.items():
+        expected, other = (entity, every) if name in mlp else (every, entity)
+        assert torch.equal(grad, expected[name]), name
+        assert not torch.allclose(grad, other[name]), name
+    model = tiny_model("llama")
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(fastcl.PatchError, match=r"learn_at_targets \['attn'\] match no patched layer"):
+        fastcl.patch(model, learn_at="entity", learn_at_targets=["attn"])
+    assert [n for n, _ in model.named_modules()] == names and not hasattr(model, "fastcl")
+    with pytest.raises(ValueError, match="learn_at_targets names the layers learn_at keys"):
+        patched(learn_at_targets=["up_proj"])
 
 
 def test_learn_at_mask_of_a_padded_batch_never_selects_padding():
