@@ -62,7 +62,7 @@ import torch
 import fastcl
 from fastcl import benchmark as B
 from fastcl import evaluate as E
-from fastcl.facts import fact_stream
+from fastcl.facts import ATTRIBUTES, fact_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import DEFAULT, parse_overrides  # noqa: E402
@@ -187,6 +187,11 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     quarter = max(1, len(facts) // 4)
     by_quarter = lambda xs: [round(mean(xs[i: i + quarter]), 3) for i in range(0, len(xs), quarter)]  # noqa: E731
 
+    def by_attribute(xs: list[float]) -> dict:
+        """Per attribute: founders and years (pools of 900 and 70) rarely meet another learned value
+        among their options, cities and products (pools of 30) often do."""
+        return {a: round(mean([x for x, f in zip(xs, facts) if f.attribute == a]), 3) for a in ATTRIBUTES}
+
     def end_of_stream() -> tuple[dict, list[float], list[int]]:
         picks, probability_after = held_out_picks(model, tokenizer, facts)
         after, confused_after = per_fact_accuracy(facts, picks), wrong_is_learned_value(facts, picks)
@@ -200,6 +205,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
             "swapped_company": [round(controls.swapped_before, 3), round(swapped_after, 3)],
             "binding": [round(controls.binding_floor, 3), round(controls.binding_ceiling, 3), round(binding_after, 3)],
             "after_by_quarter": by_quarter(after),
+            "after_by_attribute": by_attribute(after),
             "wrong_is_learned_value": [round(confused_before, 3), round(confused_after, 3)],
             "perplexity_after": round(E.perplexity(model, tokenizer, E.load_text("general_text.txt")), 2),
             "general_after": round(E.multiple_choice_accuracy(model, tokenizer, probes), 3),
@@ -222,7 +228,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     return {
-        "seed": seed, "floor": mean(floor), "ceiling": ceiling, **measured,
+        "seed": seed, "floor": mean(floor), "floor_by_attribute": by_attribute(floor), "ceiling": ceiling, **measured,
         "served_floor": mean(served_floor), "immediate": mean(immediate),
         "served_states_value_by_quarter": by_quarter(states_value(tokenizer, facts, served.answers)),
         **({"base_states_value_by_quarter": by_quarter(base_states)} if base_states is not None else {}),
