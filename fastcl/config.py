@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from .ops.backends import CHOICES as BACKEND_CHOICES
 
@@ -14,15 +13,6 @@ OBJECTIVES = ("context_gain", "distill", "next_token")
 PROJECTIONS = ("random", "whitened")
 BACKWARD_DTYPES = ("auto", "bfloat16", None)
 LEARN_AT = ("all", "entity", "entity_last")
-
-
-def name_matches(patterns: Iterable[str], name: str) -> Optional[str]:
-    """The first pattern that matches the whole qualified name or its last component."""
-    leaf = name.rsplit(".", 1)[-1]
-    for pattern in patterns:
-        if re.fullmatch(pattern, name) or re.fullmatch(pattern, leaf):
-            return pattern
-    return None
 
 
 @dataclass
@@ -90,9 +80,6 @@ class LearnerConfig:
     # removed context), so the update is keyed to what the question is about rather than to the
     # answer's position; "entity_last", its last token. A request with no entity learns at all.
     learn_at: str = "all"
-    # Which patched layers learn_at keys (patterns as in targets, matched against the qualified
-    # name or its last part); the others learn at every position. None: every patched layer.
-    learn_at_targets: Optional[Sequence[str]] = None
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -137,8 +124,6 @@ class LearnerConfig:
             self.targets = [self.targets]
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
-        if isinstance(self.learn_at_targets, str):
-            self.learn_at_targets = [self.learn_at_targets]
         self.betas = tuple(self.betas)
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
@@ -186,8 +171,6 @@ class LearnerConfig:
         if not isinstance(self.anchor_reading, int) or isinstance(self.anchor_reading, bool) or self.anchor_reading < 0:
             raise ValueError(f"anchor_reading counts reading chats and must be an integer >= 0, "
                              f"got {self.anchor_reading!r}")
-        if self.learn_at_targets is not None and self.learn_at == "all":
-            raise ValueError("learn_at_targets names the layers learn_at keys; set learn_at='entity' or 'entity_last'")
         if self.learn_at != "all" and self.objective != "context_gain":
             raise ValueError(f"learn_at={self.learn_at!r} applies to objective='context_gain', got {self.objective!r}")
         if self.contrast_margin and self.objective != "context_gain":
@@ -234,7 +217,6 @@ class LearnerConfig:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if self.targets is not None else None
         d["exclude"] = list(self.exclude) if self.exclude is not None else None
-        d["learn_at_targets"] = list(self.learn_at_targets) if self.learn_at_targets is not None else None
         d["betas"] = list(self.betas)
         d["replay_schedule"] = list(self.replay_schedule)
         return d

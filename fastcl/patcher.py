@@ -6,13 +6,14 @@ It patches the instance, never the class, so two models in one process never sha
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch.nn as nn
 
 from . import precision, recompute
-from .config import LearnerConfig, name_matches
+from .config import LearnerConfig
 from .distributed import check_process_group
 from .errors import PatchError
 from .layers import LINEAR_TYPES, FastLinear, linear_shape
@@ -33,6 +34,15 @@ class PatchReport:
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def _matches(patterns: Iterable[str], name: str) -> Optional[str]:
+    """The first pattern that matches the whole qualified name or its last component."""
+    leaf = name.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if re.fullmatch(pattern, name) or re.fullmatch(pattern, leaf):
+            return pattern
+    return None
 
 
 def _in_block_list(name: str, module_lists: set[str]) -> bool:
@@ -85,8 +95,8 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
             )
             continue
         d_out, d_in = linear_shape(module)
-        target = name_matches(config.targets, name) if config.targets is not None else None
-        excluded = name_matches(config.exclude, name) if config.exclude is not None else None
+        target = _matches(config.targets, name) if config.targets is not None else None
+        excluded = _matches(config.exclude, name) if config.exclude is not None else None
         if config.targets is not None and target is None:
             reason = "not matched by targets"
         elif config.targets is None and module is output_embedding:
@@ -115,10 +125,6 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
         raise PatchError(f"targets matched no linear layer: {unused}")
     if not report.patched:
         raise PatchError("no layer to patch; the report says why each was skipped:\n" + str(report))
-    keyless = [p for p in (config.learn_at_targets or [])
-               if not any(name_matches([p], name) for name, *_ in report.patched)]
-    if keyless:
-        raise PatchError(f"learn_at_targets {keyless} match no patched layer")
     return report
 
 

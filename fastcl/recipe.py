@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 
 from .batching import as_rows, prompt_response_batch
-from .config import name_matches
 from .errors import FastclError, InputError
 from .guard import Anchor, Gate, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
@@ -143,7 +142,6 @@ class Recipe:
         # The anchor's text also serves gate_repair, with or without the anchor term.
         self.anchor = (Anchor.from_tokenizer(tokenizer, reading=config.anchor_reading)
                        if config.anchor_weight > 0 or config.gate_repair else None)
-        self.keyed = self._keyed_layers()
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
@@ -233,8 +231,8 @@ class Recipe:
         learned_masks = []
         sketch_mask = self._sketch_mask(items, batch)
         fitting = self._fit_projection_to(batch, sketch_mask)
-        for name, module in learner.modules.items():
-            module.sketch_mask = sketch_mask if name in self.keyed else None
+        for module in learner.modules.values():
+            module.sketch_mask = sketch_mask
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
@@ -262,12 +260,6 @@ class Recipe:
         if config.swap_negatives and learned_count[0]:
             self._push_down_swapped(items, learned_masks[0])
         return learned_count[0]
-
-    def _keyed_layers(self) -> set[str]:
-        """The patched layers learn_at keys: learn_at_targets' matches (patch() refused patterns that
-        match none), or every one."""
-        patterns, names = self.learner.config.learn_at_targets, list(self.learner.modules)
-        return set(names) if patterns is None else {n for n in names if name_matches(patterns, n) is not None}
 
     def _sketch_mask(self, items: list[Interaction], batch) -> Optional[torch.Tensor]:
         """learn_at: the positions of `batch` every layer's dB learns from, each row's entity
@@ -350,10 +342,12 @@ class Recipe:
         if learner.replicas.group is not None:
             raise FastclError("projection='whitened' fits A to each replica's own requests, so replicas would not "
                               "share A; learn with projection='random' across replicas")
-        answering = batch.rows * batch.input_ids.shape[1] + batch.cols
-        keyed = answering if sketch_mask is None else sketch_mask.flatten().nonzero().squeeze(-1)
-        for name, module in learner.modules.items():
-            module.fit_positions = keyed if name in self.keyed else answering
+        if sketch_mask is None:
+            positions = batch.rows * batch.input_ids.shape[1] + batch.cols
+        else:
+            positions = sketch_mask.flatten().nonzero().squeeze(-1)
+        for module in modules:
+            module.fit_positions = positions
         return modules
 
     def _accumulate_next_token(self, items: list[Interaction]) -> int:

@@ -856,36 +856,6 @@ def test_learn_at_the_entity_learns_from_its_positions_only():
         patched(learn_at="entity", objective="next_token")
 
 
-def test_learn_at_targets_keys_only_the_named_layers():
-    """learn_at_targets: the named layers learn at the entity, the others at every position, in
-    the same pass; a pattern that names no patched layer, or one without learn_at, is refused."""
-    head, tail = [1, 2], [5]
-    teacher, student = head + [10, 40, 41, 11, 12, 13] + [3, 40, 41, 4] + tail, head + [3, 40, 41, 4] + tail
-
-    def accumulated(**kw):
-        model, learner = patched(gain_threshold=-float("inf"), replay_per_step=0, anchor_weight=0.0,
-                                 step_every=100, consolidate_every=0, **kw)
-        learner.learn(teacher, [11, 12, 13], student)
-        assert all(m.sketch_mask is None for m in learner.modules.values())
-        return {name: m.grad_B.clone() for name, m in learner.modules.items()}
-
-    every, entity = accumulated(), accumulated(learn_at="entity")
-    mixed = accumulated(learn_at="entity", learn_at_targets=["gate_proj", "up_proj", "down_proj"])
-    mlp = [n for n in mixed if n.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")]
-    assert mlp and len(mlp) < len(mixed)
-    for name, grad in mixed.items():
-        expected, other = (entity, every) if name in mlp else (every, entity)
-        assert torch.equal(grad, expected[name]), name
-        assert not torch.allclose(grad, other[name]), name
-    model = tiny_model("llama")
-    names = [n for n, _ in model.named_modules()]
-    with pytest.raises(fastcl.PatchError, match=r"learn_at_targets \['attn'\] match no patched layer"):
-        fastcl.patch(model, learn_at="entity", learn_at_targets=["attn"])
-    assert [n for n, _ in model.named_modules()] == names and not hasattr(model, "fastcl")
-    with pytest.raises(ValueError, match="learn_at_targets names the layers learn_at keys"):
-        patched(learn_at_targets=["up_proj"])
-
-
 def test_learn_at_mask_of_a_padded_batch_never_selects_padding():
     """A row with no entity learns at its own tokens, not at the padding after them."""
     from fastcl.batching import prompt_response_batch
