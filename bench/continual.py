@@ -39,8 +39,7 @@ from fastcl.timing import seconds_since
 
 # The shipped defaults of fastcl.patch() are the recipe under test; --ablation overrides them.
 DEFAULT = {"rank": 16}
-# learner.stats()["seconds"] keys of self-generated data (a written question's replays count as replay)
-SELF_GENERATED = ("self_study_generate", "self_study", "self_questions_generate", "self_questions")
+SELF_GENERATED = ("self_study_generate", "self_study")  # learner.stats()["seconds"] keys of self-generated data
 
 
 def parse_overrides(pairs):
@@ -70,7 +69,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     model.load_state_dict(original)
     costs = {k: v / forward for k, v in stats["seconds"].items()}  # in plain forwards of the served tokens
     first_pass = sum(costs.get(k, 0.0) for k in ("teacher", "learn"))
-    # Self-generated data (self_study, self_questions) is reported apart, as the cost target asks.
+    # Self-generated data (self_study) is reported apart, as the cost target asks.
     self_generated = sum(costs.get(k, 0.0) for k in SELF_GENERATED)
     return {
         "seed": seed,
@@ -197,7 +196,7 @@ def table(summary: dict) -> str:
         ("plain no-grad forward, ms per served token", cell("forward_s_per_token", "{:.2f}", 1e3)),
         ("one-pass learning cost (teacher + student), in plain forwards", cell("learn_cost_forwards", "{:.2f}")),
         ("all of learn() (replay, anchor, gate, merges too), in plain forwards", cell("learn_all_forwards", "{:.2f}")),
-        ("  of which self-generated data (writing questions, sampling answers, learning them)",
+        ("  of which self-generated data (sampling answers, learning them)",
          cell("self_generated_forwards", "{:.2f}")),
         ("consolidations refused by the gate", cell("gate_refusals", "{:.1f}")),
         ("consolidations halved to pass the gate", cell("gate_halved", "{:.1f}")),

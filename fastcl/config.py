@@ -87,11 +87,6 @@ class LearnerConfig:
     self_study: int = 0
     self_study_temperature: float = 0.7
     self_study_tokens: int = 40
-    # Self-generated questions: after each request with a student prompt, the model, with the
-    # request's removed context in view, writes a question about it (fastcl.self_study) and answers
-    # it greedily (up to self_study_tokens each); that question and answer are then learned and
-    # replayed like a served request (needs a tokenizer; costs "self_questions_generate").
-    self_questions: bool = False
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
@@ -176,10 +171,6 @@ class LearnerConfig:
         if not isinstance(self.anchor_reading, int) or isinstance(self.anchor_reading, bool) or self.anchor_reading < 0:
             raise ValueError(f"anchor_reading counts reading chats and must be an integer >= 0, "
                              f"got {self.anchor_reading!r}")
-        if not isinstance(self.self_questions, bool):
-            raise ValueError(f"self_questions must be True or False, got {self.self_questions!r}")
-        if self.self_questions and self.objective != "context_gain":
-            raise ValueError(f"self_questions applies to objective='context_gain', got {self.objective!r}")
         if self.learn_at != "all" and self.objective != "context_gain":
             raise ValueError(f"learn_at={self.learn_at!r} applies to objective='context_gain', got {self.objective!r}")
         if self.contrast_margin and self.objective != "context_gain":

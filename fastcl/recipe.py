@@ -21,7 +21,7 @@ from .errors import FastclError, InputError
 from .guard import Anchor, Gate, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
 from .loss import Contrast, context_gain_loss, next_token_loss_on
-from .self_study import sample_answers, self_question
+from .self_study import sample_answers
 from .timing import seconds_since
 
 BUILTIN_PROBE = "general_text_loglik"
@@ -129,7 +129,6 @@ class Recipe:
 
     def __init__(self, learner, tokenizer=None):
         self.learner = learner
-        self.tokenizer = tokenizer
         config = learner.config
         self.replay: deque[Interaction] = deque(maxlen=config.replay or None)
         self._rng = random.Random(config.seed)
@@ -371,10 +370,8 @@ class Recipe:
         report = LearnReport(requests=len(items), tokens_learned=self.accumulate(items, "learn"))
         if config.self_study and studied:
             self.accumulate(self.self_study(studied), "self_study")
-        written = self.self_questions(studied) if config.self_questions and studied else []
-        self.accumulate(written, "self_questions")
         self.requests_seen += len(items)
-        self.pending += items + written  # a written question is replayed like a served request
+        self.pending += items
         self.calls_since_step += 1
         if config.step_every and self.calls_since_step >= config.step_every:
             report.stepped, report.consolidation = self.scheduled_step()
@@ -392,26 +389,6 @@ class Recipe:
                 extra.append(Interaction(item.teacher, item.student, response, item.weight, logprobs))
         self.costs["self_study_generate"] += seconds_since(start, self.learner.device)
         return extra
-
-    def self_questions(self, items: list[Interaction]) -> list[Interaction]:
-        """Per request, a question the model writes about the request's removed context and its
-        answer with that context in view (fastcl.self_study.self_question), as a request to learn,
-        kept only where the question names something of the context (entity_span); the
-        generation's cost is "self_questions_generate"."""
-        start, written = time.perf_counter(), []
-        for item in items:
-            begin, end = context_span(item)
-            context = self.tokenizer.decode(item.teacher[begin:len(item.teacher) - end], skip_special_tokens=True)
-            if not context.strip():
-                continue
-            made = self_question(self.learner.model, self.tokenizer, context.strip(),
-                                 self.learner.config.self_study_tokens)
-            if made is not None:
-                question = Interaction(*made[:3], item.weight, made[3])
-                if entity_span(question) is not None:  # about something the context names, not "this question"
-                    written.append(question)
-        self.costs["self_questions_generate"] += seconds_since(start, self.learner.device)
-        return written
 
     def scheduled_step(self):
         """passes x (replay + anchor + step), then up to inner_steps on the pending requests alone,

@@ -636,52 +636,6 @@ def test_sampled_answers_end_after_their_first_end_of_sequence_token():
     assert len(cut[0][1]) == len(cut[0][0])
 
 
-def test_first_question_is_cut_at_its_question_mark():
-    from fastcl.self_study import first_question
-
-    assert first_question("Question: What is the main product of X?\n\nOptions: 1.") == "What is the main product of X?"
-    assert first_question('"Who founded the firm?" she asked.') == "Who founded the firm?"
-    assert first_question("The text says nothing.") is None and first_question("Why?") is None
-
-
-class DecodingTokenizer:
-    """Enough of a tokenizer for self_questions: decode() spells token ids out."""
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(f"t{i}" for i in ids)
-
-
-def test_self_questions_are_learned_and_replayed_like_served_requests(monkeypatch):
-    """self_questions: each request's removed context goes to the model, which writes a question
-    and answers it; the pair is learned in the same step and enters the replay buffer, unless the
-    question names nothing of the context."""
-    import fastcl.recipe as recipe_module
-
-    head, tail = [1, 2], [5]
-    teacher, student = head + [10, 40, 41, 11, 12, 13] + [3, 4] + tail, head + [3, 4] + tail
-    seen = []
-
-    def writes(model, tokenizer, context, max_new_tokens):
-        seen.append(context)
-        about = head + [7, 40, 41, 8] + tail if len(seen) == 1 else head + [7, 8] + tail  # the second names nothing
-        return head + [10, 40, 41] + [7, 40, 41, 8] + tail, about, [40, 41, 12], torch.zeros(3)
-
-    monkeypatch.setattr(recipe_module, "self_question", writes)
-    _, learner = patched(tokenizer=DecodingTokenizer(), self_questions=True, anchor_weight=0.0, gate_tolerance=None,
-                         protect_directions=0, gain_threshold=-float("inf"), replay_per_step=0)
-    learner.learn(teacher, [11, 12, 13], student)
-    assert seen == ["t10 t40 t41 t11 t12 t13"]
-    assert [i.student for i in learner.recipe.replay] == [student, head + [7, 40, 41, 8] + tail]
-    assert learner.recipe.replay[1].response == [40, 41, 12] and learner.recipe.requests_seen == 1
-    assert "self_questions_generate" in learner.stats()["seconds"]
-    learner.learn(teacher, [11, 12, 13], student)
-    assert len(learner.recipe.replay) == 3  # the second written question named nothing: dropped
-    with pytest.raises(fastcl.PatchError, match="self_questions need the tokenizer"):
-        patched(self_questions=True)
-    with pytest.raises(ValueError, match="self_questions applies to objective='context_gain'"):
-        patched(self_questions=True, objective="next_token")
-
-
 def test_self_study_options_are_validated():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="self_study learns its samples by context gain"):
