@@ -179,6 +179,8 @@ def load(learner: "Learner", path) -> None:
         raise StateFileError(f"{path}: damaged counters ({exc})") from exc
 
     # Everything is read and checked; now write.
+    if not own_traffic:
+        restored_counters.tokens_pending = 0
     learner.counters = restored_counters
     learner.config.seed = config["seed"]
     learner.config.protect_directions = int(config.get("protect_directions", 0))
@@ -198,7 +200,10 @@ def load(learner: "Learner", path) -> None:
             if "weight" in entry:
                 module.weight.copy_(entry["weight"])
             module.B.copy_(entry["B"])
-            module.grad_B.copy_(entry["grad_B"])
+            if own_traffic:
+                module.grad_B.copy_(entry["grad_B"])
+            else:  # the saver's pending gradient is its own traffic; the group may have stepped on it since
+                module.grad_B.zero_()
             module.b_is_zero = bool(b_is_zero[i])
             if entry["optim"]:
                 optimizer_state["state"][i] = entry["optim"]

@@ -161,12 +161,15 @@ def scenarios(rank, world_size, tmp):
         learner.save(os.path.join(tmp, "stale.safetensors"))
     learner.observe(traffic(1, rank)[0])
     learner.step()
+    learner.observe(traffic(1, rank)[0])  # saved with a pending gradient: rank 0's own, not the group's
     if rank == 0:
         learner.save(os.path.join(tmp, "shared.safetensors"))
     dist.barrier()
     if rank == 2:
         learner = patched()  # a fresh process's learner
         learner.load(os.path.join(tmp, "shared.safetensors"))  # verifies with the group
+        result["loaded_pending"] = (max(float(m.grad_B.abs().max()) for m in learner.modules.values()),
+                                    learner.counters.tokens_pending)
     else:
         learner.verify_replicas()
     result["rejoined"] = True

@@ -102,6 +102,8 @@ def test_a_rank_patched_with_another_seed_is_refused(ranks):
 
 def test_a_rank_restarted_from_the_shared_state_rejoins_in_lockstep(ranks):
     assert all(r["rejoined"] for r in ranks)
+    # The file held rank 0's pending gradient; the restarted rank starts with empty accumulators.
+    assert ranks[2]["loaded_pending"] == (0.0, 0)
     assert ranks[2]["after_recovery"]["refusal"] is None
     assert_identical([r["after_recovery"]["B"] for r in ranks], "B after recovery")
     assert_identical([r["after_recovery"]["W"] for r in ranks], "W after recovery")
