@@ -90,10 +90,6 @@ class LearnerConfig:
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
-    # The anchor also holds the reference model's own answers to this many shipped reading chats
-    # (fastcl/data/reading_anchor.jsonl: a passage in context, a question about it), generated once
-    # at its first use: how the model answers from a context, which prose does not exercise.
-    anchor_reading: int = 0
     # A avoids this many leading directions of each layer's input on general text (fastcl.protection;
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
@@ -168,9 +164,6 @@ class LearnerConfig:
             raise ValueError(f"swap_negatives applies to objective='context_gain', got {self.objective!r}")
         if self.learn_at not in LEARN_AT:
             raise ValueError(f"learn_at must be one of {LEARN_AT}, got {self.learn_at!r}")
-        if not isinstance(self.anchor_reading, int) or isinstance(self.anchor_reading, bool) or self.anchor_reading < 0:
-            raise ValueError(f"anchor_reading counts reading chats and must be an integer >= 0, "
-                             f"got {self.anchor_reading!r}")
         if self.learn_at != "all" and self.objective != "context_gain":
             raise ValueError(f"learn_at={self.learn_at!r} applies to objective='context_gain', got {self.objective!r}")
         if self.contrast_margin and self.objective != "context_gain":

@@ -4,7 +4,7 @@ learning started, and a consolidation gate that refuses merges which make a prob
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -12,7 +12,6 @@ Probe = Callable[[torch.nn.Module], float]  # higher is better
 
 ANCHOR_TEXT = "anchor_text.txt"  # trains the anchor term
 GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
-READING_CHATS = "reading_anchor.jsonl"  # short passages with a question each: the anchor's reading chats
 
 
 def text_ids(tokenizer, name: str) -> list[int]:
@@ -21,54 +20,27 @@ def text_ids(tokenizer, name: str) -> list[int]:
     return tokenizer(load_text(name), add_special_tokens=False)["input_ids"]
 
 
-def reading_prompts(tokenizer, count: int) -> list[list[int]]:
-    """The first `count` reading chats, chat-formatted: a passage, then a question about it."""
-    import json
-
-    from .evaluate import chat_ids, load_text, with_context
-
-    chats = [json.loads(line) for line in load_text(READING_CHATS).splitlines() if line.strip()]
-    if count > len(chats):
-        raise ValueError(f"anchor_reading={count} asks for more reading chats than the {len(chats)} shipped")
-    return [chat_ids(tokenizer, with_context(c["context"], c["question"])) for c in chats[:count]]
-
-
 class Anchor:
     """KL(reference || current) on windows of general text, against the reference model's top-k
     next-token distribution, cached once (the reference is the committed model when the anchor
     is first used, with fast weights bypassed).
 
-    With reading `prompts` (a passage in context and a question), the reference model also
-    answers each once, greedily, and each chat with its answer becomes a window between the
-    text's: the anchor then holds how the model answers from a context, which is what serving
-    with a document needs and what prose alone does not exercise.
-
     The targets are top-k only: the tail beyond k holds little mass and storing it would cost
     vocabulary-sized rows per token.
     """
 
-    def __init__(self, token_ids: list[int], window: int = 64, top_k: int = 32,
-                 prompts: Sequence[list[int]] = (), eos_token_id: Optional[int] = None, answer_tokens: int = 48):
+    def __init__(self, token_ids: list[int], window: int = 64, top_k: int = 32):
         if len(token_ids) < 2:
             raise ValueError("anchor text is too short")
         self.windows = [token_ids[i: i + window + 1] for i in range(0, len(token_ids) - 1, window)]
         self.windows = [w for w in self.windows if len(w) > 1]
-        self.prompts = [list(p) for p in prompts]  # answered, and made windows, by prepare()
-        self.eos_token_id, self.answer_tokens = eos_token_id, answer_tokens
         self.top_k = top_k
         self.targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._next = 0
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, reading: int = 0, **kwargs) -> "Anchor":
-        return cls(text_ids(tokenizer, ANCHOR_TEXT), prompts=reading_prompts(tokenizer, reading) if reading else (),
-                   eos_token_id=tokenizer.eos_token_id, **kwargs)
-
-    def _answered(self, model, prompt: list[int]) -> list[int]:
-        ids = torch.tensor([prompt], device=next(model.parameters()).device)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.answer_tokens,
-                             do_sample=False, pad_token_id=self.eos_token_id, eos_token_id=self.eos_token_id)
-        return prompt + out[0, len(prompt):].tolist()
+    def from_tokenizer(cls, tokenizer, **kwargs) -> "Anchor":
+        return cls(text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
 
     @torch.no_grad()
     def prepare(self, learner) -> None:
@@ -76,11 +48,6 @@ class Anchor:
             return
         self.targets = []
         with learner.fast_weights_bypassed():
-            if self.prompts:
-                chats = [self._answered(learner.model, p) for p in self.prompts]
-                text, self.windows, self.prompts = self.windows, [], []
-                for i in range(max(len(text), len(chats))):
-                    self.windows += text[i: i + 1] + chats[i: i + 1]
             for window in self.windows:
                 logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0]
                 top = logits.float().log_softmax(-1).topk(self.top_k, dim=-1)

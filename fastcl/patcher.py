@@ -135,7 +135,6 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
     if tokenizer is not None:
         return None
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
-                                    ("anchor_reading", config.anchor_reading > 0),
                                     ("gate_tolerance", config.gate_tolerance is not None),
                                     ("protect_directions", config.protect_directions > 0),
                                     ("projection", config.projection == "whitened"),

@@ -56,8 +56,6 @@ def export(recipe) -> tuple[dict, dict[str, torch.Tensor]]:
         meta["anchor_windows"] = len(recipe.anchor.targets)
         for w, (indices, probs) in enumerate(recipe.anchor.targets):
             tensors[f"anchor.{w}.indices"], tensors[f"anchor.{w}.probs"] = indices, probs
-            # The windows too: reading chats hold answers the reference model generated.
-            tensors[f"anchor.{w}.ids"] = torch.tensor(recipe.anchor.windows[w], dtype=torch.int64)
     return {"recipe": json.dumps(meta)}, tensors
 
 
@@ -66,7 +64,6 @@ class Staged:
     meta: dict
     queues: dict[str, list[Interaction]]
     anchor_targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]]
-    anchor_windows: Optional[list[list[int]]] = None
 
 
 def stage(recipe, metadata: dict, tensors: dict[str, torch.Tensor], path) -> Optional[Staged]:
@@ -87,8 +84,7 @@ def stage(recipe, metadata: dict, tensors: dict[str, torch.Tensor], path) -> Opt
         baseline = meta["gate_baseline"]
         if baseline is not None and not all(isinstance(v, (int, float)) for v in baseline.values()):
             raise StateFileError(f"{path}: the gate's baseline holds a non-number")
-        windows = _anchor_windows(recipe, meta, tensors, path)
-        return Staged(meta, queues, _anchor_targets(recipe, meta, tensors, path, windows), windows)
+        return Staged(meta, queues, _anchor_targets(recipe, meta, tensors, path))
     except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
         raise StateFileError(f"{path}: damaged recipe state ({exc!r})") from exc
 
@@ -114,8 +110,6 @@ def apply(recipe, staged: Optional[Staged], traffic: bool = True) -> None:
     if recipe.anchor is not None:
         recipe.anchor.targets = ([(i.to(device), p.to(device)) for i, p in staged.anchor_targets]
                                  if staged.anchor_targets is not None else None)
-        if staged.anchor_windows is not None:
-            recipe.anchor.windows, recipe.anchor.prompts = staged.anchor_windows, []
         recipe.anchor._next = meta["anchor_next"] % len(recipe.anchor.windows) if meta["anchor_next"] else 0
 
 
@@ -154,38 +148,14 @@ def _item(recipe, queue: str, j: int, entry: dict, tensors: dict, path) -> Inter
     return Interaction(**values, weight=weight, step_index=step_index, replays=replays)
 
 
-def _anchor_windows(recipe, meta: dict, tensors: dict, path) -> Optional[list[list[int]]]:
-    """The saved anchor windows (text and answered reading chats), checked against this learner's
-    anchor; None where nothing was saved, or for a file from before windows were saved."""
+def _anchor_targets(recipe, meta: dict, tensors: dict, path):
     count = meta["anchor_windows"]
     if count is None or recipe.anchor is None:  # nothing saved, or no anchor here to use it
         return None
-    expected = len(recipe.anchor.windows) + len(recipe.anchor.prompts)
-    if count != expected:
-        raise StateFileError(f"{path}: the anchor's reference covers {count} windows, this learner's anchor has "
-                             f"{expected} (another tokenizer, anchor_reading or fastcl version?)")
-    if "anchor.0.ids" not in tensors:
-        if recipe.anchor.prompts:
-            raise StateFileError(f"{path}: the file has no anchor windows for this learner's reading chats")
-        return None
-    windows = []
-    for w in range(count):
-        ids = tensors.get(f"anchor.{w}.ids")
-        if ids is None or ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() < 2:
-            raise StateFileError(f"{path}: anchor.{w}.ids is missing or not a row of at least two token ids")
-        try:
-            check_vocabulary(f"{path}: anchor.{w}.ids", ids, recipe.learner._vocab_size)
-        except InputError as exc:
-            raise StateFileError(str(exc)) from exc
-        windows.append(ids.tolist())
-    return windows
-
-
-def _anchor_targets(recipe, meta: dict, tensors: dict, path, windows: Optional[list[list[int]]]):
-    count = meta["anchor_windows"]
-    if count is None or recipe.anchor is None:  # nothing saved, or no anchor here to use it
-        return None
-    windows = windows if windows is not None else recipe.anchor.windows
+    windows = recipe.anchor.windows
+    if count != len(windows):
+        raise StateFileError(f"{path}: the anchor's reference covers {count} windows of general text, this "
+                             f"learner's anchor text has {len(windows)} (another tokenizer or fastcl version?)")
     targets = []
     for w, window in enumerate(windows):
         indices, probs = tensors.get(f"anchor.{w}.indices"), tensors.get(f"anchor.{w}.probs")

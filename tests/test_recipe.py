@@ -271,45 +271,6 @@ def test_anchor_pulls_general_behaviour_back_to_the_reference():
     assert sum(held) < 0.5 * sum(drifted)
 
 
-def test_anchor_reading_chats_hold_the_reference_models_own_answers():
-    """With reading prompts, prepare() has the reference model (fast weights bypassed) answer each
-    greedily and puts prompt + answer between the text's windows; the reference distribution is
-    then cached on those windows like on the text's."""
-    from fastcl.guard import Anchor
-
-    model, learner = patched(lr=3e-2, eps=1e-8, consolidate_every=0)
-    text, prompts = rows(12, 1, low=60, high=61)[0], rows(15, 2)
-    learner.learn(*rows(13, 2))  # live fast weights: the answers must still be the reference model's
-    anchor = Anchor(text, window=20, top_k=8, prompts=prompts, eos_token_id=0, answer_tokens=6)
-    assert len(anchor.windows) == 3
-    anchor.prepare(learner)
-    with learner.fast_weights_bypassed(), torch.no_grad():
-        expected = [model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                   max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=0)[0].tolist()
-                    for p in prompts]
-    assert anchor.windows[1] == expected[0] and anchor.windows[3] == expected[1]
-    assert anchor.windows[::2] == Anchor(text, window=20).windows and len(anchor.windows) == 5
-    assert len(anchor.targets) == 5 and anchor.targets[1][0].shape == (len(expected[0]) - 1, 8)
-    assert not anchor.prompts
-
-
-def test_anchor_reading_counts_the_shipped_chats(smollm):
-    """anchor_reading=n takes the first n shipped reading chats, chat-formatted; more than are
-    shipped, or a negative count, is refused."""
-    from fastcl.guard import reading_prompts
-
-    _, tokenizer = smollm
-    prompts = reading_prompts(tokenizer, 3)
-    assert len(prompts) == 3 and "Danube" in tokenizer.decode(prompts[0])
-    assert tokenizer.decode(prompts[0]).rstrip().endswith("assistant")
-    with pytest.raises(ValueError, match="more reading chats than the 12 shipped"):
-        reading_prompts(tokenizer, 13)
-    with pytest.raises(ValueError, match="anchor_reading counts reading chats"):
-        patched(anchor_reading=-1)
-    with pytest.raises(fastcl.PatchError, match="anchor_reading need the tokenizer"):
-        patched(anchor_reading=2)
-
-
 def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
     model, learner = patched(consolidate_every=0, gate_every=1)  # every merge checked (gate_every: below)
     probe_ids = torch.tensor([rows(14, 1, low=30, high=31)[0]])
