@@ -118,3 +118,19 @@ def test_report_takes_generation_overhead_round_by_round():
     assert "| consolidated | 32.0 | +0.0% | <= 1% |" in table
     assert "| unpatched | 32.0 | +0.0% |" in table
     assert "| as_loaded | 33.7 | -5.0% | (the unpatched model as loaded" in table and "the 4 models" in table
+
+
+def test_served_answers_counts_stated_and_partly_learnable_values(smollm):
+    """A value stated verbatim, one paraphrased (part of its tokens), and one missing."""
+    from fastcl.facts import fact_stream
+
+    _, tokenizer = smollm
+    served_answers = load_bench("served_answers")
+    products = [f for f in fact_stream(20, seed=4) if f.attribute == "product" and f.value.endswith("s")
+                and " " in f.value][:3]
+    texts = [f"It makes {products[0].value}.", f"It makes a {products[1].value[:-1]}.", "No idea."]
+    answers = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    counts = served_answers.by_attribute(tokenizer, products, answers)
+    assert set(counts) == {"product"}
+    assert counts["product"]["stated"] == round(1 / 3, 3) and counts["product"]["all_tokens"] == round(1 / 3, 3)
+    assert counts["product"]["some_tokens"] == round(2 / 3, 3)  # the paraphrase keeps its first word

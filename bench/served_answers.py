@@ -1,0 +1,64 @@
+"""What the base model's served answers (document in context, no learning) say about the asked
+value, per attribute: the teacher every recipe learns from.
+
+    python bench/served_answers.py --seeds 4 14
+
+A value is "stated" if its text occurs in the answer (as diagnose_stream.py's
+served_states_value counts it), "all tokens" if every token of the value, spelled as in the
+document (after a space), occurs in the answer, and "some tokens" if any does: grounded
+learning learns only response tokens found in the context, so a paraphrased value ("a hearing
+aid" for "hearing aids") is learned in part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastcl.facts import ATTRIBUTES, fact_stream  # noqa: E402
+
+MEASURES = ("stated", "all_tokens", "some_tokens")
+
+
+def by_attribute(tokenizer, facts, answers) -> dict[str, dict[str, float]]:
+    """Per attribute, the share of answers meeting each of MEASURES."""
+    counts = {a: dict.fromkeys(("facts", *MEASURES), 0) for a in ATTRIBUTES}
+    for fact, answer in zip(facts, answers):
+        value_ids = tokenizer(" " + fact.value, add_special_tokens=False)["input_ids"]
+        present = [t in set(answer) for t in value_ids]
+        row = counts[fact.attribute]
+        row["facts"] += 1
+        row["stated"] += fact.value.lower() in tokenizer.decode(answer).lower()
+        row["all_tokens"] += all(present)
+        row["some_tokens"] += any(present)
+    return {a: {m: round(row[m] / row["facts"], 3) for m in MEASURES} for a, row in counts.items() if row["facts"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[4, 14])
+    parser.add_argument("--companies", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from fastcl import benchmark as B
+    from fastcl.models import load_default
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_default()
+    for seed in args.seeds:
+        facts = fact_stream(args.companies, seed=seed)
+        answers = B.serve(model, tokenizer, None, facts).answers
+        print(json.dumps({"seed": seed, "by_attribute": by_attribute(tokenizer, facts, answers)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
