@@ -188,8 +188,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     by_quarter = lambda xs: [round(mean(xs[i: i + quarter]), 3) for i in range(0, len(xs), quarter)]  # noqa: E731
 
     def by_attribute(xs: list[float]) -> dict:
-        """Per attribute: founders and years (pools of 900 and 70) rarely meet another learned value
-        among their options, cities and products (pools of 30) often do."""
+        """Per attribute: a founder (pool of 900) rarely meets another learned value among its
+        options, a year (70) sometimes, a city or product (30 each) often."""
         return {a: round(mean([x for x, f in zip(xs, facts) if f.attribute == a]), 3) for a in ATTRIBUTES}
 
     def end_of_stream() -> tuple[dict, list[float], list[int]]:

@@ -3,7 +3,7 @@ value, per attribute: the teacher every recipe learns from.
 
     python bench/served_answers.py --seeds 4 14
 
-A value is "stated" if its text occurs in the answer (as diagnose_stream.py's
+A value is "stated" if its text occurs in the answer (diagnose_stream.states_value, as its
 served_states_value counts it), "all tokens" if every token of the value, spelled as in the
 document (after a space), occurs in the answer, and "some tokens" if any does: grounded
 learning learns only response tokens found in the context, so a paraphrased value ("a hearing
@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from diagnose_stream import states_value  # noqa: E402
 from fastcl.facts import ATTRIBUTES, fact_stream  # noqa: E402
 
 MEASURES = ("stated", "all_tokens", "some_tokens")
@@ -28,12 +30,12 @@ MEASURES = ("stated", "all_tokens", "some_tokens")
 def by_attribute(tokenizer, facts, answers) -> dict[str, dict[str, float]]:
     """Per attribute, the share of answers meeting each of MEASURES."""
     counts = {a: dict.fromkeys(("facts", *MEASURES), 0) for a in ATTRIBUTES}
-    for fact, answer in zip(facts, answers):
-        value_ids = tokenizer(" " + fact.value, add_special_tokens=False)["input_ids"]
-        present = [t in set(answer) for t in value_ids]
+    for fact, answer, stated in zip(facts, answers, states_value(tokenizer, facts, answers)):
+        answered = set(answer)
+        present = [t in answered for t in tokenizer(" " + fact.value, add_special_tokens=False)["input_ids"]]
         row = counts[fact.attribute]
         row["facts"] += 1
-        row["stated"] += fact.value.lower() in tokenizer.decode(answer).lower()
+        row["stated"] += stated
         row["all_tokens"] += all(present)
         row["some_tokens"] += any(present)
     return {a: {m: round(row[m] / row["facts"], 3) for m in MEASURES} for a, row in counts.items() if row["facts"]}
