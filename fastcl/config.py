@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from .ops.backends import CHOICES as BACKEND_CHOICES
 
@@ -13,6 +14,16 @@ OBJECTIVES = ("context_gain", "distill", "next_token")
 PROJECTIONS = ("random", "whitened")
 BACKWARD_DTYPES = ("auto", "bfloat16", None)
 LEARN_AT = ("all", "entity", "entity_last")
+LAYER_OPTIONS = ("learn_at", "projection", "lr")  # what layer_options may set per layer
+
+
+def name_matches(patterns: Iterable[str], name: str) -> Optional[str]:
+    """The first pattern that matches the whole qualified name or its last component."""
+    leaf = name.rsplit(".", 1)[-1]
+    for pattern in patterns:
+        if re.fullmatch(pattern, name) or re.fullmatch(pattern, leaf):
+            return pattern
+    return None
 
 
 @dataclass
@@ -80,6 +91,11 @@ class LearnerConfig:
     # removed context), so the update is keyed to what the question is about rather than to the
     # answer's position; "entity_last", its last token. A request with no entity learns at all.
     learn_at: str = "all"
+    # Per-layer learn_at, projection and lr: {pattern: {option: value}}, patterns as in targets
+    # (the first that matches a layer wins; patch() refuses one that matches no patched layer).
+    # E.g. {"gate_proj|up_proj|down_proj": {"learn_at": "entity", "projection": "whitened"}}: the
+    # MLP learns keyed to the entity in a fitted A while attention learns at every position.
+    layer_options: Optional[dict] = None
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -164,8 +180,10 @@ class LearnerConfig:
             raise ValueError(f"swap_negatives applies to objective='context_gain', got {self.objective!r}")
         if self.learn_at not in LEARN_AT:
             raise ValueError(f"learn_at must be one of {LEARN_AT}, got {self.learn_at!r}")
-        if self.learn_at != "all" and self.objective != "context_gain":
-            raise ValueError(f"learn_at={self.learn_at!r} applies to objective='context_gain', got {self.objective!r}")
+        self._check_layer_options()
+        if self.learn_at_values != {"all"} and self.objective != "context_gain":
+            raise ValueError(f"learn_at={sorted(self.learn_at_values - {'all'})[0]!r} applies to "
+                             f"objective='context_gain', got {self.objective!r}")
         if self.contrast_margin and self.objective != "context_gain":
             raise ValueError(f"contrast_margin applies to objective='context_gain', got {self.objective!r}")
         if self.grounded is not None and not isinstance(self.grounded, bool):
@@ -187,7 +205,7 @@ class LearnerConfig:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if not self.projection_served >= 0:
             raise ValueError(f"projection_served must be >= 0, got {self.projection_served!r}")
-        if self.projection_served and self.projection != "whitened":
+        if self.projection_served and not self.whitens:
             raise ValueError(f"projection_served weighs earlier requests in the whitened fit: it needs "
                              f"projection='whitened', got {self.projection!r}")
         if not self.projection_ridge > 0:
@@ -196,6 +214,48 @@ class LearnerConfig:
             raise ValueError(f"backward_dtype must be one of {BACKWARD_DTYPES}, got {self.backward_dtype!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+
+    def _check_layer_options(self) -> None:
+        if self.layer_options is None:
+            return
+        if not isinstance(self.layer_options, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in self.layer_options.items()):
+            raise ValueError(f"layer_options must map layer-name patterns to dicts of options, "
+                             f"got {self.layer_options!r}")
+        self.layer_options = {pattern: dict(options) for pattern, options in self.layer_options.items()}
+        for pattern, options in self.layer_options.items():
+            unknown = sorted(set(options) - set(LAYER_OPTIONS))
+            if unknown:
+                raise ValueError(f"layer_options[{pattern!r}] sets {unknown}; per layer only {LAYER_OPTIONS} can be set")
+            if options.get("learn_at", "all") not in LEARN_AT:
+                raise ValueError(f"layer_options[{pattern!r}]: learn_at must be one of {LEARN_AT}, "
+                                 f"got {options['learn_at']!r}")
+            if options.get("projection", "random") not in PROJECTIONS:
+                raise ValueError(f"layer_options[{pattern!r}]: projection must be one of {PROJECTIONS}, "
+                                 f"got {options['projection']!r}")
+            lr = options.get("lr", self.lr)
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+                raise ValueError(f"layer_options[{pattern!r}]: lr must be positive, got {lr!r}")
+
+    def layer(self, name: str) -> dict:
+        """learn_at, projection and lr of the patched layer `name`: layer_options' first matching
+        pattern over the learner-wide values."""
+        options = {"learn_at": self.learn_at, "projection": self.projection, "lr": self.lr}
+        pattern = name_matches(self.layer_options, name) if self.layer_options else None
+        if pattern is not None:
+            options.update(self.layer_options[pattern])
+        return options
+
+    @property
+    def learn_at_values(self) -> set[str]:
+        """Every learn_at some layer may use."""
+        return {self.learn_at, *(o.get("learn_at", self.learn_at) for o in (self.layer_options or {}).values())}
+
+    @property
+    def whitens(self) -> bool:
+        """Whether some layer's A is fitted to inputs (projection="whitened")."""
+        return "whitened" in {self.projection,
+                              *(o.get("projection", self.projection) for o in (self.layer_options or {}).values())}
 
     @property
     def learns_grounded(self) -> bool:
@@ -210,6 +270,8 @@ class LearnerConfig:
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets) if self.targets is not None else None
         d["exclude"] = list(self.exclude) if self.exclude is not None else None
+        d["layer_options"] = ({k: dict(v) for k, v in self.layer_options.items()}
+                              if self.layer_options is not None else None)
         d["betas"] = list(self.betas)
         d["replay_schedule"] = list(self.replay_schedule)
         return d

@@ -396,11 +396,21 @@ class Learner:
         return next(iter(self.modules.values())).weight.device
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        params = [m.B for m in self.modules.values()]
+        """One parameter group per learning rate (layer_options can set one per layer)."""
         c = self.config
+        by_lr: dict[float, list] = {}
+        for name, module in self.modules.items():
+            by_lr.setdefault(float(c.layer(name)["lr"]), []).append(module.B)
+        groups = [{"params": params, "lr": lr} for lr, params in by_lr.items()]
         if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
-        return torch.optim.SGD(params, lr=c.lr, weight_decay=c.weight_decay)
+            return torch.optim.Adam(groups, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        return torch.optim.SGD(groups, lr=c.lr, weight_decay=c.weight_decay)
+
+    def optimizer_slots(self) -> list[int]:
+        """Per patched layer, in order, the index of its B in the optimizer's state_dict()."""
+        order = [p for group in self.optimizer.param_groups for p in group["params"]]
+        slot = {id(p): i for i, p in enumerate(order)}
+        return [slot[id(m.B)] for m in self.modules.values()]
 
     def _reference_weight_norm(self) -> float:
         if self._weight_norm is None:

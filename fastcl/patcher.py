@@ -6,14 +6,13 @@ It patches the instance, never the class, so two models in one process never sha
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch.nn as nn
 
 from . import precision, recompute
-from .config import LearnerConfig
+from .config import LearnerConfig, name_matches
 from .distributed import check_process_group
 from .errors import PatchError
 from .layers import LINEAR_TYPES, FastLinear, linear_shape
@@ -34,15 +33,6 @@ class PatchReport:
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
-
-
-def _matches(patterns: Iterable[str], name: str) -> Optional[str]:
-    """The first pattern that matches the whole qualified name or its last component."""
-    leaf = name.rsplit(".", 1)[-1]
-    for pattern in patterns:
-        if re.fullmatch(pattern, name) or re.fullmatch(pattern, leaf):
-            return pattern
-    return None
 
 
 def _in_block_list(name: str, module_lists: set[str]) -> bool:
@@ -95,8 +85,8 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
             )
             continue
         d_out, d_in = linear_shape(module)
-        target = _matches(config.targets, name) if config.targets is not None else None
-        excluded = _matches(config.exclude, name) if config.exclude is not None else None
+        target = name_matches(config.targets, name) if config.targets is not None else None
+        excluded = name_matches(config.exclude, name) if config.exclude is not None else None
         if config.targets is not None and target is None:
             reason = "not matched by targets"
         elif config.targets is None and module is output_embedding:
@@ -123,6 +113,10 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
     unused = [t for t in (config.targets or []) if t not in used_targets]
     if unused:
         raise PatchError(f"targets matched no linear layer: {unused}")
+    patched = [name for name, *_ in report.patched]
+    idle = [p for p in (config.layer_options or {}) if not any(name_matches([p], n) for n in patched)]
+    if idle:
+        raise PatchError(f"layer_options patterns matched no patched layer: {idle}")
     if not report.patched:
         raise PatchError("no layer to patch; the report says why each was skipped:\n" + str(report))
     return report
@@ -138,6 +132,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
                                     ("gate_tolerance", config.gate_tolerance is not None),
                                     ("protect_directions", config.protect_directions > 0),
                                     ("projection", config.projection == "whitened"),
+                                    ("layer_options", config.whitens and config.projection != "whitened"),
                                     ("gate_repair", config.gate_repair > 0)) if on]
     explicit = [name for name in wanted if name in options]
     if explicit:
@@ -152,7 +147,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
 def _general_text_geometry(model: nn.Module, base_modules: dict, config: LearnerConfig, tokenizer):
     """(protected directions, whiteners) per layer from one forward over the anchor text
     (fastcl.protection), with the model as it is, before anything changes; empty when off."""
-    k, whiten = config.protect_directions, config.projection == "whitened"
+    k, whiten = config.protect_directions, config.whitens
     if not (k or whiten):
         return {}, {}
     narrow = [name for name, m in base_modules.items() if linear_shape(m)[1] <= k]
@@ -163,7 +158,8 @@ def _general_text_geometry(model: nn.Module, base_modules: dict, config: Learner
 
     moments, owner, rows = input_moments(model, base_modules, text_ids(tokenizer, ANCHOR_TEXT))
     protected = leading_directions(moments, owner, k) if k else {}
-    return protected, (whiteners(moments, owner, rows, config.projection_ridge) if whiten else {})
+    fitted = [name for name in base_modules if config.layer(name)["projection"] == "whitened"]
+    return protected, (whiteners(moments, owner, rows, config.projection_ridge, fitted) if fitted else {})
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -16,7 +16,7 @@ forward's moments give each layer a Whitener for projection="whitened" (fastcl.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -130,7 +130,9 @@ class Whitener:
 
 
 def whiteners(moments: dict[str, torch.Tensor], owner: dict[str, str], rows: dict[str, int],
-              ridge: float) -> dict[str, Whitener]:
-    """A Whitener per layer from input_moments()'s results; layers fed the same tensor share one."""
-    solved = {key: Whitener.from_moment(moment, rows[key], ridge) for key, moment in moments.items()}
-    return {name: solved[key] for name, key in owner.items()}
+              ridge: float, layers: Optional[Iterable[str]] = None) -> dict[str, Whitener]:
+    """A Whitener per layer (each of `layers`, default all) from input_moments()'s results;
+    layers fed the same tensor share one."""
+    wanted = list(owner) if layers is None else list(layers)
+    solved = {key: Whitener.from_moment(moments[key], rows[key], ridge) for key in {owner[n] for n in wanted}}
+    return {name: solved[owner[name]] for name in wanted}

@@ -228,10 +228,10 @@ class Recipe:
         allowed = torch.cat([in_context(i) for i in items]).to(learner.device) if config.learns_grounded else None
 
         learned_masks = []
-        sketch_mask = self._sketch_mask(items, batch)
-        fitting = self._fit_projection_to(batch, sketch_mask)
-        for module in learner.modules.values():
-            module.sketch_mask = sketch_mask
+        sketch_masks = {learn_at: self._sketch_mask(items, batch, learn_at) for learn_at in config.learn_at_values}
+        fitting = self._fit_projection_to(batch, sketch_masks)
+        for name, module in learner.modules.items():
+            module.sketch_mask = sketch_masks[config.layer(name)["learn_at"]]
 
         def loss(logits):
             total, learned, gain = context_gain_loss(logits, teacher, batch.rows, batch.cols, batch.targets, weights,
@@ -260,10 +260,9 @@ class Recipe:
             self._push_down_swapped(items, learned_masks[0])
         return learned_count[0]
 
-    def _sketch_mask(self, items: list[Interaction], batch) -> Optional[torch.Tensor]:
-        """learn_at: the positions of `batch` every layer's dB learns from, each row's entity
-        (all of the row's tokens where entity_span finds none); None for learn_at="all"."""
-        learn_at = self.learner.config.learn_at
+    def _sketch_mask(self, items: list[Interaction], batch, learn_at: str) -> Optional[torch.Tensor]:
+        """learn_at: the positions of `batch` a layer's dB learns from, each row's entity (all of
+        the row's tokens where entity_span finds none); None for learn_at="all"."""
         if learn_at == "all":
             return None
         mask = batch.attention_mask.to("cpu", torch.float32)  # never padding: the whitened fit reads these rows
@@ -327,13 +326,13 @@ class Recipe:
         positions = torch.cat([strong(i) for i in items]).to(device)
         return Contrast(pool, own[owner], positions, self.learner.config.contrast_margin, least)
 
-    def _fit_projection_to(self, batch, sketch_mask: Optional[torch.Tensor] = None) -> list:
+    def _fit_projection_to(self, batch, sketch_masks: dict[str, Optional[torch.Tensor]]) -> list:
         """projection="whitened": at the first learn() of a projection epoch (every B zero, nothing
-        accumulated), every layer's A is fitted, during the learning forward, to its inputs at the
-        positions dB learns from: those that predict response tokens, or learn_at's (sketch_mask).
-        Returns the layers told to fit."""
-        learner = self.learner
-        if learner.config.projection == "random" or learner.counters.tokens_pending:
+        accumulated), each whitened layer's A is fitted, during the learning forward, to its inputs
+        at the positions its dB learns from: those that predict response tokens, or its learn_at's
+        (sketch_masks). Returns the layers told to fit."""
+        learner, config = self.learner, self.learner.config
+        if not config.whitens or learner.counters.tokens_pending:
             return []
         modules = list(learner.modules.values())
         if not all(m.b_is_zero for m in modules):
@@ -341,13 +340,16 @@ class Recipe:
         if learner.replicas.group is not None:
             raise FastclError("projection='whitened' fits A to each replica's own requests, so replicas would not "
                               "share A; learn with projection='random' across replicas")
-        if sketch_mask is None:
-            positions = batch.rows * batch.input_ids.shape[1] + batch.cols
-        else:
-            positions = sketch_mask.flatten().nonzero().squeeze(-1)
-        for module in modules:
-            module.fit_positions = positions
-        return modules
+        answering = batch.rows * batch.input_ids.shape[1] + batch.cols
+        positions = {learn_at: answering if mask is None else mask.flatten().nonzero().squeeze(-1)
+                     for learn_at, mask in sketch_masks.items()}
+        fitting = []
+        for name, module in learner.modules.items():
+            options = config.layer(name)
+            if options["projection"] == "whitened":
+                module.fit_positions = positions[options["learn_at"]]
+                fitting.append(module)
+        return fitting
 
     def _accumulate_next_token(self, items: list[Interaction]) -> int:
         learner = self.learner

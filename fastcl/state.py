@@ -53,10 +53,11 @@ def save(learner: "Learner", path, include_weights: Optional[bool] = None) -> No
         include_weights = learner.counters.epoch > 0
     tensors: dict[str, torch.Tensor] = {}
     optimizer_state = learner.optimizer.state_dict()["state"]
+    slots = learner.optimizer_slots()
     for i, (_, module) in enumerate(modules):
         tensors[f"B.{i}"] = module.B.detach()
         tensors[f"grad_B.{i}"] = module.grad_B
-        for key, value in optimizer_state.get(i, {}).items():
+        for key, value in optimizer_state.get(slots[i], {}).items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value)
         if include_weights:
             tensors[f"weight.{i}"] = module.weight.detach()
@@ -195,6 +196,7 @@ def load(learner: "Learner", path) -> None:
     learner._set_epoch(learner.counters.epoch)
     learner._restore_fitted({name: entry["A"] for (name, _), entry in zip(modules, staged) if "A" in entry})
     optimizer_state = {"state": {}, "param_groups": learner.optimizer.state_dict()["param_groups"]}
+    slots = learner.optimizer_slots()
     with torch.no_grad():
         for i, ((name, module), entry) in enumerate(zip(modules, staged)):
             if "weight" in entry:
@@ -206,6 +208,6 @@ def load(learner: "Learner", path) -> None:
                 module.grad_B.zero_()
             module.b_is_zero = bool(b_is_zero[i])
             if entry["optim"]:
-                optimizer_state["state"][i] = entry["optim"]
+                optimizer_state["state"][slots[i]] = entry["optim"]
     learner.optimizer.load_state_dict(optimizer_state)
     recipe_state.apply(learner.recipe, staged_recipe, traffic=own_traffic)

@@ -827,6 +827,6 @@ def test_learn_at_mask_of_a_padded_batch_never_selects_padding():
     lone = Interaction(head + [10, 11] + [3, 4] + tail, head + [3, 4] + tail, [11], 1.0)
     batch = prompt_response_batch([named.student, lone.student], [[11], [11]], 0)
     _, learner = patched(learn_at="entity")
-    mask = learner.recipe._sketch_mask([named, lone], batch)
+    mask = learner.recipe._sketch_mask([named, lone], batch, "entity")
     assert mask[0].nonzero().flatten().tolist() == [3, 4]
     assert mask[1].nonzero().flatten().tolist() == list(range(len(lone.student) + 1))

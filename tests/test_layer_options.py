@@ -1,0 +1,124 @@
+"""layer_options: learn_at, projection and lr set per layer, so one learner can hold two recipes
+on disjoint layers (e.g. attention at every position in a random A, the MLP keyed to the entity
+in a fitted A), each layer learning exactly as a learner with its options everywhere would."""
+
+import pytest
+import torch
+
+import fastcl
+from fastcl.errors import PatchError
+from fastcl.layers import FastLinear
+from helpers import tiny_model
+from test_protection import CharTokenizer
+
+MLP = "gate_proj|up_proj|down_proj"
+HEAD, TAIL = [1, 2], [5]
+TEACHER = HEAD + [10, 40, 41, 11, 12, 13] + [3, 40, 41, 4] + TAIL  # context, then the question
+STUDENT = HEAD + [3, 40, 41, 4] + TAIL  # the question alone: its entity is [40, 41] at 3, 4
+RESPONSE = [11, 12, 13]
+
+
+def patched(**kw):
+    options = dict(rank=4, lr=1e-2, tokenizer=CharTokenizer(), gate_tolerance=None, anchor_weight=0.0, replay=0,
+                   replay_per_step=0, grounded=False, gain_threshold=-float("inf"), consolidate_every=0)
+    options.update(kw)
+    model = tiny_model("llama")
+    return model, fastcl.patch(model, **options)
+
+
+def is_mlp(name):
+    return name.rsplit(".", 1)[-1] in MLP.split("|")
+
+
+def accumulated(**kw):
+    _, learner = patched(step_every=0, **kw)
+    learner.learn(TEACHER, RESPONSE, STUDENT)
+    return learner, {name: m.grad_B.clone() for name, m in learner.modules.items()}
+
+
+def test_each_layer_fits_and_learns_as_its_own_options_would_everywhere(monkeypatch):
+    fits = {}
+    fit = FastLinear.fit_projection
+
+    def recording(self, x, positions):
+        fits[self.layer_index] = positions.tolist()
+        return fit(self, x, positions)
+
+    monkeypatch.setattr(FastLinear, "fit_projection", recording)
+    mixed, grads = accumulated(layer_options={MLP: {"learn_at": "entity", "projection": "whitened"}})
+    names = list(mixed.modules)
+    assert {names[i] for i in fits} == {n for n in names if is_mlp(n)}
+    assert all(p == [3, 4] for p in fits.values())  # the entity's rows, not the answering ones
+    assert all(m.fitted == is_mlp(n) for n, m in mixed.modules.items())
+    _, everywhere = accumulated()
+    _, keyed = accumulated(learn_at="entity", projection="whitened")
+    for name, grad in grads.items():
+        expected = (keyed if is_mlp(name) else everywhere)[name]
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7, msg=name)
+    # (the last block's MLP at the entity reaches no response token: its dB is zero in both)
+    for group in (True, False):
+        assert sum(float(g.norm()) for n, g in grads.items() if is_mlp(n) == group) > 0
+    assert not all(torch.allclose(grads[n], everywhere[n]) for n in grads if is_mlp(n))
+    assert all(m.sketch_mask is None and m.fit_positions is None for m in mixed.modules.values())
+
+
+def test_a_layers_lr_scales_its_step_only():
+    def stepped(**kw):
+        _, learner = patched(optimizer="sgd", **kw)
+        learner.learn(TEACHER, RESPONSE, STUDENT)
+        return learner
+
+    mixed, uniform = stepped(layer_options={MLP: {"lr": 2.5e-3}}), stepped()
+    assert sorted(g["lr"] for g in mixed.optimizer.param_groups) == [2.5e-3, 1e-2]
+    for name, module in mixed.modules.items():
+        expected = uniform.modules[name].B * (0.25 if is_mlp(name) else 1.0)
+        assert module.B.abs().max() > 0
+        torch.testing.assert_close(module.B, expected, rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_save_and_load_keep_each_layers_optimizer_state(tmp_path):
+    options = dict(layer_options={MLP: {"lr": 2e-3, "learn_at": "entity", "projection": "whitened"}})
+    _, saved = patched(**options)
+    saved.learn(TEACHER, RESPONSE, STUDENT)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    _, loaded = patched(**options)
+    loaded.load(path)
+    assert loaded.config.layer_options == saved.config.layer_options
+    for (name, a), b in zip(saved.modules.items(), loaded.modules.values()):
+        assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved.optimizer.state[a.B][key], loaded.optimizer.state[b.B][key]), (name, key)
+
+
+def test_config_round_trips_and_a_layer_gets_the_first_matching_pattern():
+    config = fastcl.LearnerConfig(lr=1e-3, layer_options={"down_proj": {"lr": 5e-4}, MLP: {"learn_at": "entity"}})
+    assert fastcl.LearnerConfig(**config.to_dict()).layer_options == config.layer_options
+    assert config.layer("model.layers.0.mlp.down_proj") == {"learn_at": "all", "projection": "random", "lr": 5e-4}
+    assert config.layer("model.layers.0.mlp.up_proj") == {"learn_at": "entity", "projection": "random", "lr": 1e-3}
+    assert config.layer("model.layers.0.self_attn.q_proj") == {"learn_at": "all", "projection": "random", "lr": 1e-3}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({MLP: {"rank": 8}}, r"sets \['rank'\]; per layer only"),
+    ({MLP: {"learn_at": "subject"}}, "learn_at must be one of"),
+    ({MLP: {"projection": "learned"}}, "projection must be one of"),
+    ({MLP: {"lr": 0.0}}, "lr must be positive"),
+    ({MLP: "entity"}, "must map layer-name patterns to dicts"),
+])
+def test_bad_layer_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        fastcl.LearnerConfig(layer_options=options)
+
+
+def test_patch_refuses_what_layer_options_cannot_do_and_leaves_the_model_alone():
+    with pytest.raises(ValueError, match="learn_at='entity' applies to objective='context_gain'"):
+        fastcl.LearnerConfig(objective="next_token", layer_options={MLP: {"learn_at": "entity"}})
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PatchError, match=r"layer_options patterns matched no patched layer: \['lm_head'\]"):
+        fastcl.patch(model, layer_options={"lm_head": {"lr": 1e-3}})
+    with pytest.raises(PatchError, match="layer_options need the tokenizer"):
+        fastcl.patch(model, layer_options={MLP: {"projection": "whitened"}})
+    assert not hasattr(model, "fastcl") and not any(isinstance(m, FastLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
