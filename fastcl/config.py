@@ -246,16 +246,19 @@ class LearnerConfig:
             options.update(self.layer_options[pattern])
         return options
 
+    def _values(self, option: str) -> set:
+        """Every value of `option` some layer may use."""
+        default = getattr(self, option)
+        return {default, *(o.get(option, default) for o in (self.layer_options or {}).values())}
+
     @property
     def learn_at_values(self) -> set[str]:
-        """Every learn_at some layer may use."""
-        return {self.learn_at, *(o.get("learn_at", self.learn_at) for o in (self.layer_options or {}).values())}
+        return self._values("learn_at")
 
     @property
     def whitens(self) -> bool:
         """Whether some layer's A is fitted to inputs (projection="whitened")."""
-        return "whitened" in {self.projection,
-                              *(o.get("projection", self.projection) for o in (self.layer_options or {}).values())}
+        return "whitened" in self._values("projection")
 
     @property
     def learns_grounded(self) -> bool:
