@@ -7,7 +7,7 @@
 
 from . import models
 from ._version import __version__
-from .config import LearnerConfig
+from .config import MLP_ENTITY_KEYED, LearnerConfig
 from .errors import (BackendUnavailable, ConsolidationError, FastclError, InputError, PatchError,
                      ReplicaMismatchError, StateFileError)
 from .info import info
@@ -17,6 +17,6 @@ from .patcher import PatchReport, patch, unpatch
 
 __all__ = [
     "BackendUnavailable", "ConsolidationError", "FastLinear", "FastclError", "InputError", "Learner",
-    "LearnerConfig", "PatchError", "PatchReport", "ReplicaMismatchError", "StateFileError", "__version__", "info",
-    "models", "patch", "unpatch",
+    "LearnerConfig", "MLP_ENTITY_KEYED", "PatchError", "PatchReport", "ReplicaMismatchError", "StateFileError",
+    "__version__", "info", "models", "patch", "unpatch",
 ]

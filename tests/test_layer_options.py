@@ -8,7 +8,7 @@ import torch
 import fastcl
 from fastcl.errors import PatchError
 from fastcl.layers import FastLinear
-from helpers import tiny_model
+from helpers import ARCHITECTURES, tiny_model
 from test_protection import CharTokenizer
 
 MLP = "gate_proj|up_proj|down_proj"
@@ -122,3 +122,16 @@ def test_patch_refuses_what_layer_options_cannot_do_and_leaves_the_model_alone()
         fastcl.patch(model, layer_options={MLP: {"projection": "whitened"}})
     assert not hasattr(model, "fastcl") and not any(isinstance(m, FastLinear) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_mlp_preset_keys_every_mlp_layer_and_only_those(arch):
+    learner = fastcl.patch(tiny_model(arch), tokenizer=CharTokenizer(), gate_tolerance=None, lr=1.5e-3,
+                           layer_options=fastcl.MLP_ENTITY_KEYED)
+    mlp = {name for name in learner.modules if ".mlp." in name}
+    assert mlp and len(mlp) < len(learner.modules), sorted(learner.modules)
+    for name in learner.modules:
+        expected = ({"learn_at": "entity", "projection": "whitened", "lr": 2e-3} if name in mlp
+                    else {"learn_at": "all", "projection": "random", "lr": 1.5e-3})
+        assert learner.config.layer(name) == expected, name
+    assert sorted(g["lr"] for g in learner.optimizer.param_groups) == [1.5e-3, 2e-3]
