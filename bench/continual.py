@@ -4,15 +4,17 @@
     python bench/continual.py --seeds 0 --companies 10 --ablation replay=0 anchor_weight=0
     python bench/continual.py --json out.json       # also write every number
     python bench/continual.py --rehearse            # also after one idle learner.rehearse()
+    python bench/continual.py --domain people       # the held-out domain: fictional people, never tuned on
 
-For each seed it generates a fresh stream of fictional-company facts (fastcl.facts), measures the
+For each seed it generates a fresh stream of facts about fictional entities (fastcl.facts: companies,
+the domain every recipe was developed on, or people, kept out of development), measures the
 no-context floor and the in-context ceiling on held-out phrasings, serves every fact's served
 question with its document in context (greedy answer), learns with learner.learn(), and
 measures again closed-book. Forgetting is measured on 124 general-knowledge probes and on
 general-text perplexity (fastcl/data; neither is ever trained on). The multiple-choice items are
 also scored inside an answer frame ("The answer is <option>", fastcl.evaluate.ANSWER_FRAME),
-reported beside the bare score, and asked about another company of the stream as a control
-(how often the fact's value is picked for a company it does not belong to), and asked with the
+reported beside the bare score, and asked about another entity of the stream as a control
+(how often the fact's value is picked for an entity it does not belong to), and asked with the
 stream's other learned values of the same attribute as distractors ("binding",
 fastcl.benchmark.binding_items: a hit needs knowing whose value it is). Costs are per
 served token, beside a plain no-grad forward over the same tokens.
@@ -33,7 +35,7 @@ import torch
 import fastcl
 from fastcl import benchmark as B
 from fastcl import evaluate as E
-from fastcl.facts import fact_stream
+from fastcl.facts import DOMAINS, fact_stream
 from fastcl.info import cpu_model
 from fastcl.timing import seconds_since
 
@@ -50,9 +52,10 @@ def parse_overrides(pairs):
     return out
 
 
-def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool, rehearse: bool = False) -> dict:
+def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool, rehearse: bool = False,
+             domain: str = "companies") -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    facts = fact_stream(companies, seed=seed)
+    facts = fact_stream(companies, seed=seed, domain=domain)
     before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
     controls = B.Controls.measure(model, tokenizer, facts, seed)
     in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
@@ -83,13 +86,13 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "ceiling_framed": in_context["mc_framed"],
         "after_framed": after["mc_framed"],
         "recovered_framed": B.gap_recovered(after["mc_framed"], before["mc_framed"], in_context["mc_framed"]),
-        # Each fact's held-out questions asked about another company of the stream, with the fact's
-        # options (B.swapped_company_items): picking the fact's value there is its pull on any
-        # question of its kind, not knowledge of which company it belongs to.
+        # Each fact's held-out questions asked about another entity of the stream, with the fact's
+        # options (B.swapped_entity_items): picking the fact's value there is its pull on any
+        # question of its kind, not knowledge of which entity it belongs to.
         "swapped_before": controls.swapped_before,
         "swapped_after": swapped_after,
         # The held-out questions with the stream's other learned values of the attribute as the
-        # distractors (B.binding_items): the pull above cancels, a hit needs the value's company.
+        # distractors (B.binding_items): the pull above cancels, a hit needs the value's entity.
         "binding_floor": controls.binding_floor,
         "binding_ceiling": controls.binding_ceiling,
         "binding_after": binding_after,
@@ -176,7 +179,7 @@ def table(summary: dict) -> str:
         ("in-context MC (ceiling)", cell("ceiling")),
         ("closed-book MC after learning", cell("after")),
         ("fraction of the gap recovered", cell("recovered")),
-        ("control: the same questions about another company (the fact's value picked), before -> after",
+        ("control: the same questions about another entity of the stream (the fact's value picked), before -> after",
          change("swapped_before", "swapped_after")),
         ("binding: distractors are the stream's other learned values of the attribute: floor", cell("binding_floor")),
         ("  ceiling", cell("binding_ceiling")),
@@ -211,7 +214,7 @@ def table(summary: dict) -> str:
             ("  fraction of the gap recovered", cell("rehearsed_recovered")),
             ("  the same in the answer frame", cell("rehearsed_recovered_framed")),
             ("  the answer's probability over the options", cell("rehearsed_probability_after")),
-            ("  control (another company's questions)", cell("rehearsed_swapped_after")),
+            ("  control (another entity's questions)", cell("rehearsed_swapped_after")),
             ("  binding: fraction of the gap recovered", cell("rehearsed_binding_recovered")),
             ("  general probes (124 MC)", cell("rehearsed_general_after")),
             ("  general-text perplexity", cell("rehearsed_perplexity_after", "{:.2f}")),
@@ -232,7 +235,9 @@ def main(argv=None) -> int:
     # Seed 0 (10 companies) was the development stream the recipe was chosen on; the reported
     # runs use other seeds, so the facts and their values were never looked at.
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--companies", type=int, default=20, help="4 facts each")
+    parser.add_argument("--companies", type=int, default=20, help="entities a stream, 4 facts each")
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="companies",
+                        help="the fact domain: companies (developed on) or people (held out from development)")
     parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json, e.g. replay=0 lr=3e-3")
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match generation (faster)")
     parser.add_argument("--json", help="write all numbers here")
@@ -252,17 +257,17 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         start = time.perf_counter()
         runs.append(run_seed(model, tokenizer, seed, args.companies, options, exact=not args.no_exact,
-                             rehearse=args.rehearse))
+                             rehearse=args.rehearse, domain=args.domain))
         print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     summary = summarize(runs)
-    print(f"fastcl continual benchmark: SmolLM2-135M-Instruct, {args.companies} companies x 4 facts, "
+    print(f"fastcl continual benchmark: SmolLM2-135M-Instruct, {args.companies} {args.domain} x 4 facts, "
           f"seeds {args.seeds}, options {options}, "
           + (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"{cpu_model()}, {torch.get_num_threads()} threads"))
     print(table(summary))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"options": options, "runs": runs, "summary": summary}, handle, indent=1)
+            json.dump({"domain": args.domain, "options": options, "runs": runs, "summary": summary}, handle, indent=1)
     return 0
 
 

@@ -108,14 +108,15 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     return results
 
 
-def swapped_company_items(facts: Sequence[Fact]) -> list[tuple[str, tuple[str, ...], int]]:
-    """Each fact's held-out questions asked about the stream's next company instead (cyclically),
-    with the fact's own options and answer: a pick of the fact's value there is not knowledge of
-    *which* company it belongs to (where the next company's own value happens to be among the
-    options, picking it counts as a miss). With one company, the questions are the fact's own."""
-    companies = list(dict.fromkeys(f.company for f in facts))
-    other = {c: companies[(k + 1) % len(companies)] for k, c in enumerate(companies)}
-    return [(q.replace(f.company, other[f.company]), f.options, f.answer_index) for f in facts for q in f.eval_questions]
+def swapped_entity_items(facts: Sequence[Fact]) -> list[tuple[str, tuple[str, ...], int]]:
+    """Each fact's held-out questions asked about the stream's next entity (company or person)
+    instead (cyclically), with the fact's own options and answer: a pick of the fact's value there
+    is not knowledge of *which* entity it belongs to (where the next entity's own value happens to
+    be among the options, picking it counts as a miss). With one entity, the questions are the
+    fact's own."""
+    entities = list(dict.fromkeys(f.entity for f in facts))
+    other = {e: entities[(k + 1) % len(entities)] for k, e in enumerate(entities)}
+    return [(q.replace(f.entity, other[f.entity]), f.options, f.answer_index) for f in facts for q in f.eval_questions]
 
 
 def binding_items(facts: Sequence[Fact], in_context: bool = False, n_options: int = 5,
@@ -123,7 +124,7 @@ def binding_items(facts: Sequence[Fact], in_context: bool = False, n_options: in
     """Each fact's held-out questions with the stream's *other* values of the same attribute as
     distractors (up to n_options - 1, fewer where the stream has fewer distinct ones): once the
     stream is learned every option is a learned value, so a learned value's pull on any question
-    of its kind cancels and a hit needs knowing which company the value belongs to. Seeded, so
+    of its kind cancels and a hit needs knowing which entity the value belongs to. Seeded, so
     before and after score the same items; with the document in context for the ceiling."""
     rng = random.Random(seed)
     values: dict[str, list[str]] = {}
@@ -143,7 +144,7 @@ def binding_items(facts: Sequence[Fact], in_context: bool = False, n_options: in
 @dataclass
 class Controls:
     """The held-out questions asked two more ways, scored before learning: about another
-    company (swapped_company_items; the fact's value picked) and with the stream's other values
+    entity (swapped_entity_items; the fact's value picked) and with the stream's other values
     as distractors (binding_items: floor, and ceiling with the document in context). after()
     scores both again."""
 
@@ -155,7 +156,7 @@ class Controls:
 
     @classmethod
     def measure(cls, model, tokenizer, facts: Sequence[Fact], seed: int) -> "Controls":
-        swapped, binding = swapped_company_items(facts), binding_items(facts, seed=seed)
+        swapped, binding = swapped_entity_items(facts), binding_items(facts, seed=seed)
         in_context = binding_items(facts, in_context=True, seed=seed)
         scores = [E.multiple_choice_accuracy(model, tokenizer, items) for items in (swapped, binding, in_context)]
         return cls(swapped, binding, *scores)

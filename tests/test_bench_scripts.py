@@ -134,3 +134,27 @@ def test_served_answers_counts_stated_and_partly_learnable_values(smollm):
     assert set(counts) == {"product"}
     assert counts["product"]["stated"] == round(1 / 3, 3) and counts["product"]["all_tokens"] == round(1 / 3, 3)
     assert counts["product"]["some_tokens"] == round(2 / 3, 3)  # the paraphrase keeps its first word
+
+
+def test_continual_serves_the_domain_it_is_given(monkeypatch, capsys):
+    """--domain reaches the stream (no model needed: the stream is drawn before anything runs),
+    and an unknown domain stops at the command line."""
+    import torch
+
+    continual = load_bench("continual")
+    drawn = {}
+
+    class Drawn(Exception):
+        pass
+
+    def stream(n, seed, domain):
+        drawn.update(n=n, seed=seed, domain=domain)
+        raise Drawn
+
+    monkeypatch.setattr(continual, "fact_stream", stream)
+    with pytest.raises(Drawn):
+        continual.run_seed(torch.nn.Linear(1, 1), None, seed=4, companies=3, options={}, exact=False, domain="people")
+    assert drawn == {"n": 3, "seed": 4, "domain": "people"}
+    with pytest.raises(SystemExit):
+        continual.main(["--domain", "pets"])
+    assert "invalid choice: 'pets'" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """The benchmark's fact stream: deterministic, and evaluation phrasings never served."""
 
+import dataclasses
+import hashlib
 import math
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from helpers import load_bench
 
 
 def test_stream_is_deterministic_across_processes():
-    code = "from fastcl import facts as F; print([(f.company, f.value, f.options) for f in F.fact_stream(6, seed=3)])"
+    code = "from fastcl import facts as F; print([(f.entity, f.value, f.options) for f in F.fact_stream(6, seed=3)])"
     outputs = {
         subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, capture_output=True,
                        text=True, check=True).stdout
@@ -21,21 +23,55 @@ def test_stream_is_deterministic_across_processes():
     assert len(outputs) == 1
 
 
-def test_facts_are_well_formed():
-    facts = F.fact_stream(20, seed=0)
-    assert len(facts) == 80 and len({f.company for f in facts}) == 20
+@pytest.mark.parametrize("domain", sorted(F.DOMAINS))
+def test_facts_are_well_formed(domain):
+    facts = F.fact_stream(20, seed=0, domain=domain)
+    attributes = F.DOMAINS[domain].attributes
+    assert len(facts) == 80 and len({f.entity for f in facts}) == 20
+    assert [f.attribute for f in facts[:4]] == list(attributes)
     for f in facts:
         assert f.options[f.answer_index] == f.value and len(set(f.options)) == 5
-        assert f.value in f.document and f.company in f.document
-        assert f.company in f.served_question
+        assert f.value in f.document and f.entity in f.document
+        assert f.entity in f.served_question and all(f.entity in q for q in f.eval_questions)
+        assert "{" not in f.document + f.served_question + "".join(f.eval_questions), "an unfilled template field"
 
 
-def test_evaluation_phrasings_are_never_served():
-    served = {q for qs in F.SERVED_QUESTIONS.values() for q in qs}
-    held_out = {q for qs in F.EVAL_QUESTIONS.values() for q in qs}
+@pytest.mark.parametrize("domain", sorted(F.DOMAINS))
+def test_evaluation_phrasings_are_never_served(domain):
+    spec = F.DOMAINS[domain]
+    assert set(spec.served_questions) == set(spec.eval_questions) == set(spec.attributes)
+    served = {q for qs in spec.served_questions.values() for q in qs}
+    held_out = {q for qs in spec.eval_questions.values() for q in qs}
     assert not served & held_out
-    for f in F.fact_stream(20, seed=1):
+    for f in F.fact_stream(20, seed=1, domain=domain):
         assert f.served_question not in f.eval_questions
+
+
+def test_the_held_out_domain_shares_nothing_with_the_companies():
+    """"people" checks a recipe on data it was not tuned to: no attribute, value (years aside),
+    name, document or question phrasing of it may come from the companies' domain."""
+    companies, people = F.DOMAINS["companies"], F.DOMAINS["people"]
+    assert not set(companies.pools) & set(people.pools)
+    words = [{v for pool in d.pools.values() for v in pool if not v.isdigit()} for d in (companies, people)]
+    assert not words[0] & words[1]
+    assert not (set(F.FIRST) | set(F.LAST)) & (set(F.PERSON_FIRST) | set(F.PERSON_LAST))
+    assert not set(companies.documents) & set(people.documents)
+    phrasings = [{q for qs in (d.served_questions | d.eval_questions).values() for q in qs} for d in (companies, people)]
+    assert not phrasings[0] & phrasings[1]
+    assert all(p[0] not in "aeiouAEIOU" for p in F.PROFESSIONS), "the documents say 'a {profession}'"
+
+
+def test_the_companies_stream_is_the_one_every_result_was_reported_on():
+    """bench/RESULTS.md's seeds name streams: generalising fact_stream over domains must not
+    change a single company, value, option or phrasing of them."""
+    digests = {seed: hashlib.sha256(repr([dataclasses.astuple(f) for f in F.fact_stream(20, seed=seed)])
+                                    .encode()).hexdigest()[:16] for seed in (1, 2, 3)}
+    assert digests == {1: "5ac831c937fcd1ef", 2: "5053a79ea87321d2", 3: "9e03164ce81bc354"}
+
+
+def test_an_unknown_domain_is_named_in_the_error():
+    with pytest.raises(ValueError, match="'pets'.*companies.*people"):
+        F.fact_stream(2, domain="pets")
 
 
 def test_guard_data_is_disjoint_from_evaluation_data():
@@ -54,7 +90,7 @@ def test_wrong_picks_that_are_another_companys_learned_value_are_counted():
     diagnose_stream = load_bench("diagnose_stream")
 
     def city(company, value, options):
-        return F.Fact(company=company, attribute="city", value=value, document="", served_question="",
+        return F.Fact(entity=company, attribute="city", value=value, document="", served_question="",
                       eval_questions=("q1", "q2"), options=options, answer_index=options.index(value))
 
     facts = [city("X", "Lyon", ("Lyon", "Porto", "Osaka", "Leeds", "Graz")),
