@@ -117,7 +117,6 @@ class Domain:
     the order the attributes are asked), the documents stating them, and the served and held-out
     question phrasings (both keyed by attribute, with {entity} for the name)."""
 
-    name: str
     draw_name: Callable[[random.Random], str]
     pools: dict[str, list[str]]
     documents: list[str]
@@ -139,12 +138,12 @@ def _person_name(rng: random.Random) -> str:
 
 DOMAINS = {
     "companies": Domain(
-        "companies", _company_name,
+        _company_name,
         {"founder": [f"{a} {b}" for a in FIRST for b in LAST], "city": CITIES, "product": PRODUCTS,
          "year": [str(y) for y in range(1950, 2020)]},
         DOCUMENTS, SERVED_QUESTIONS, EVAL_QUESTIONS),
     "people": Domain(
-        "people", _person_name,
+        _person_name,
         {"hometown": HOMETOWNS, "profession": PROFESSIONS, "instrument": INSTRUMENTS,
          "birth_year": [str(y) for y in range(1940, 2000)]},
         PERSON_DOCUMENTS, PERSON_SERVED_QUESTIONS, PERSON_EVAL_QUESTIONS),
