@@ -37,8 +37,6 @@ PRODUCTS = ["solar panels", "electric bicycles", "frozen pizza", "hiking boots",
             "pipe organs", "rowing machines", "paper lanterns", "fishing nets", "sunglasses", "pocket watches",
             "soap bars"]
 
-ATTRIBUTES = ("founder", "city", "product", "year")
-
 DOCUMENTS = [
     "{entity} is a company headquartered in {city}. It was founded in {year} by {founder}. "
     "Today {entity} is best known for making {product}.",
@@ -148,6 +146,8 @@ DOMAINS = {
          "birth_year": [str(y) for y in range(1940, 2000)]},
         PERSON_DOCUMENTS, PERSON_SERVED_QUESTIONS, PERSON_EVAL_QUESTIONS),
 }
+
+ATTRIBUTES = DOMAINS["companies"].attributes  # the companies' attributes, in the order they are asked
 
 
 @dataclass(frozen=True)
