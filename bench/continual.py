@@ -82,6 +82,8 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "recovered": B.gap_recovered(after["mc"], before["mc"], ceiling),
         # The same items scored inside an answer frame (fastcl.evaluate.ANSWER_FRAME): beside the
         # figures above, never instead of them.
+        # The same three by attribute ("floor_<attribute>", ...): which kinds of value were learned.
+        **by_attribute(facts, before, in_context, after),
         "floor_framed": before["mc_framed"],
         "ceiling_framed": in_context["mc_framed"],
         "after_framed": after["mc_framed"],
@@ -105,6 +107,11 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "general_after": after["general"],
         "general_framed_before": before["general_framed"],
         "general_framed_after": after["general_framed"],
+        # Which option each probe picked, before and after: forgetting traced to the probes it moved.
+        "general_picks_before": before["general_picks"],
+        "general_picks_after": after["general_picks"],
+        "general_framed_picks_before": before["general_framed_picks"],
+        "general_framed_picks_after": after["general_framed_picks"],
         "perplexity_before": before["perplexity"],
         "perplexity_after": after["perplexity"],
         "served_tokens": served.tokens,
@@ -122,6 +129,18 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "gate_repaired": stats["gate_repaired"],
         **rehearsed,
     }
+
+
+def by_attribute(facts, before: dict, in_context: dict, after: dict) -> dict:
+    """Floor, ceiling, after and the fraction of the gap recovered, per attribute, as flat keys
+    ("recovered[founder]", ...) so that summarize() spreads them over seeds like the rest."""
+    floor, ceiling, learned = (B.accuracy_by_attribute(facts, m["mc_hits"]) for m in (before, in_context, after))
+    out = {}
+    for attribute in floor:
+        out |= {f"floor[{attribute}]": floor[attribute], f"ceiling[{attribute}]": ceiling[attribute],
+                f"after[{attribute}]": learned[attribute],
+                f"recovered[{attribute}]": B.gap_recovered(learned[attribute], floor[attribute], ceiling[attribute])}
+    return out
 
 
 def rehearse_and_measure(model, tokenizer, learner, facts, before: dict, in_context: dict, forward: float,
@@ -205,6 +224,11 @@ def table(summary: dict) -> str:
         ("consolidations halved to pass the gate", cell("gate_halved", "{:.1f}")),
         ("consolidations given repair steps (gate_repair)", cell("gate_repaired", "{:.1f}")),
     ]
+    attributes = [k[len("recovered["):-1] for k in summary if k.startswith("recovered[")]
+    split = rows.index(next(r for r in rows if r[0] == "fraction of the gap recovered")) + 1
+    rows[split:split] = [(f"  {a}: floor / ceiling / after (means), recovered",
+                          " / ".join(f"{summary[f'{part}[{a}]'][0]:.3f}" for part in ("floor", "ceiling", "after"))
+                          + f", {cell(f'recovered[{a}]')}") for a in attributes]
     if "exact_before" in summary:
         rows.insert(1 + rows.index(next(r for r in rows if r[0].startswith("the answer's probability"))),
                     ("closed-book exact match, before -> after", change("exact_before", "exact_after")))

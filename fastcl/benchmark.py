@@ -91,19 +91,24 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     """Closed-book (or in-context) MC accuracy on held-out phrasings ("mc") and the answer's mean
     probability over the options ("mc_probability", E.answer_probability), exact-match generation,
     general-knowledge probes and general-text perplexity; with `framed`, the MC items and the
-    probes also scored inside an answer frame ("mc_framed", "general_framed"; E.ANSWER_FRAME)."""
+    probes also scored inside an answer frame ("mc_framed", "general_framed"; E.ANSWER_FRAME).
+    Per item as well: "mc_hits" (E.fact_items' order) and the option each probe picked
+    ("general_picks", "general_framed_picks"), so a change can be traced to what moved."""
     items = E.fact_items(facts, in_context)
     scores = E.multiple_choice_scores(model, tokenizer, items)
-    results = {"mc": E.accuracy_of_scores(scores, items), "mc_probability": E.mean_answer_probability(scores, items)}
+    results = {"mc": E.accuracy_of_scores(scores, items), "mc_probability": E.mean_answer_probability(scores, items),
+               "mc_hits": E.hits_of_scores(scores, items)}
     if framed:
         results["mc_framed"] = E.multiple_choice_accuracy(model, tokenizer, items, frame=E.ANSWER_FRAME)
     if exact and not in_context:
         results["exact"] = E.exact_match(model, tokenizer, facts)
     if general:
         probes = probes or E.load_probes()
-        results["general"] = E.multiple_choice_accuracy(model, tokenizer, probes)
-        if framed:
-            results["general_framed"] = E.multiple_choice_accuracy(model, tokenizer, probes, frame=E.ANSWER_FRAME)
+        frames = {"general": "", "general_framed": E.ANSWER_FRAME} if framed else {"general": ""}
+        for key, frame in frames.items():
+            probe_scores = E.multiple_choice_scores(model, tokenizer, probes, frame=frame)
+            results[key] = E.accuracy_of_scores(probe_scores, probes)
+            results[key + "_picks"] = [E.best_option(row) for row in probe_scores]
         results["perplexity"] = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
     return results
 
@@ -169,3 +174,17 @@ class Controls:
 
 def gap_recovered(after: float, floor: float, ceiling: float) -> float:
     return (after - floor) / (ceiling - floor) if ceiling > floor else float("nan")
+
+
+def accuracy_by_attribute(facts: Sequence[Fact], hits: Sequence[bool]) -> dict[str, float]:
+    """Per attribute, in the order the stream first asks it: the fraction of `hits` (measure()'s
+    "mc_hits", one per fact and held-out phrasing, E.fact_items' order) on that attribute's facts."""
+    attributes = [f.attribute for f in facts for _ in f.eval_questions]
+    if len(attributes) != len(hits):
+        raise ValueError(f"{len(hits)} hits for {len(attributes)} items (one per fact and held-out phrasing)")
+    tally: dict[str, list[int]] = {}
+    for attribute, hit in zip(attributes, hits):
+        counts = tally.setdefault(attribute, [0, 0])
+        counts[0] += bool(hit)
+        counts[1] += 1
+    return {attribute: hit / total for attribute, (hit, total) in tally.items()}

@@ -58,10 +58,26 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     # rehearse(): one pass over the four buffered requests in steps of replay_per_step + 1 = 4
     assert run["rehearse_steps"] == 1 and run["rehearse_forwards"] > 0 and run["rehearsed_perplexity_after"] > 1.0
     assert run["rehearsed_swapped_after"] == run["rehearsed_after"]  # the control, rescored after it
+    # one company, one fact of each attribute: the attributes' scores average to the overall one
+    attributes = [k[len("after["):-1] for k in run if k.startswith("after[")]
+    assert attributes == ["founder", "city", "product", "year"]
+    assert sum(run[f"after[{a}]"] for a in attributes) / 4 == pytest.approx(run["after"])
+    assert sum(run[f"floor[{a}]"] for a in attributes) / 4 == pytest.approx(run["floor"])
+    # the probes' picks, before and after, give back their accuracies
+    probes = fastcl.evaluate.load_probes()  # the fixture's shorter list, as measure() saw it
+    for when in ("before", "after"):
+        picks = run[f"general_picks_{when}"]
+        assert len(picks) == len(probes) and all(0 <= p < len(options) for p, (_, options, _) in zip(picks, probes))
+        assert sum(p == answer for p, (_, _, answer) in zip(picks, probes)) / len(probes) == pytest.approx(
+            run[f"general_{when}"])
+        framed = run[f"general_framed_picks_{when}"]
+        assert sum(p == answer for p, (_, _, answer) in zip(framed, probes)) / len(probes) == pytest.approx(
+            run[f"general_framed_{when}"])
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), f"run_seed left {name} changed"
     summary = continual.summarize([run, run])
+    assert "  city: floor / ceiling / after (means), recovered" in continual.table(summary)
     assert summary["after"] == (run["after"], 0.0)
     assert "fraction of the gap recovered" in continual.table(summary)
     assert "answer frame" in continual.table(summary)

@@ -152,3 +152,23 @@ def test_binding_items_offer_only_the_streams_values_of_the_same_attribute():
     # one company: no other value to offer, so the answer stands alone
     lone = F.fact_stream(1, seed=7)
     assert all(options == (lone[0].value,) for _, options, _ in binding_items(lone[:1], seed=0))
+
+
+@pytest.mark.parametrize("domain", sorted(F.DOMAINS))
+def test_accuracy_by_attribute_splits_the_items_in_stream_order(domain):
+    from fastcl.benchmark import accuracy_by_attribute
+    from fastcl.evaluate import fact_items
+
+    facts = F.fact_stream(3, seed=5, domain=domain)
+    items = fact_items(facts, in_context=False)
+    # hit exactly the items of the domain's first attribute, and one item of its second
+    first, second = F.DOMAINS[domain].attributes[:2]
+    attributes = [f.attribute for f in facts for _ in f.eval_questions]
+    hits = [a == first for a in attributes]
+    hits[attributes.index(second)] = True
+    split = accuracy_by_attribute(facts, hits)
+    assert list(split) == list(dict.fromkeys(attributes)) and len(items) == len(hits)
+    assert split[first] == 1.0 and split[second] == 1 / attributes.count(second)
+    assert all(split[a] == 0.0 for a in split if a not in (first, second))
+    with pytest.raises(ValueError, match="hits for"):
+        accuracy_by_attribute(facts, hits[:-1])
