@@ -158,3 +158,31 @@ def test_continual_serves_the_domain_it_is_given(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         continual.main(["--domain", "pets"])
     assert "invalid choice: 'pets'" in capsys.readouterr().err
+
+
+def test_probe_shifts_lists_the_probes_a_run_moved(tmp_path, capsys):
+    from fastcl.evaluate import load_probes
+
+    probe_shifts = load_bench("probe_shifts")
+    probes = load_probes()
+    answers = [answer for _, _, answer in probes]
+    wrong = [(answer + 1) % len(options) for _, options, answer in probes]
+    seville = next(i for i, (_, options, _) in enumerate(probes) if "Seville" in options)  # a people hometown
+    framed_after = list(answers)
+    framed_after[seville] = probes[seville][1].index("Seville")  # lost, to a value people draw from
+    framed_after[0] = wrong[0]  # lost, to an ordinary distractor
+    framed_before = list(answers)
+    framed_before[1] = wrong[1]  # gained
+    run = {"seed": 2, "general_framed_picks_before": framed_before, "general_framed_picks_after": framed_after,
+           "general_picks_before": answers, "general_picks_after": answers}
+    path = tmp_path / "p2.json"
+    path.write_text(json.dumps({"domain": "people", "runs": [run]}))
+    assert probe_shifts.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "people, seed 2: 2 lost, 1 gained; 1 of the lost now pick a people value" in out
+    assert f"lost   #{seville:3d}" in out and "-> 'Seville'" in out and "gained #  1" in out
+    assert probe_shifts.main([str(path), "--bare"]) == 0
+    assert "0 lost, 0 gained" in capsys.readouterr().out
+    path.write_text(json.dumps({"domain": "people", "runs": [{"seed": 2}]}))  # a run from before picks were saved
+    assert probe_shifts.main([str(path)]) == 1
+    assert "general_framed_picks_before" in capsys.readouterr().err
