@@ -169,9 +169,9 @@ def main():
         cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
     setup(
         version=version,
-        packages=["fastcl", "fastcl.ops", "fastcl.kernels"],
+        packages=["fastcl", "fastcl.ops", "fastcl.kernels", "fastcl.data"],
         package_dir={"fastcl": "fastcl", "fastcl.kernels": "kernels"},
-        package_data={"fastcl": ["data/*"]},
+        package_data={"fastcl.data": ["*.txt", "*.jsonl"]},  # the probes and texts evaluate.py reads
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

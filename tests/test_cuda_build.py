@@ -300,6 +300,7 @@ _SMOKE = textwrap.dedent("""
     import importlib.metadata, importlib.util, json, sys
     import torch
     import fastcl
+    from fastcl.evaluate import load_probes, load_text
     from fastcl.ops import lowrank_linear
     x, W, A, B = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
     y = lowrank_linear(x, W, None, A, B, torch.zeros(5, 2), 0.5, backend="torch")
@@ -307,7 +308,8 @@ _SMOKE = textwrap.dedent("""
     print(json.dumps({"file": fastcl.__file__, "dist_version": importlib.metadata.version("fastcl"),
                       "info": fastcl.info(), "has_C": importlib.util.find_spec("fastcl._C") is not None,
                       "has_serving": importlib.util.find_spec("fastcl._serving") is not None,
-                      "op_ok": ok}, default=str))
+                      "op_ok": ok, "probes": len(load_probes()), "text": len(load_text("general_text.txt"))},
+                     default=str))
 """)
 
 
@@ -342,6 +344,7 @@ def test_cpu_wheel_builds_installs_and_reports_why_cuda_is_unavailable(tmp_path)
     assert report["file"].startswith(str(venv)), f"imported {report['file']}, not the installed wheel"
     assert report["dist_version"] == "0.1.0+cpu"
     assert report["op_ok"]
+    assert report["probes"] >= 100 and report["text"] > 1000, "the wheel must ship fastcl/data (probes, texts)"
     assert not report["has_C"], "a CPU build must not ship fastcl._C"
     assert report["has_serving"] and report["info"]["decode_closure"].startswith("C++ (fastcl._serving")
     cuda = report["info"]["backends"]["cuda"]
