@@ -62,7 +62,7 @@ import torch
 import fastcl
 from fastcl import benchmark as B
 from fastcl import evaluate as E
-from fastcl.facts import ATTRIBUTES, fact_stream
+from fastcl.facts import DOMAINS, fact_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import DEFAULT, parse_overrides  # noqa: E402
@@ -156,9 +156,9 @@ def states_value(tokenizer, facts, answers) -> list[bool]:
 
 
 def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_base: bool = False,
-             trajectory_every: int = 0, rehearse: bool = False) -> dict:
+             trajectory_every: int = 0, rehearse: bool = False, domain: str = "companies") -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    facts = fact_stream(companies, seed=seed)
+    facts = fact_stream(companies, seed=seed, domain=domain)
     base_states = states_value(tokenizer, facts, B.serve(model, tokenizer, None, facts).answers) if served_base else None
     served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
     picks, probability_before = held_out_picks(model, tokenizer, facts)
@@ -190,7 +190,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     def by_attribute(xs: list[float]) -> dict:
         """Per attribute: a founder (pool of 900) rarely meets another learned value among its
         options, a year (70) sometimes, a city or product (30 each) often."""
-        return {a: round(mean([x for x, f in zip(xs, facts) if f.attribute == a]), 3) for a in ATTRIBUTES}
+        return {a: round(mean([x for x, f in zip(xs, facts) if f.attribute == a]), 3) for a in DOMAINS[domain].attributes}
 
     def end_of_stream() -> tuple[dict, list[float], list[int]]:
         picks, probability_after = held_out_picks(model, tokenizer, facts)
@@ -228,7 +228,7 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     return {
-        "seed": seed, "floor": mean(floor), "floor_by_attribute": by_attribute(floor), "ceiling": ceiling, **measured,
+        "seed": seed, "domain": domain, "floor": mean(floor), "floor_by_attribute": by_attribute(floor), "ceiling": ceiling, **measured,
         "served_floor": mean(served_floor), "immediate": mean(immediate),
         "served_states_value_by_quarter": by_quarter(states_value(tokenizer, facts, served.answers)),
         **({"base_states_value_by_quarter": by_quarter(base_states)} if base_states is not None else {}),
@@ -281,7 +281,9 @@ def compare_saved(ours_path: str, theirs_path: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 12])
-    parser.add_argument("--companies", type=int, default=10)
+    parser.add_argument("--companies", type=int, default=10, help="entities a stream, 4 facts each")
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="companies",
+                        help="the fact domain (people: held out from development, a check only)")
     parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json")
     parser.add_argument("--against", nargs="*", help="a second recipe (patch() overrides as key=json) run on the "
                         "same streams; the paired differences are printed at the end")
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
         for options, done in zip(recipes, results):
             start = time.perf_counter()
             done.append(diagnose(model, tokenizer, seed, args.companies, options, args.served_base,
-                                 args.trajectory, args.rehearse))
+                                 args.trajectory, args.rehearse, args.domain))
             print(json.dumps({"options": options, **done[-1], "seconds": round(time.perf_counter() - start)}),
                   flush=True)
     if len(recipes) == 2:

@@ -2,6 +2,7 @@
 value, per attribute: the teacher every recipe learns from.
 
     python bench/served_answers.py --seeds 4 14
+    python bench/served_answers.py --seeds 1 2 3 --domain people
 
 A value is "stated" if its text occurs in the answer (diagnose_stream.states_value, as its
 served_states_value counts it), "all tokens" if every token of the value, spelled as in the
@@ -22,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diagnose_stream import states_value  # noqa: E402
-from fastcl.facts import ATTRIBUTES, fact_stream  # noqa: E402
+from fastcl.facts import DOMAINS, fact_stream  # noqa: E402
 
 MEASURES = ("stated", "all_tokens", "some_tokens")
 
 
 def by_attribute(tokenizer, facts, answers) -> dict[str, dict[str, float]]:
-    """Per attribute, the share of answers meeting each of MEASURES."""
-    counts = {a: dict.fromkeys(("facts", *MEASURES), 0) for a in ATTRIBUTES}
+    """Per attribute (in the order the stream first asks it), the share of answers meeting each of MEASURES."""
+    counts = {f.attribute: dict.fromkeys(("facts", *MEASURES), 0) for f in facts}
     for fact, answer, stated in zip(facts, answers, states_value(tokenizer, facts, answers)):
         answered = set(answer)
         present = [t in answered for t in tokenizer(" " + fact.value, add_special_tokens=False)["input_ids"]]
@@ -38,13 +39,14 @@ def by_attribute(tokenizer, facts, answers) -> dict[str, dict[str, float]]:
         row["stated"] += stated
         row["all_tokens"] += all(present)
         row["some_tokens"] += any(present)
-    return {a: {m: round(row[m] / row["facts"], 3) for m in MEASURES} for a, row in counts.items() if row["facts"]}
+    return {a: {m: round(row[m] / row["facts"], 3) for m in MEASURES} for a, row in counts.items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[4, 14])
-    parser.add_argument("--companies", type=int, default=20)
+    parser.add_argument("--companies", type=int, default=20, help="entities a stream, 4 facts each")
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="companies")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,9 +58,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_default()
     for seed in args.seeds:
-        facts = fact_stream(args.companies, seed=seed)
+        facts = fact_stream(args.companies, seed=seed, domain=args.domain)
         answers = B.serve(model, tokenizer, None, facts).answers
-        print(json.dumps({"seed": seed, "by_attribute": by_attribute(tokenizer, facts, answers)}), flush=True)
+        print(json.dumps({"seed": seed, "domain": args.domain, "by_attribute": by_attribute(tokenizer, facts, answers)}),
+              flush=True)
     return 0
 
 

@@ -147,8 +147,6 @@ DOMAINS = {
         PERSON_DOCUMENTS, PERSON_SERVED_QUESTIONS, PERSON_EVAL_QUESTIONS),
 }
 
-ATTRIBUTES = DOMAINS["companies"].attributes  # the companies' attributes, in the order they are asked
-
 
 @dataclass(frozen=True)
 class Fact:

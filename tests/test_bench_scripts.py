@@ -158,6 +158,16 @@ def test_continual_serves_the_domain_it_is_given(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         continual.main(["--domain", "pets"])
     assert "invalid choice: 'pets'" in capsys.readouterr().err
+    # the development scripts take the same flag
+    diagnose_stream = load_bench("diagnose_stream")
+    monkeypatch.setattr(diagnose_stream, "fact_stream", stream)
+    with pytest.raises(Drawn):
+        diagnose_stream.diagnose(torch.nn.Linear(1, 1), None, seed=5, companies=2, options={}, domain="people")
+    assert drawn == {"n": 2, "seed": 5, "domain": "people"}
+    for script in (diagnose_stream, load_bench("served_answers")):
+        with pytest.raises(SystemExit):
+            script.main(["--domain", "pets"])
+        assert "invalid choice: 'pets'" in capsys.readouterr().err
 
 
 def test_probe_shifts_lists_the_probes_a_run_moved(tmp_path, capsys):
