@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Iterable, Optional, Sequence
 
 from .ops.backends import CHOICES as BACKEND_CHOICES
@@ -19,7 +21,9 @@ LAYER_OPTIONS = ("learn_at", "projection", "lr")  # what layer_options may set p
 # Qwen2, Mistral, GPT-NeoX and GPT-2 name their feed-forward block so; tested) learns at the
 # entity in a fitted A at 2e-3, attention at every position at the learner's lr (measured with
 # lr=1.5e-3: bench/RESULTS.md, "Two recipes on disjoint layers on the reported seeds 1-3").
-MLP_ENTITY_KEYED = {r".*\.mlp\..*": {"learn_at": "entity", "projection": "whitened", "lr": 2e-3}}
+# Read-only, so that one caller's edit cannot change what the next one patches with.
+MLP_ENTITY_KEYED = MappingProxyType(
+    {r".*\.mlp\..*": MappingProxyType({"learn_at": "entity", "projection": "whitened", "lr": 2e-3})})
 
 
 def name_matches(patterns: Iterable[str], name: str) -> Optional[str]:
@@ -223,8 +227,8 @@ class LearnerConfig:
     def _check_layer_options(self) -> None:
         if self.layer_options is None:
             return
-        if not isinstance(self.layer_options, dict) or not all(
-                isinstance(k, str) and isinstance(v, dict) for k, v in self.layer_options.items()):
+        if not isinstance(self.layer_options, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, Mapping) for k, v in self.layer_options.items()):
             raise ValueError(f"layer_options must map layer-name patterns to dicts of options, "
                              f"got {self.layer_options!r}")
         self.layer_options = {pattern: dict(options) for pattern, options in self.layer_options.items()}

@@ -135,3 +135,5 @@ def test_the_mlp_preset_keys_every_mlp_layer_and_only_those(arch):
                     else {"learn_at": "all", "projection": "random", "lr": 1.5e-3})
         assert learner.config.layer(name) == expected, name
     assert sorted(g["lr"] for g in learner.optimizer.param_groups) == [1.5e-3, 2e-3]
+    with pytest.raises(TypeError):  # the preset is read-only: an edit here would change every later patch
+        fastcl.MLP_ENTITY_KEYED[r".*\.mlp\..*"]["lr"] = 1.0
