@@ -39,15 +39,18 @@ def _plot(points: list[dict], path: str, ceiling: float, n_probes: int) -> None:
     plt.close(fig)
 
 
-def run_demo(seed: int = 0, companies: int = 6, out: str = "fastcl-demo.png", checkpoints: int = 3) -> int:
+def run_demo(seed: int = 0, companies: int = 6, out: str = "fastcl-demo.png", checkpoints: int = 3,
+             domain: str = "companies") -> int:
+    """Serve `companies` fictional entities of `domain` (fastcl.facts.DOMAINS), 4 facts each, and
+    learn from them; print the before/after table and write the plot to `out`."""
     import fastcl
 
     start = time.perf_counter()
     model, tokenizer = fastcl.models.load_default()
     print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - start:.0f}s")
-    facts = fact_stream(companies, seed=seed)
+    facts = fact_stream(companies, seed=seed, domain=domain)
     probes = E.load_probes()[::3]  # a third of the probes for the curve; all of them before and after
-    print(f"measuring before learning ({len(facts)} new facts, {len(probes)}-probe curve)...")
+    print(f"measuring before learning ({len(facts)} new facts about fictional {domain}, {len(probes)}-probe curve)...")
     before = B.measure(model, tokenizer, facts, exact=False)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
     points = [{"tokens": 0, "closed": before["mc"],

@@ -1,3 +1,5 @@
+import pytest
+
 import fastcl
 from fastcl.ops import backends
 
@@ -27,3 +29,20 @@ def test_fastcl_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("FASTCL_BACKEND", "cuda")
     with pytest.raises(fastcl.BackendUnavailable, match="cuda"):
         fastcl.patch(tiny_model("llama"), rank=2)
+
+
+def test_demo_command_passes_its_options(monkeypatch, capsys):
+    """`fastcl demo` hands its flags to run_demo (the demo itself runs in test_demo.py); an unknown
+    domain stops at the command line."""
+    import fastcl.demo
+    from fastcl import cli
+
+    calls = []
+    monkeypatch.setattr(fastcl.demo, "run_demo", lambda **kwargs: calls.append(kwargs) or 0)
+    assert cli.main(["demo", "--domain", "people", "--companies", "3", "--seed", "2", "--out", "p.png"]) == 0
+    assert cli.main(["demo"]) == 0
+    assert calls == [{"seed": 2, "companies": 3, "out": "p.png", "domain": "people"},
+                     {"seed": 0, "companies": 6, "out": "fastcl-demo.png", "domain": "companies"}]
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--domain", "pets"])
+    assert "invalid choice: 'pets'" in capsys.readouterr().err
