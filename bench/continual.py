@@ -80,6 +80,10 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "ceiling": ceiling,
         "after": after["mc"],
         "recovered": B.gap_recovered(after["mc"], before["mc"], ceiling),
+        # What a learner would score that prefers every value the stream taught and knows no
+        # entity's (B.pull_only_accuracy): the share of the score the stream's pools give away.
+        "pull_only": B.pull_only_accuracy(facts),
+        "pull_only_recovered": B.gap_recovered(B.pull_only_accuracy(facts), before["mc"], ceiling),
         # The same items scored inside an answer frame (fastcl.evaluate.ANSWER_FRAME): beside the
         # figures above, never instead of them.
         # The same three by attribute ("floor_<attribute>", ...): which kinds of value were learned.
@@ -135,11 +139,13 @@ def by_attribute(facts, before: dict, in_context: dict, after: dict) -> dict:
     """Floor, ceiling, after and the fraction of the gap recovered, per attribute, as flat keys
     ("recovered[founder]", ...) so that summarize() spreads them over seeds like the rest."""
     floor, ceiling, learned = (B.accuracy_by_attribute(facts, m["mc_hits"]) for m in (before, in_context, after))
+    pull = B.accuracy_by_attribute(facts, B.pull_only_hits(facts))
     out = {}
     for attribute in floor:
         out |= {f"floor[{attribute}]": floor[attribute], f"ceiling[{attribute}]": ceiling[attribute],
                 f"after[{attribute}]": learned[attribute],
-                f"recovered[{attribute}]": B.gap_recovered(learned[attribute], floor[attribute], ceiling[attribute])}
+                f"recovered[{attribute}]": B.gap_recovered(learned[attribute], floor[attribute], ceiling[attribute]),
+                f"pull_only[{attribute}]": pull[attribute]}
     return out
 
 
@@ -198,6 +204,8 @@ def table(summary: dict) -> str:
         ("in-context MC (ceiling)", cell("ceiling")),
         ("closed-book MC after learning", cell("after")),
         ("fraction of the gap recovered", cell("recovered")),
+        ("  reference: a learner that prefers every learned value and knows no entity's, MC / recovered",
+         f"{cell('pull_only')} / {cell('pull_only_recovered')}"),
         ("control: the same questions about another entity of the stream (the fact's value picked), before -> after",
          change("swapped_before", "swapped_after")),
         ("binding: distractors are the stream's other learned values of the attribute: floor", cell("binding_floor")),
@@ -225,9 +233,10 @@ def table(summary: dict) -> str:
         ("consolidations given repair steps (gate_repair)", cell("gate_repaired", "{:.1f}")),
     ]
     attributes = [k[len("recovered["):-1] for k in summary if k.startswith("recovered[")]
-    split = rows.index(next(r for r in rows if r[0] == "fraction of the gap recovered")) + 1
-    rows[split:split] = [(f"  {a}: floor / ceiling / after (means), recovered",
-                          " / ".join(f"{summary[f'{part}[{a}]'][0]:.3f}" for part in ("floor", "ceiling", "after"))
+    split = rows.index(next(r for r in rows if r[0] == "fraction of the gap recovered")) + 2  # after the reference
+    rows[split:split] = [(f"  {a}: floor / ceiling / after / the reference learner (means), recovered",
+                          " / ".join(f"{summary[f'{part}[{a}]'][0]:.3f}"
+                                     for part in ("floor", "ceiling", "after", "pull_only"))
                           + f", {cell(f'recovered[{a}]')}") for a in attributes]
     if "exact_before" in summary:
         rows.insert(1 + rows.index(next(r for r in rows if r[0].startswith("the answer's probability"))),

@@ -177,14 +177,35 @@ def gap_recovered(after: float, floor: float, ceiling: float) -> float:
 
 
 def accuracy_by_attribute(facts: Sequence[Fact], hits: Sequence[bool]) -> dict[str, float]:
-    """Per attribute, in the order the stream first asks it: the fraction of `hits` (measure()'s
-    "mc_hits", one per fact and held-out phrasing, E.fact_items' order) on that attribute's facts."""
+    """Per attribute, in the order the stream first asks it: the mean of `hits` (measure()'s
+    "mc_hits", or pull_only_hits: one per fact and held-out phrasing, E.fact_items' order) over
+    that attribute's items."""
     attributes = [f.attribute for f in facts for _ in f.eval_questions]
     if len(attributes) != len(hits):
         raise ValueError(f"{len(hits)} hits for {len(attributes)} items (one per fact and held-out phrasing)")
-    tally: dict[str, list[int]] = {}
+    tally: dict[str, list[float]] = {}
     for attribute, hit in zip(attributes, hits):
-        counts = tally.setdefault(attribute, [0, 0])
-        counts[0] += bool(hit)
+        counts = tally.setdefault(attribute, [0.0, 0])
+        counts[0] += float(hit)
         counts[1] += 1
     return {attribute: hit / total for attribute, (hit, total) in tally.items()}
+
+
+def pull_only_hits(facts: Sequence[Fact]) -> list[float]:
+    """Per held-out item (E.fact_items' order), the expected hit of a learner that knows nothing
+    about which entity has which value, only that the stream's values are the ones to pick: it
+    picks uniformly among the options the stream taught (the answer and any distractor that is
+    another fact's value of the same attribute), so 1 / (1 + such distractors). What the score
+    rewards without any binding: an attribute drawn from a large pool (founders) rarely offers a
+    learned distractor, one drawn from a small pool often does."""
+    learned: dict[str, set[str]] = {}
+    for f in facts:
+        learned.setdefault(f.attribute, set()).add(f.value)
+    return [1 / (1 + sum(o in learned[f.attribute] for k, o in enumerate(f.options) if k != f.answer_index))
+            for f in facts for _ in f.eval_questions]
+
+
+def pull_only_accuracy(facts: Sequence[Fact]) -> float:
+    """The mean of pull_only_hits: that learner's closed-book MC accuracy."""
+    hits = pull_only_hits(facts)
+    return sum(hits) / max(len(hits), 1)

@@ -77,7 +77,9 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), f"run_seed left {name} changed"
     summary = continual.summarize([run, run])
-    assert "  city: floor / ceiling / after (means), recovered" in continual.table(summary)
+    assert "  city: floor / ceiling / after / the reference learner (means), recovered" in continual.table(summary)
+    # one company: no other learned value among any item's options, so the reference learner is always right
+    assert run["pull_only"] == 1.0 and all(run[f"pull_only[{a}]"] == 1.0 for a in attributes)
     assert summary["after"] == (run["after"], 0.0)
     assert "fraction of the gap recovered" in continual.table(summary)
     assert "answer frame" in continual.table(summary)

@@ -172,3 +172,27 @@ def test_accuracy_by_attribute_splits_the_items_in_stream_order(domain):
     assert all(split[a] == 0.0 for a in split if a not in (first, second))
     with pytest.raises(ValueError, match="hits for"):
         accuracy_by_attribute(facts, hits[:-1])
+
+
+def test_pull_only_hits_count_the_learned_values_among_the_options():
+    from fastcl.benchmark import accuracy_by_attribute, pull_only_accuracy, pull_only_hits
+
+    facts = F.fact_stream(3, seed=5)
+    cities = [f for f in facts if f.attribute == "city"][:2]
+    first, second = cities
+    # the first city's item offers the second city's value beside its own: two learned options
+    options = [second.value if k == (first.answer_index + 1) % 5 else o for k, o in enumerate(first.options)]
+    assert len(set(options)) == 5
+    facts = [dataclasses.replace(f, options=tuple(options)) if f is first else f for f in facts]
+    hits = pull_only_hits(facts)
+    per_fact = hits[::len(facts[0].eval_questions)]
+    assert per_fact[facts.index(next(f for f in facts if f.value == first.value))] == 0.5
+    # the second city's own options may hold the first's value too; every other fact is judged the same way
+    for fact, hit in zip(facts, per_fact):
+        learned = {f.value for f in facts if f.attribute == fact.attribute}
+        distractors = [o for k, o in enumerate(fact.options) if k != fact.answer_index]
+        assert hit == 1 / (1 + sum(o in learned for o in distractors))
+    assert pull_only_accuracy(facts) == pytest.approx(sum(hits) / len(hits))
+    assert accuracy_by_attribute(facts, hits)["city"] < 1.0
+    # founders come from a pool of 900: a learned founder among the distractors is rare
+    assert accuracy_by_attribute(F.fact_stream(20, seed=1), pull_only_hits(F.fact_stream(20, seed=1)))["founder"] > 0.9
