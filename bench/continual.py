@@ -74,6 +74,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
     first_pass = sum(costs.get(k, 0.0) for k in ("teacher", "learn"))
     # Self-generated data (self_study) is reported apart, as the cost target asks.
     self_generated = sum(costs.get(k, 0.0) for k in SELF_GENERATED)
+    pull_only = B.pull_only_accuracy(facts)
     return {
         "seed": seed,
         "floor": before["mc"],
@@ -82,12 +83,12 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "recovered": B.gap_recovered(after["mc"], before["mc"], ceiling),
         # What a learner would score that prefers every value the stream taught and knows no
         # entity's (B.pull_only_accuracy): the share of the score the stream's pools give away.
-        "pull_only": B.pull_only_accuracy(facts),
-        "pull_only_recovered": B.gap_recovered(B.pull_only_accuracy(facts), before["mc"], ceiling),
+        "pull_only": pull_only,
+        "pull_only_recovered": B.gap_recovered(pull_only, before["mc"], ceiling),
+        # The same by attribute ("floor[city]", ...): which kinds of value were learned.
+        **by_attribute(facts, before, in_context, after),
         # The same items scored inside an answer frame (fastcl.evaluate.ANSWER_FRAME): beside the
         # figures above, never instead of them.
-        # The same three by attribute ("floor_<attribute>", ...): which kinds of value were learned.
-        **by_attribute(facts, before, in_context, after),
         "floor_framed": before["mc_framed"],
         "ceiling_framed": in_context["mc_framed"],
         "after_framed": after["mc_framed"],

@@ -190,7 +190,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     def by_attribute(xs: list[float]) -> dict:
         """Per attribute: a founder (pool of 900) rarely meets another learned value among its
         options, a year (70) sometimes, a city or product (30 each) often."""
-        return {a: round(mean([x for x, f in zip(xs, facts) if f.attribute == a]), 3) for a in DOMAINS[domain].attributes}
+        return {a: round(mean([x for x, f in zip(xs, facts) if f.attribute == a]), 3)
+                for a in DOMAINS[domain].attributes}
 
     def end_of_stream() -> tuple[dict, list[float], list[int]]:
         picks, probability_after = held_out_picks(model, tokenizer, facts)
@@ -228,7 +229,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
     fastcl.unpatch(model, merge=False)
     model.load_state_dict(original)
     return {
-        "seed": seed, "domain": domain, "floor": mean(floor), "floor_by_attribute": by_attribute(floor), "ceiling": ceiling, **measured,
+        "seed": seed, "domain": domain, "floor": mean(floor), "floor_by_attribute": by_attribute(floor),
+        "ceiling": ceiling, **measured,
         "served_floor": mean(served_floor), "immediate": mean(immediate),
         "served_states_value_by_quarter": by_quarter(states_value(tokenizer, facts, served.answers)),
         **({"base_states_value_by_quarter": by_quarter(base_states)} if base_states is not None else {}),
