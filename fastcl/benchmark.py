@@ -124,6 +124,15 @@ def swapped_entity_items(facts: Sequence[Fact]) -> list[tuple[str, tuple[str, ..
     return [(q.replace(f.entity, other[f.entity]), f.options, f.answer_index) for f in facts for q in f.eval_questions]
 
 
+def learned_values(facts: Sequence[Fact]) -> dict[str, list[str]]:
+    """Per attribute, the stream's distinct values in the order first served: what it teaches."""
+    values: dict[str, list[str]] = {}
+    for f in facts:
+        if f.value not in values.setdefault(f.attribute, []):
+            values[f.attribute].append(f.value)
+    return values
+
+
 def binding_items(facts: Sequence[Fact], in_context: bool = False, n_options: int = 5,
                   seed: int = 0) -> list[tuple[str, tuple[str, ...], int]]:
     """Each fact's held-out questions with the stream's *other* values of the same attribute as
@@ -132,10 +141,7 @@ def binding_items(facts: Sequence[Fact], in_context: bool = False, n_options: in
     of its kind cancels and a hit needs knowing which entity the value belongs to. Seeded, so
     before and after score the same items; with the document in context for the ceiling."""
     rng = random.Random(seed)
-    values: dict[str, list[str]] = {}
-    for f in facts:
-        if f.value not in values.setdefault(f.attribute, []):
-            values[f.attribute].append(f.value)
+    values = learned_values(facts)
     items = []
     for f in facts:
         others = [v for v in values[f.attribute] if v != f.value]
@@ -198,9 +204,7 @@ def pull_only_hits(facts: Sequence[Fact]) -> list[float]:
     another fact's value of the same attribute), so 1 / (1 + such distractors). What the score
     rewards without any binding: an attribute drawn from a large pool (founders) rarely offers a
     learned distractor, one drawn from a small pool often does."""
-    learned: dict[str, set[str]] = {}
-    for f in facts:
-        learned.setdefault(f.attribute, set()).add(f.value)
+    learned = learned_values(facts)
     return [1 / (1 + sum(o in learned[f.attribute] for k, o in enumerate(f.options) if k != f.answer_index))
             for f in facts for _ in f.eval_questions]
 
