@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fastcl.info import cpu_model  # noqa: E402
+from fastcl.precision import cpu_has_native_bf16  # noqa: E402
 
 if os.environ.get("FASTCL_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FASTCL_BENCH_THREADS"]))
@@ -30,6 +31,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),  # backward_dtype="auto" runs dX in bf16 only where True
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         # 1, 5 and 15 minute load averages when the run started and when it ended: other work on
         # the machine skews absolute times (ratios measured side by side suffer less).

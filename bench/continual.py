@@ -36,7 +36,7 @@ import fastcl
 from fastcl import benchmark as B
 from fastcl import evaluate as E
 from fastcl.facts import DOMAINS, fact_stream
-from fastcl.info import cpu_model
+from fastcl.info import describe_machine, machine
 from fastcl.timing import seconds_since
 
 # The shipped defaults of fastcl.patch() are the recipe under test; --ablation overrides them.
@@ -294,14 +294,15 @@ def main(argv=None) -> int:
                              rehearse=args.rehearse, domain=args.domain))
         print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     summary = summarize(runs)
+    # The CPU's ISA and native bf16 change the numbers (bench/RESULTS.md), so every run names them.
+    where = machine(args.device, options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
     print(f"fastcl continual benchmark: SmolLM2-135M-Instruct, {args.companies} {args.domain} x 4 facts, "
-          f"seeds {args.seeds}, options {options}, "
-          + (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-             else f"{cpu_model()}, {torch.get_num_threads()} threads"))
+          f"seeds {args.seeds}, options {options}, {describe_machine(where)}")
     print(table(summary))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"domain": args.domain, "options": options, "runs": runs, "summary": summary}, handle, indent=1)
+            json.dump({"domain": args.domain, "options": options, "machine": where, "runs": runs, "summary": summary},
+                      handle, indent=1)
     return 0
 
 

@@ -63,6 +63,7 @@ import fastcl
 from fastcl import benchmark as B
 from fastcl import evaluate as E
 from fastcl.facts import DOMAINS, fact_stream
+from fastcl.info import machine, machine_differences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual import DEFAULT, parse_overrides  # noqa: E402
@@ -276,8 +277,15 @@ def compare_saved(ours_path: str, theirs_path: str) -> str:
     seeds = sorted(set(ours) & set(theirs))
     if not seeds:
         raise SystemExit(f"no stream is in both {ours_path} and {theirs_path}")
-    recipes = [next(iter(ours.values()))["options"], next(iter(theirs.values()))["options"]]
-    return comparison(recipes, [[ours[s] for s in seeds], [theirs[s] for s in seeds]], seeds)
+    first = [next(iter(ours.values())), next(iter(theirs.values()))]
+    recipes = [row["options"] for row in first]
+    text = comparison(recipes, [[ours[s] for s in seeds], [theirs[s] for s in seeds]], seeds)
+    # Another CPU serves and learns differently (its ISA, bf16 input gradients): say so first.
+    differences = machine_differences(*(row.get("machine") for row in first))
+    if differences:
+        text = ("warning: the two runs are from different machines or settings, so part of each difference may "
+                "be the machine's: " + "; ".join(differences) + "\n" + text)
+    return text
 
 
 def main(argv=None) -> int:
@@ -318,8 +326,9 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             done.append(diagnose(model, tokenizer, seed, args.companies, options, args.served_base,
                                  args.trajectory, args.rehearse, args.domain))
-            print(json.dumps({"options": options, **done[-1], "seconds": round(time.perf_counter() - start)}),
-                  flush=True)
+            seconds = round(time.perf_counter() - start)
+            where = machine(args.device, options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
+            print(json.dumps({"options": options, **done[-1], "seconds": seconds, "machine": where}), flush=True)
     if len(recipes) == 2:
         print(comparison(recipes, results, args.seeds))
     return 0

@@ -26,6 +26,10 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
+def _yes_no(flag) -> str:
+    return "?" if flag is None else ("yes" if flag else "no")
+
+
 def header(run: dict) -> str:
     m = run.get("machine_info", {})
     f = m.get("fastcl", {})
@@ -33,7 +37,8 @@ def header(run: dict) -> str:
     device = f.get("gpu") or f"{f.get('cpu_model', m.get('cpu', {}).get('brand_raw', '?'))}"
     lines = [
         f"- Machine: {device}, {f.get('cpu_count', '?')} cores, torch {f.get('torch', '?')} "
-        f"({f.get('cpu_capability', '?')}), **{f.get('torch_threads', '?')} torch threads**",
+        f"({f.get('cpu_capability', '?')}, native bf16 {_yes_no(f.get('cpu_native_bf16'))}), "
+        f"**{f.get('torch_threads', '?')} torch threads**",
         f"- Load average (1/5/15 min) at start {_load(f.get('loadavg_start'))}, at end {_load(f.get('loadavg_end'))}",
         f"- Run {run.get('datetime', '?')}, commit {commit.get('id', '?')[:10]}"
         f"{' (with uncommitted changes)' if commit.get('dirty') else ''}",

@@ -88,6 +88,43 @@ def test_diagnose_stream_compares_saved_runs(tmp_path):
     assert "+0.0250" in probability, "pairs of [before, after] compare the afters"
 
 
+def test_diagnose_stream_warns_when_saved_runs_come_from_different_machines(tmp_path):
+    from fastcl.info import machine
+
+    here = machine("cpu", "auto")
+    elsewhere = {**here, "cpu_capability": "ANOTHER"}
+
+    def run(path, where):
+        path.write_text(json.dumps({"options": {"rank": 16}, "seed": 14, "recovered": 0.3, "answer_probability": 0.4,
+                                    "general_after": 0.45, "perplexity_after": 15.5, "machine": where}))
+        return str(path)
+
+    diagnose_stream = load_bench("diagnose_stream")
+    same = diagnose_stream.compare_saved(run(tmp_path / "a", here), run(tmp_path / "b", dict(here)))
+    assert "warning" not in same and "recovered" in same
+    differ = diagnose_stream.compare_saved(run(tmp_path / "a", here), run(tmp_path / "b", elsewhere))
+    assert differ.startswith("warning: the two runs are from different machines"), differ
+    assert f"cpu_capability: {here['cpu_capability']!r} != 'ANOTHER'" in differ.splitlines()[0]
+    unrecorded = diagnose_stream.compare_saved(run(tmp_path / "a", here), run(tmp_path / "b", None))
+    assert "machine not recorded for theirs" in unrecorded.splitlines()[0]
+
+
+def test_continual_records_the_machine_and_its_input_gradients(monkeypatch, tmp_path, capsys):
+    """Every continual run names the CPU's ISA and the input gradients' dtype the recipe resolved
+    to (bf16 on CPUs with native bf16 by default): the same seed learns differently across them."""
+    continual = load_bench("continual")
+    monkeypatch.setattr(continual.fastcl.models, "load_default", lambda device: (None, None))
+    monkeypatch.setattr(continual, "run_seed", lambda *args, **kwargs: {"seed": 1})
+    monkeypatch.setattr(continual, "summarize", lambda runs: {})
+    monkeypatch.setattr(continual, "table", lambda summary: "")
+    for setting, dtype in (("null", "float32"), ('"bfloat16"', "bfloat16")):
+        out = tmp_path / f"{dtype}.json"
+        assert continual.main(["--seeds", "1", "--json", str(out), "--ablation", f"backward_dtype={setting}"]) == 0
+        where = json.loads(out.read_text())["machine"]
+        assert where["input_gradients"] == dtype and where["cpu_capability"]
+        assert f"input gradients in {dtype}" in capsys.readouterr().out
+
+
 def test_report_prints_both_input_gradient_precisions():
     report = load_bench("report")
 

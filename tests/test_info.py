@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import fastcl
 from fastcl.ops import backends
@@ -46,3 +47,22 @@ def test_demo_command_passes_its_options(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--domain", "pets"])
     assert "invalid choice: 'pets'" in capsys.readouterr().err
+
+
+def test_machine_names_what_changes_a_runs_numbers():
+    from fastcl.info import describe_machine, machine, machine_differences
+    from fastcl.precision import cpu_has_native_bf16
+
+    here = machine("cpu", "auto")
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert here["input_gradients"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert machine("cpu", "bfloat16")["input_gradients"] == "bfloat16"
+    assert machine("cpu", None)["input_gradients"] == "float32"
+    assert machine("cpu", "auto", torch.bfloat16)["input_gradients"] == "bfloat16"  # already bf16: unchanged
+    assert "input gradients in float32" in describe_machine(machine("cpu", None))
+    assert machine_differences(here, dict(here)) == []
+    flipped = "float32" if here["input_gradients"] == "bfloat16" else "bfloat16"
+    other = {**here, "cpu_capability": "ANOTHER", "input_gradients": flipped}
+    assert machine_differences(here, other) == [f"cpu_capability: {here['cpu_capability']!r} != 'ANOTHER'",
+                                                f"input_gradients: {here['input_gradients']!r} != {flipped!r}"]
+    assert machine_differences(None, here) == ["machine not recorded for ours"]
