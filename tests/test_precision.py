@@ -23,6 +23,9 @@ def test_auto_picks_bf16_only_for_fp32_on_a_cpu_with_native_bf16(monkeypatch, na
         assert resolve("bfloat16", torch.bfloat16, "cpu") is None, "bf16 activations are already bf16"
         assert resolve(None, torch.float32, "cpu") is None
         assert ("run in bfloat16" in precision.describe("auto", torch.float32, "cpu")) == native
+        # Asked for on a CPU that would emulate it, the report says what that costs.
+        assert ("no native bf16, so they are emulated" in precision.describe("bfloat16", torch.float32, "cpu")) != native
+        assert "emulated" not in precision.describe("bfloat16", torch.float32, "cuda")
     finally:
         precision.input_gradient_dtype.cache_clear()
 
