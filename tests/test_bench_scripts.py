@@ -233,3 +233,19 @@ def test_probe_shifts_lists_the_probes_a_run_moved(tmp_path, capsys):
     path.write_text(json.dumps({"domain": "people", "runs": [{"seed": 2}]}))  # a run from before picks were saved
     assert probe_shifts.main([str(path)]) == 1
     assert "general_framed_picks_before" in capsys.readouterr().err
+
+
+def test_stream_fingerprint_repeats_and_tells_runs_apart(fresh_smollm):
+    """The same prefix learned twice hashes the same; another recipe hashes differently."""
+    import torch
+
+    model, tokenizer = fresh_smollm
+    fingerprint = load_bench("stream_fingerprint").fingerprint
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = fingerprint(model, tokenizer, seed=3, requests=1, options={"rank": 8})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model is restored"
+    assert fingerprint(model, tokenizer, seed=3, requests=1, options={"rank": 8}) == first
+    other = fingerprint(model, tokenizer, seed=3, requests=1, options={"rank": 8, "lr": 1e-2})
+    assert other["weights"] != first["weights"] and other["answers"] == first["answers"], \
+        "a larger step changes what is learned, not the first answer (served before any learning)"
+    assert first["consolidations"] == 1
