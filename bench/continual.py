@@ -52,6 +52,12 @@ def parse_overrides(pairs):
     return out
 
 
+def run_machine(device: str, options: dict) -> dict:
+    """fastcl.info.machine() for a run with these patch() options: the CPU's ISA and native bf16,
+    and the dtype the options' backward_dtype gives the input gradients there."""
+    return machine(device, options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
+
+
 def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool, rehearse: bool = False,
              domain: str = "companies") -> dict:
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -295,7 +301,7 @@ def main(argv=None) -> int:
         print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     summary = summarize(runs)
     # The CPU's ISA and native bf16 change the numbers (bench/RESULTS.md), so every run names them.
-    where = machine(args.device, options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
+    where = run_machine(args.device, options)
     print(f"fastcl continual benchmark: SmolLM2-135M-Instruct, {args.companies} {args.domain} x 4 facts, "
           f"seeds {args.seeds}, options {options}, {describe_machine(where)}")
     print(table(summary))

@@ -63,10 +63,10 @@ import fastcl
 from fastcl import benchmark as B
 from fastcl import evaluate as E
 from fastcl.facts import DOMAINS, fact_stream
-from fastcl.info import machine, machine_differences
+from fastcl.info import machine_differences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import DEFAULT, parse_overrides  # noqa: E402
+from continual import DEFAULT, parse_overrides, run_machine  # noqa: E402
 
 
 def held_out(model, tokenizer, fact) -> float:
@@ -327,8 +327,8 @@ def main(argv=None) -> int:
             done.append(diagnose(model, tokenizer, seed, args.companies, options, args.served_base,
                                  args.trajectory, args.rehearse, args.domain))
             seconds = round(time.perf_counter() - start)
-            where = machine(args.device, options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
-            print(json.dumps({"options": options, **done[-1], "seconds": seconds, "machine": where}), flush=True)
+            print(json.dumps({"options": options, **done[-1], "seconds": seconds,
+                              "machine": run_machine(args.device, options)}), flush=True)
     if len(recipes) == 2:
         print(comparison(recipes, results, args.seeds))
     return 0

@@ -25,10 +25,10 @@ import torch
 import fastcl
 from fastcl import benchmark as B
 from fastcl.facts import DOMAINS, fact_stream
-from fastcl.info import describe_machine, machine
+from fastcl.info import describe_machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import DEFAULT, parse_overrides  # noqa: E402
+from continual import DEFAULT, parse_overrides, run_machine  # noqa: E402
 
 
 def fingerprint(model, tokenizer, seed: int, requests: int, options: dict, domain: str = "companies",
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     options = {**DEFAULT, **parse_overrides(args.ablation)}
     model, tokenizer = fastcl.models.load_default()
     result = fingerprint(model, tokenizer, args.seed, args.requests, options, args.domain)
-    where = machine("cpu", options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
+    where = run_machine("cpu", options)
     print(json.dumps({"seed": args.seed, "requests": args.requests, "domain": args.domain, "options": options,
                       **result, "machine": where}))
     print(f"# {describe_machine(where)}", file=sys.stderr)
