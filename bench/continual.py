@@ -60,22 +60,20 @@ def run_machine(device: str, options: dict) -> dict:
 
 def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool, rehearse: bool = False,
              domain: str = "companies") -> dict:
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    facts = fact_stream(companies, seed=seed, domain=domain)
-    before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
-    controls = B.Controls.measure(model, tokenizer, facts, seed)
-    in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
-    ceiling = in_context["mc"]
-    learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
-    served = B.serve(model, tokenizer, learner, facts)
-    forward = B.forward_seconds(model, tokenizer, facts, served.answers)
-    after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
-    swapped_after, binding_after = controls.after(model, tokenizer)
-    stats = learner.stats()
-    rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact,
-                                     controls) if rehearse else {}
-    fastcl.unpatch(model, merge=False)
-    model.load_state_dict(original)
+    with B.restored(model):
+        facts = fact_stream(companies, seed=seed, domain=domain)
+        before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+        controls = B.Controls.measure(model, tokenizer, facts, seed)
+        in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
+        ceiling = in_context["mc"]
+        learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
+        served = B.serve(model, tokenizer, learner, facts)
+        forward = B.forward_seconds(model, tokenizer, facts, served.answers)
+        after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+        swapped_after, binding_after = controls.after(model, tokenizer)
+        stats = learner.stats()
+        rehearsed = rehearse_and_measure(model, tokenizer, learner, facts, before, in_context, forward, exact,
+                                         controls) if rehearse else {}
     costs = {k: v / forward for k, v in stats["seconds"].items()}  # in plain forwards of the served tokens
     first_pass = sum(costs.get(k, 0.0) for k in ("teacher", "learn"))
     # Self-generated data (self_study) is reported apart, as the cost target asks.

@@ -35,10 +35,9 @@ def fingerprint(model, tokenizer, seed: int, requests: int, options: dict, domai
                 entities: int = 20) -> dict:
     """Serve and learn the first `requests` facts of the stream; the hashes of what that left.
     The model is restored afterwards."""
-    original = {k: v.clone() for k, v in model.state_dict().items()}
     facts = list(fact_stream(entities, seed=seed, domain=domain))[:requests]
-    learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
-    try:
+    with B.restored(model):
+        learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
         served = B.serve(model, tokenizer, learner, facts)
         weights = hashlib.sha256()
         for name, tensor in sorted(model.state_dict().items()):
@@ -48,9 +47,6 @@ def fingerprint(model, tokenizer, seed: int, requests: int, options: dict, domai
         return {"weights": weights.hexdigest()[:16],
                 "answers": hashlib.sha256(json.dumps(served.answers).encode()).hexdigest()[:16],
                 "consolidations": counters.consolidations, "gate_refusals": counters.gate_refusals}
-    finally:
-        fastcl.unpatch(model, merge=False)
-        model.load_state_dict(original)
 
 
 def main(argv=None) -> int:

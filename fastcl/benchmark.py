@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -14,6 +15,7 @@ import torch
 
 from . import evaluate as E
 from .facts import Fact
+from .patcher import unpatch
 from .timing import seconds_since
 
 
@@ -31,6 +33,21 @@ class Served:
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.response_tokens
+
+
+@contextmanager
+def restored(model):
+    """Leave `model` as it came in, whatever is done to it inside (also on an error): its
+    weights are copied on entry; on exit a learner patched inside is removed without merging
+    and the copy is loaded back. What a run on a shared model (a benchmark seed, a test) needs,
+    since consolidate() writes what was learned into the weights themselves."""
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        yield model
+    finally:
+        if getattr(model, "fastcl", None) is not None:
+            unpatch(model, merge=False)
+        model.load_state_dict(original)
 
 
 @torch.no_grad()

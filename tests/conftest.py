@@ -41,11 +41,8 @@ def smollm():
 @pytest.fixture
 def fresh_smollm(smollm):
     """The session's SmolLM2, unpatched and with its original weights restored afterwards."""
-    import fastcl
+    from fastcl.benchmark import restored
 
     model, tokenizer = smollm
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    yield model, tokenizer
-    if hasattr(model, "fastcl"):
-        fastcl.unpatch(model, merge=False)
-    model.load_state_dict(original)
+    with restored(model):
+        yield model, tokenizer

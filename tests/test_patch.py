@@ -1,5 +1,7 @@
 """The generic patcher on several architectures: what it patches, bit-identity, unpatch, refusals."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -247,3 +249,25 @@ def test_the_serving_copy_of_b_is_counted_in_bytes_held(llama):
         llama(ids)  # serving with live fast weights lays B out once per layer
     expected = sum(m.B.numel() * m.B.element_size() for m in learner.modules.values())
     assert learner.stats()["bytes_held"]["serving"] == expected
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_restored_leaves_the_model_as_it_came(fails):
+    from fastcl.benchmark import restored
+
+    model = tiny_model("llama")
+    ids = random_ids()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside") if fails else contextlib.nullcontext():
+        with restored(model):
+            learner = fastcl.patch(model, rank=4, lr=1e-2)
+            learner.observe(ids)
+            assert learner.step()
+            learner.consolidate(gate=False)
+            changed = model.model.layers[0].mlp.down_proj.base.weight
+            assert not torch.equal(changed, before["model.layers.0.mlp.down_proj.weight"]), "nothing was merged"
+            if fails:
+                raise RuntimeError("a failure inside")
+    assert not hasattr(model, "fastcl") and not any(isinstance(m, FastLinear) for m in model.modules())
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
