@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import sys
@@ -26,6 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+from fastcl.info import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_model / random_ids, shared with the test suite
@@ -190,15 +191,6 @@ def run_processes() -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return f"{match.group(1).strip() if match else 'unknown'}, {os.cpu_count()} cores"
-
-
 def mb(n: float) -> str:
     return f"{n / 1e6:,.2f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
 
@@ -214,7 +206,7 @@ def markdown(rows, results, seconds, load) -> str:
     lines = [
         "## Distributed",
         "",
-        f"Command: `python bench/bench_distributed.py --write` ({seconds:.0f} s). CPU: {cpu_model()}; "
+        f"Command: `python bench/bench_distributed.py --write` ({seconds:.0f} s). CPU: {cpu_model()}, {os.cpu_count()} cores; "
         f"torch {torch.__version__}, gloo on loopback, {WORLD} processes, 1 thread each; load average "
         f"{load} when it started (the machine is shared).",
         "",
