@@ -31,6 +31,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import fastcl
 from fastcl import benchmark as B
@@ -67,7 +68,8 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
         ceiling = in_context["mc"]
         learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
-        served = B.serve(model, tokenizer, learner, facts)
+        with tqdm(total=len(facts), desc=f"seed {seed}: serving and learning", unit="request") as progress:
+            served = B.serve(model, tokenizer, learner, facts, progress=progress)
         forward = B.forward_seconds(model, tokenizer, facts, served.answers)
         after = B.measure(model, tokenizer, facts, exact=exact, framed=True)
         swapped_after, binding_after = controls.after(model, tokenizer)

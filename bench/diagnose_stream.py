@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import fastcl
 from fastcl import benchmark as B
@@ -158,7 +159,12 @@ def states_value(tokenizer, facts, answers) -> list[bool]:
 
 def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_base: bool = False,
              trajectory_every: int = 0, rehearse: bool = False, domain: str = "companies") -> dict:
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    """One stream served, learned and measured; the model is left as it came."""
+    with B.restored(model):
+        return _diagnose(model, tokenizer, seed, companies, options, served_base, trajectory_every, rehearse, domain)
+
+
+def _diagnose(model, tokenizer, seed, companies, options, served_base, trajectory_every, rehearse, domain) -> dict:
     facts = fact_stream(companies, seed=seed, domain=domain)
     base_states = states_value(tokenizer, facts, B.serve(model, tokenizer, None, facts).answers) if served_base else None
     served_items = [(f.served_question, f.options, f.answer_index) for f in facts]
@@ -183,7 +189,8 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
         return report
 
     learner.learn = learn_then_score
-    served = B.serve(model, tokenizer, learner, facts)
+    with tqdm(total=len(facts), desc=f"stream {seed}: serving and learning", unit="request") as progress:
+        served = B.serve(model, tokenizer, learner, facts, progress=progress)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     quarter = max(1, len(facts) // 4)
     by_quarter = lambda xs: [round(mean(xs[i: i + quarter]), 3) for i in range(0, len(xs), quarter)]  # noqa: E731
@@ -227,8 +234,6 @@ def diagnose(model, tokenizer, seed: int, companies: int, options: dict, served_
                                    "seconds": round(time.perf_counter() - start, 1),
                                    "serving_learn_seconds": round(served.learn_seconds, 1),
                                    **end_of_stream()[0]}}
-    fastcl.unpatch(model, merge=False)
-    model.load_state_dict(original)
     return {
         "seed": seed, "domain": domain, "floor": mean(floor), "floor_by_attribute": by_attribute(floor),
         "ceiling": ceiling, **measured,
