@@ -39,13 +39,15 @@ class Served:
 def restored(model):
     """Leave `model` as it came in, whatever is done to it inside (also on an error): its
     weights are copied on entry; on exit a learner patched inside is removed without merging
-    and the copy is loaded back. What a run on a shared model (a benchmark seed, a test) needs,
-    since consolidate() writes what was learned into the weights themselves."""
+    (one that was there on entry stays) and the copy is loaded back. What a run on a shared
+    model (a benchmark seed, a test) needs, since consolidate() writes what was learned into the
+    weights themselves."""
     original = {k: v.clone() for k, v in model.state_dict().items()}
+    learner_on_entry = getattr(model, "fastcl", None)
     try:
         yield model
     finally:
-        if getattr(model, "fastcl", None) is not None:
+        if getattr(model, "fastcl", None) not in (None, learner_on_entry):
             unpatch(model, merge=False)
         model.load_state_dict(original)
 

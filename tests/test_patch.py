@@ -271,3 +271,17 @@ def test_restored_leaves_the_model_as_it_came(fails):
     assert not hasattr(model, "fastcl") and not any(isinstance(m, FastLinear) for m in model.modules())
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_restored_keeps_a_learner_that_was_there_on_entry():
+    from fastcl.benchmark import restored
+
+    model = tiny_model("llama")
+    learner = fastcl.patch(model, rank=4, lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with restored(model):
+        learner.observe(random_ids())
+        assert learner.step()
+        learner.consolidate(gate=False)
+    assert model.fastcl is learner
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
