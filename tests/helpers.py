@@ -116,6 +116,18 @@ def assert_same_state(before, after):
             assert torch.equal(before[key], after[key]), f"{key} changed"
 
 
+def weights_copy(model):
+    """A copy of every state_dict tensor: what a run that must leave the model alone compares with."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_weights_unchanged(model, before, what="the run"):
+    after = model.state_dict()
+    assert after.keys() == before.keys(), f"{what} changed the state_dict's keys"
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), f"{what} left {name} changed"
+
+
 def load_bench(name: str):
     """A script from bench/ as a module (bench/ is not a package)."""
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_bench
+from helpers import assert_weights_unchanged, load_bench, weights_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,13 +237,11 @@ def test_probe_shifts_lists_the_probes_a_run_moved(tmp_path, capsys):
 
 def test_stream_fingerprint_repeats_and_tells_runs_apart(fresh_smollm):
     """The same prefix learned twice hashes the same; another recipe hashes differently."""
-    import torch
-
     model, tokenizer = fresh_smollm
     fingerprint = load_bench("stream_fingerprint").fingerprint
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = weights_copy(model)
     first = fingerprint(model, tokenizer, seed=3, requests=1, options={"rank": 8})
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model is restored"
+    assert_weights_unchanged(model, before, "fingerprint")
     assert fingerprint(model, tokenizer, seed=3, requests=1, options={"rank": 8}) == first
     other = fingerprint(model, tokenizer, seed=3, requests=1, options={"rank": 8, "lr": 1e-2})
     assert other["weights"] != first["weights"] and other["answers"] == first["answers"], \

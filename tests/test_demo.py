@@ -2,12 +2,11 @@
 
 import matplotlib.image
 import pytest
-import torch
 
 import fastcl
 import fastcl.demo
 import fastcl.evaluate
-from helpers import load_bench
+from helpers import assert_weights_unchanged, load_bench, weights_copy
 
 pytestmark = pytest.mark.real_model
 
@@ -39,7 +38,7 @@ def test_demo_prints_the_table_and_writes_the_plot(fresh_smollm, monkeypatch, ca
 
 def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smollm):
     model, tokenizer = fresh_smollm
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    original = weights_copy(model)
     continual = load_bench("continual")
     run = continual.run_seed(model, tokenizer, seed=7, companies=1, options={"rank": 8}, exact=False, rehearse=True)
     for key in ("floor", "ceiling", "after", "floor_framed", "ceiling_framed", "after_framed", "general_before",
@@ -74,8 +73,7 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
         assert sum(p == answer for p, (_, _, answer) in zip(framed, probes)) / len(probes) == pytest.approx(
             run[f"general_framed_{when}"])
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, original[name]), f"run_seed left {name} changed"
+    assert_weights_unchanged(model, original, "run_seed")
     summary = continual.summarize([run, run])
     assert "  city: floor / ceiling / after / the reference learner (means), recovered" in continual.table(summary)
     # one company: no other learned value among any item's options, so the reference learner is always right
@@ -95,19 +93,18 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
 
 def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
     model, tokenizer = fresh_smollm
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    original = weights_copy(model)
     one_step = load_bench("one_step")
     (drift, rows), = one_step.run(model, tokenizer, [{"rank": 8}], seed=10, n_facts=1)
     closed, gain, moved = rows[0]
     assert gain > 0.5 and closed > 0, "one learn() call should close part of a fact's context gain"
     assert abs(drift) < 1.0 and len(moved) == 2
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, original[name]), f"one_step left {name} changed"
+    assert_weights_unchanged(model, original, "one_step")
 
 
 def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
     model, tokenizer = fresh_smollm
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    original = weights_copy(model)
     diagnose_stream = load_bench("diagnose_stream")
     result = diagnose_stream.diagnose(model, tokenizer, seed=7, companies=1, options={"rank": 8},
                                       trajectory_every=2, rehearse=True)
@@ -132,5 +129,4 @@ def test_diagnose_stream_scores_served_held_out_and_immediate(fresh_smollm):
     assert rehearsal["answer_probability"][0] == result["answer_probability"][0]
     assert 0.0 <= rehearsal["after"] <= 1.0 and rehearsal["perplexity_after"] > 1.0
     assert not hasattr(model, "fastcl")
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, original[name]), f"diagnose left {name} changed"
+    assert_weights_unchanged(model, original, "diagnose")

@@ -8,7 +8,7 @@ import torch
 import fastcl
 from fastcl.errors import PatchError
 from fastcl.layers import FastLinear
-from helpers import ARCHITECTURES, tiny_model
+from helpers import ARCHITECTURES, assert_weights_unchanged, tiny_model, weights_copy
 from test_protection import CharTokenizer
 
 MLP = "gate_proj|up_proj|down_proj"
@@ -115,13 +115,13 @@ def test_patch_refuses_what_layer_options_cannot_do_and_leaves_the_model_alone()
     with pytest.raises(ValueError, match="learn_at='entity' applies to objective='context_gain'"):
         fastcl.LearnerConfig(objective="next_token", layer_options={MLP: {"learn_at": "entity"}})
     model = tiny_model("llama")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = weights_copy(model)
     with pytest.raises(PatchError, match=r"layer_options patterns matched no patched layer: \['lm_head'\]"):
         fastcl.patch(model, layer_options={"lm_head": {"lr": 1e-3}})
     with pytest.raises(PatchError, match="layer_options need the tokenizer"):
         fastcl.patch(model, layer_options={MLP: {"projection": "whitened"}})
     assert not hasattr(model, "fastcl") and not any(isinstance(m, FastLinear) for m in model.modules())
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_weights_unchanged(model, before, "a refused patch()")
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fastcl
 from fastcl.layers import FastLinear
-from helpers import ARCHITECTURES, assert_close, random_ids, tiny_model
+from helpers import ARCHITECTURES, assert_close, assert_weights_unchanged, random_ids, tiny_model, weights_copy
 
 EXPECTED_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "gpt_neox": 4, "gpt2": 4}
 
@@ -257,7 +257,7 @@ def test_restored_leaves_the_model_as_it_came(fails):
 
     model = tiny_model("llama")
     ids = random_ids()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = weights_copy(model)
     with pytest.raises(RuntimeError, match="inside") if fails else contextlib.nullcontext():
         with restored(model):
             learner = fastcl.patch(model, rank=4, lr=1e-2)
@@ -269,8 +269,7 @@ def test_restored_leaves_the_model_as_it_came(fails):
             if fails:
                 raise RuntimeError("a failure inside")
     assert not hasattr(model, "fastcl") and not any(isinstance(m, FastLinear) for m in model.modules())
-    after = model.state_dict()
-    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert_weights_unchanged(model, before, "restored()")
 
 
 def test_restored_keeps_a_learner_that_was_there_on_entry():
@@ -278,10 +277,10 @@ def test_restored_keeps_a_learner_that_was_there_on_entry():
 
     model = tiny_model("llama")
     learner = fastcl.patch(model, rank=4, lr=1e-2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = weights_copy(model)
     with restored(model):
         learner.observe(random_ids())
         assert learner.step()
         learner.consolidate(gate=False)
     assert model.fastcl is learner
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert_weights_unchanged(model, before, "restored()")
