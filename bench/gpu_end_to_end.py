@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads as w  # noqa: E402
 from bench_distributed import llama_config  # noqa: E402 (the shapes, from the model cards)
 
-import fastcl  # noqa: E402
 from fastcl.ops import backends  # noqa: E402
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from tqdm import tqdm
 
 from . import benchmark as B

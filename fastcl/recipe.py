@@ -394,7 +394,7 @@ class Recipe:
     def scheduled_step(self):
         """passes x (replay + anchor + step), then up to inner_steps on the pending requests alone,
         then maybe a consolidation."""
-        learner, config = self.learner, self.learner.config
+        config = self.learner.config
         stepped = False
         for p in range(config.passes):
             if p > 0:

@@ -140,7 +140,7 @@ def test_default_recipe_on_cuda_matches_the_cpu():
     depends on the device."""
     tokenizer = smollm_tokenizer()
     runs = {device: default_recipe_stream(device, tokenizer) for device in ("cpu", "cuda")}
-    (cpu_model, cpu), (gpu_model, gpu) = runs["cpu"], runs["cuda"]
+    (cpu_model, cpu), (_, gpu) = runs["cpu"], runs["cuda"]
     assert gpu.counters.consolidations == cpu.counters.consolidations == 4
     assert gpu.counters.gate_skipped == cpu.counters.gate_skipped
     assert gpu.counters.gate_refusals == cpu.counters.gate_refusals
