@@ -1,7 +1,7 @@
 """Continual-learning benchmark: does served in-context knowledge survive into the weights?
 
     python bench/continual.py                       # the default recipe, 20 companies, seeds 1 2 3
-    python bench/continual.py --seeds 0 --companies 10 --ablation replay=0 anchor_weight=0
+    python bench/continual.py --seeds 0 --companies 10 --ablation replay=0 replay_per_step=0 anchor_weight=0
     python bench/continual.py --json out.json       # also write every number
     python bench/continual.py --rehearse            # also after one idle learner.rehearse()
     python bench/continual.py --domain people       # the held-out domain: fictional people, never tuned on
@@ -54,7 +54,7 @@ def parse_overrides(pairs):
 
 
 def run_machine(device: str, options: dict) -> dict:
-    """fastcl.info.machine() for a run with these patch() options: the CPU's ISA and native bf16,
+    """fastcl/info.py's machine() for a run with these patch() options: the CPU's ISA and native bf16,
     and the dtype the options' backward_dtype gives the input gradients there."""
     return machine(device, options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
 
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     parser.add_argument("--companies", type=int, default=20, help="entities a stream, 4 facts each")
     parser.add_argument("--domain", choices=sorted(DOMAINS), default="companies",
                         help="the fact domain: companies (developed on) or people (held out from development)")
-    parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json, e.g. replay=0 lr=3e-3")
+    parser.add_argument("--ablation", nargs="*", help="patch() overrides as key=json, e.g. anchor_weight=0 lr=3e-3")
     parser.add_argument("--no-exact", action="store_true", help="skip exact-match generation (faster)")
     parser.add_argument("--json", help="write all numbers here")
     parser.add_argument("--rehearse", action="store_true", help="after measuring, learner.rehearse() once (one "

@@ -5,7 +5,7 @@
 
 Serves the first N requests of a bench/continual.py stream with the default recipe (or the
 given overrides), learns from them as the benchmark does, and prints a hash of the weights
-(merged and fast) and of the served answers, with the machine (fastcl.info.machine()). Two
+(merged and fast) and of the served answers, with the machine (fastcl/info.py's machine()). Two
 checkouts that print the same line learn identically on that prefix; run it at two commits to
 find the one that changed learning, or on two machines to see whether they differ (the
 eighteenth session found that way that a benchmark change came from the CPU: bench/RESULTS.md).

@@ -178,7 +178,8 @@ class LearnerConfig:
                              f"of {self.replay} requests: raise replay= or shorten the schedule")
         for name in ("replay_per_step", "replay_recent"):
             if getattr(self, name) and not self.replay:
-                raise ValueError(f"{name} needs a replay buffer: set replay= to its capacity")
+                raise ValueError(f"{name}={getattr(self, name)} needs a replay buffer: set replay= to its capacity, "
+                                 f"or {name}=0 for no replay")
         if not self.contrast_margin >= 0:
             raise ValueError(f"contrast_margin is in nats and must be >= 0, got {self.contrast_margin!r}")
         if not self.contrast_min_gain >= 0:

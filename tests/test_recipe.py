@@ -518,9 +518,9 @@ def test_recipe_options_are_validated_before_patching():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="objective"):
         fastcl.patch(model, objective="magic")
-    with pytest.raises(ValueError, match="replay_per_step needs a replay buffer"):
+    with pytest.raises(ValueError, match="replay_per_step=2 needs a replay buffer.*replay_per_step=0 for no replay"):
         fastcl.patch(model, replay=0, replay_per_step=2)
-    with pytest.raises(ValueError, match="replay_recent needs a replay buffer"):
+    with pytest.raises(ValueError, match="replay_recent=1 needs a replay buffer"):
         fastcl.patch(model, replay=0, replay_per_step=0, replay_recent=1)
     with pytest.raises(ValueError, match="replay_recent must be an integer >= 0"):
         fastcl.patch(model, replay_recent=-1)
