@@ -5,6 +5,7 @@
     python bench/continual.py --json out.json       # also write every number
     python bench/continual.py --rehearse            # also after one idle learner.rehearse()
     python bench/continual.py --domain people       # the held-out domain: fictional people, never tuned on
+    python bench/continual.py --compare r64_s1.json r64_s2.json --baseline s1.json s2.json   # saved runs, paired by seed
 
 For each seed it generates a fresh stream of facts about fictional entities (fastcl.facts: companies,
 the domain every recipe was developed on, or people, kept out of development), measures the
@@ -37,7 +38,7 @@ import fastcl
 from fastcl import benchmark as B
 from fastcl import evaluate as E
 from fastcl.facts import DOMAINS, fact_stream
-from fastcl.info import describe_machine, machine
+from fastcl.info import describe_machine, machine, machine_differences
 from fastcl.timing import seconds_since
 
 # The shipped defaults of fastcl.patch() are the recipe under test; --ablation overrides them.
@@ -270,6 +271,77 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# What --compare pairs, seed by seed: (key, format, scale); fractions of a gap as percentage points.
+COMPARED = (("recovered", "{:+.1f}", 100), ("recovered_framed", "{:+.1f}", 100), ("binding_recovered", "{:+.1f}", 100),
+            ("pull_only_recovered", "{:+.1f}", 100), ("exact_after", "{:+.3f}", 1), ("probability_after", "{:+.3f}", 1),
+            ("general_after", "{:+.3f}", 1), ("general_framed_after", "{:+.3f}", 1),
+            ("perplexity_after", "{:+.2f}", 1), ("learn_cost_forwards", "{:+.2f}", 1),
+            ("learn_all_forwards", "{:+.2f}", 1), ("gate_refusals", "{:+.1f}", 1), ("gate_halved", "{:+.1f}", 1))
+
+
+def load_saved(paths: list[str]) -> tuple[dict, dict, list]:
+    """Saved runs (--json files, one or more seeds each) as ({seed: run}, header of the first file,
+    each file's machine record); refuses files of two domains, two recipes or the same seed twice,
+    which would pair wrongly."""
+    runs, header, machines = {}, None, []
+    for path in paths:
+        with open(path) as handle:
+            saved = json.load(handle)
+        if not isinstance(saved, dict) or not saved.get("runs"):
+            raise SystemExit(f"{path}: not a saved run of this script (no 'runs'; write one with --json)")
+        saved.setdefault("domain", "companies")
+        if header is None:
+            header = saved
+        for key in ("domain", "options"):
+            if saved[key] != header[key]:
+                raise SystemExit(f"{path}: {key} {saved[key]!r} differs from {paths[0]}'s {header[key]!r}; "
+                                 "compare one recipe on one domain at a time")
+        machines.append(saved.get("machine"))
+        for run in saved["runs"]:
+            if run["seed"] in runs:
+                raise SystemExit(f"{path}: seed {run['seed']} is saved twice on one side")
+            runs[run["seed"]] = run
+    return runs, header, machines
+
+
+def compare_saved(ours_paths: list[str], baseline_paths: list[str]) -> str:
+    """Saved runs of two recipes, paired by seed: each side's mean and the difference's mean with
+    its standard error, measure by measure (the per-attribute recoveries too), as a markdown table.
+    pull_only_recovered depends on the stream alone: a difference there means the streams differ."""
+    ours, our_header, our_machines = load_saved(ours_paths)
+    theirs, their_header, their_machines = load_saved(baseline_paths)
+    if our_header["domain"] != their_header["domain"]:
+        raise SystemExit(f"the two sides are on different domains ({our_header['domain']} and "
+                         f"{their_header['domain']}): pair runs of one domain")
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        raise SystemExit(f"no seed is on both sides (ours {sorted(ours)}, baseline {sorted(theirs)})")
+    mine, base = [ours[s] for s in seeds], [theirs[s] for s in seeds]
+    attributes = [(f"recovered[{k[len('recovered['):-1]}]", "{:+.1f}", 100) for k in mine[0] if k.startswith("recovered[")]
+    lines = [f"ours {our_header['options']} minus baseline {their_header['options']}, {our_header['domain']}, "
+             f"seeds {seeds}",
+             "", "| measure | ours: mean (per seed) | baseline: mean (per seed) | difference: mean ± SE (per seed) |",
+             "|---|---|---|---|"]
+    for key, fmt, scale in COMPARED + tuple(attributes):
+        if any(run.get(key) is None for run in mine + base):
+            continue  # not measured on one side (e.g. --no-exact)
+        differences, mean, error = B.paired_difference(mine, base, key)
+        plain = fmt.replace("+", "")
+
+        def side(runs):
+            values = [run[key] * scale for run in runs]
+            return f"{plain.format(sum(values) / len(values))} ({', '.join(plain.format(v) for v in values)})"
+
+        lines.append(f"| {key} | {side(mine)} | {side(base)} | {fmt.format(mean * scale)} ± "
+                     f"{plain.format(error * scale)} ({', '.join(fmt.format(d * scale) for d in differences)}) |")
+    # Another CPU serves and learns differently (its ISA, bf16 input gradients): say so first.
+    differences = sorted({d for m in our_machines[1:] + their_machines for d in machine_differences(our_machines[0], m)})
+    if differences:
+        lines.insert(0, "warning: the two sides are from different machines or settings, so part of each "
+                        "difference may be the machine's: " + "; ".join(differences))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Seed 0 (10 companies) was the development stream the recipe was chosen on; the reported
@@ -285,7 +357,15 @@ def main(argv=None) -> int:
                         "idle pass over the replay buffer) and measure again: reported as extra rows")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the model serves and learns (cuda: a GPU)")
+    parser.add_argument("--compare", nargs="+", metavar="JSON", help="saved runs (--json files) of a recipe: "
+                        "compare them with --baseline's, seed by seed, instead of running anything")
+    parser.add_argument("--baseline", nargs="+", metavar="JSON", help="saved runs of the recipe to compare against")
     args = parser.parse_args(argv)
+    if args.compare or args.baseline:
+        if not (args.compare and args.baseline):
+            parser.error("--compare and --baseline go together: saved runs of the recipe, and of the one to beat")
+        print(compare_saved(args.compare, args.baseline))
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch sees no CUDA device")
     if args.threads:

@@ -245,27 +245,11 @@ def _diagnose(model, tokenizer, seed, companies, options, served_base, trajector
     }
 
 
-def paired_difference(ours: list[dict], theirs: list[dict], key: str) -> tuple[list[float], float, float]:
-    """Per stream, ours[key] - theirs[key] (a pair of [before, after] compares the afters); their
-    mean and its standard error. One stream's difference is mostly noise (160 items); the mean
-    over many streams, judged against its standard error, is what a recipe decision can rest on."""
-    def value(result):
-        v = result[key]
-        return v[-1] if isinstance(v, list) else v
-
-    differences = [value(a) - value(b) for a, b in zip(ours, theirs)]
-    mean = sum(differences) / len(differences)
-    if len(differences) < 2:
-        return differences, mean, float("nan")
-    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
-    return differences, mean, (variance / len(differences)) ** 0.5
-
-
 def comparison(recipes: list[dict], results: list[list[dict]], seeds: list[int]) -> str:
     """The first recipe minus the second, measure by measure: mean, standard error, per stream."""
     lines = [f"{recipes[0]} minus {recipes[1]}, streams {seeds}:"]
     for key in ("recovered", "answer_probability", "general_after", "perplexity_after"):
-        differences, mean, error = paired_difference(results[0], results[1], key)
+        differences, mean, error = B.paired_difference(results[0], results[1], key)
         lines.append(f"  {key:20s} {mean:+.4f} +- {error:.4f} (standard error)   per stream: "
                      + " ".join(f"{d:+.4f}" for d in differences))
     return "\n".join(lines)

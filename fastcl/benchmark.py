@@ -201,6 +201,22 @@ def gap_recovered(after: float, floor: float, ceiling: float) -> float:
     return (after - floor) / (ceiling - floor) if ceiling > floor else float("nan")
 
 
+def paired_difference(ours: list[dict], theirs: list[dict], key: str) -> tuple[list[float], float, float]:
+    """Per stream, ours[key] - theirs[key] (a pair of [before, after] compares the afters); their
+    mean and its standard error. One stream's difference is mostly noise (160 items); the mean
+    over many streams, judged against its standard error, is what a recipe decision can rest on."""
+    def value(result):
+        v = result[key]
+        return v[-1] if isinstance(v, list) else v
+
+    differences = [value(a) - value(b) for a, b in zip(ours, theirs)]
+    mean = sum(differences) / len(differences)
+    if len(differences) < 2:
+        return differences, mean, float("nan")
+    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    return differences, mean, (variance / len(differences)) ** 0.5
+
+
 def accuracy_by_attribute(facts: Sequence[Fact], hits: Sequence[bool]) -> dict[str, float]:
     """Per attribute, in the order the stream first asks it: the mean of `hits` (measure()'s
     "mc_hits", or pull_only_hits: one per fact and held-out phrasing, E.fact_items' order) over

@@ -109,6 +109,43 @@ def test_diagnose_stream_warns_when_saved_runs_come_from_different_machines(tmp_
     assert "machine not recorded for theirs" in unrecorded.splitlines()[0]
 
 
+def test_continual_compares_saved_runs_seed_by_seed(tmp_path):
+    """--compare pairs two recipes' saved runs by seed (only seeds on both sides), prints each
+    side's mean and the difference with its standard error, and refuses pairings that mislead."""
+    from fastcl.info import machine
+
+    continual = load_bench("continual")
+    here = machine("cpu", "auto")
+    measures = {key: 0.5 for key, _, _ in continual.COMPARED}
+
+    def saved(name, options, runs, domain="companies", where=here):
+        path = tmp_path / name
+        path.write_text(json.dumps({"domain": domain, "options": options, "machine": where,
+                                    "runs": [{**measures, "exact_after": None, **run} for run in runs]}))
+        return str(path)
+
+    ours = [saved("o1", {"rank": 64}, [{"seed": 1, "recovered": 0.40, "recovered[city]": 0.2}]),
+            saved("o2", {"rank": 64}, [{"seed": 2, "recovered": 0.30, "recovered[city]": 0.1}])]
+    baseline = [saved("b", {"rank": 16}, [{"seed": s, "recovered": r, "recovered[city]": 0.1}
+                                          for s, r in ((1, 0.30), (2, 0.30), (3, 0.90))])]
+    report = continual.compare_saved(ours, baseline)
+    assert "seeds [1, 2]" in report.splitlines()[0] and "warning" not in report
+    row = next(line for line in report.splitlines() if line.startswith("| recovered |"))
+    assert row == "| recovered | 35.0 (40.0, 30.0) | 30.0 (30.0, 30.0) | +5.0 ± 5.0 (+10.0, +0.0) |", row
+    assert "| recovered[city] | 15.0 (20.0, 10.0) |" in report
+    assert "| exact_after |" not in report, "a measure one side did not take is left out"
+    with pytest.raises(SystemExit, match="different domains"):
+        continual.compare_saved(ours, [saved("p", {"rank": 16}, [{"seed": 1}], domain="people")])
+    with pytest.raises(SystemExit, match="seed 1 is saved twice"):
+        continual.compare_saved(ours + [ours[0]], baseline)
+    with pytest.raises(SystemExit, match="options .* differs"):
+        continual.compare_saved(ours + [saved("o3", {"rank": 8}, [{"seed": 3}])], baseline)
+    with pytest.raises(SystemExit, match="no seed is on both sides"):
+        continual.compare_saved([saved("o4", {"rank": 64}, [{"seed": 9}])], baseline)
+    elsewhere = saved("e", {"rank": 16}, [{"seed": 1}], where={**here, "cpu_native_bf16": not here["cpu_native_bf16"]})
+    assert continual.compare_saved(ours, [elsewhere]).startswith("warning: the two sides are from different machines")
+
+
 def test_continual_records_the_machine_and_its_input_gradients(monkeypatch, tmp_path, capsys):
     """Every continual run names the CPU's ISA and the input gradients' dtype the recipe resolved
     to (bf16 on CPUs with native bf16 by default): the same seed learns differently across them."""

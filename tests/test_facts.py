@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from fastcl import benchmark as B
 from fastcl import facts as F
 from fastcl.evaluate import load_probes, load_text
 from helpers import load_bench
@@ -120,12 +121,12 @@ def test_paired_difference_compares_recipes_stream_by_stream():
             {"recovered": 0.50, "answer_probability": [0.2, 0.30]}]
     theirs = [{"recovered": 0.20, "answer_probability": [0.2, 0.35]},
               {"recovered": 0.20, "answer_probability": [0.2, 0.30]}]
-    differences, mean, error = diagnose_stream.paired_difference(ours, theirs, "recovered")
+    differences, mean, error = B.paired_difference(ours, theirs, "recovered")
     assert differences == pytest.approx([0.1, 0.3]) and mean == pytest.approx(0.2)
     assert error == pytest.approx(0.1)  # sd of (0.1, 0.3) is 0.1414; over sqrt(2) streams
-    differences, mean, _ = diagnose_stream.paired_difference(ours, theirs, "answer_probability")
+    differences, mean, _ = B.paired_difference(ours, theirs, "answer_probability")
     assert differences == pytest.approx([0.05, 0.0])  # the afters are compared
-    assert math.isnan(diagnose_stream.paired_difference(ours[:1], theirs[:1], "recovered")[2])
+    assert math.isnan(B.paired_difference(ours[:1], theirs[:1], "recovered")[2])
     stream = {"general_after": 0.5, "perplexity_after": 15.0}
     report = diagnose_stream.comparison([{"rank": 64}, {"rank": 16}], [[{**r, **stream} for r in ours],
                                                                       [{**r, **stream} for r in theirs]], [18, 19])
