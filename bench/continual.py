@@ -5,6 +5,7 @@
     python bench/continual.py --json out.json       # also write every number
     python bench/continual.py --rehearse            # also after one idle learner.rehearse()
     python bench/continual.py --domain people       # the held-out domain: fictional people, never tuned on
+    python bench/continual.py --seeds 1 --before-cache DIR   # measure a stream's start once, reuse it for any recipe
     python bench/continual.py --compare r64_s1.json r64_s2.json --baseline s1.json s2.json   # saved runs, paired by seed
 
 For each seed it generates a fresh stream of facts about fictional entities (fastcl.facts: companies,
@@ -24,12 +25,16 @@ served token, beside a plain no-grad forward over the same tokens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -60,13 +65,59 @@ def run_machine(device: str, options: dict) -> dict:
     return machine(device, options.get("backward_dtype", fastcl.LearnerConfig.backward_dtype))
 
 
+# What the measures before learning are computed by, besides the model, tokenizer and stream: a
+# change to any of these files makes a cached measure stale (the learner's code is not among them).
+BEFORE_SOURCES = ("evaluate.py", "batching.py", "benchmark.py", "data/general_probes.jsonl", "data/general_text.txt")
+
+
+def before_key(model, tokenizer, facts, seed: int, exact: bool) -> str:
+    """A hash of everything the measures before learning depend on: the stream's facts, the
+    weights, the tokenizer, the scoring code and texts, torch, the CPU and its thread count (sums
+    run in another order elsewhere); one recipe's run and another's share it."""
+    digest = hashlib.sha256()
+    where = machine(str(E.model_device(model)), None)
+    digest.update(json.dumps({"facts": [dataclasses.asdict(f) for f in facts], "seed": seed, "exact": exact,
+                              "torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "machine": {k: where[k] for k in ("device", "cpu_capability", "cpu_native_bf16")},
+                              "tokenizer": [type(tokenizer).__name__, tokenizer.chat_template],
+                              "vocab": sorted(tokenizer.get_vocab().items())}, sort_keys=True).encode())
+    package = Path(fastcl.__file__).parent
+    for name in BEFORE_SOURCES:
+        digest.update(name.encode() + (package / name).read_bytes())
+    digest.update(B.weights_hash(model).encode())
+    return digest.hexdigest()
+
+
+def measure_before(model, tokenizer, facts, seed: int, exact: bool, cache: Optional[str] = None):
+    """(before, in_context, controls): the measures that do not depend on the recipe (closed-book
+    and in-context before learning, the controls' before scores), about a third of a run. With a
+    cache folder, read from there when the same inputs (before_key) were measured before, and
+    written there otherwise, so that two recipes on one stream measure its start once."""
+    path = Path(cache) / f"before-{before_key(model, tokenizer, facts, seed, exact)[:32]}.json" if cache else None
+    if path is not None and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            return (saved["before"], saved["in_context"],
+                    B.Controls.from_scores(facts, seed, *saved["controls"]))
+        except (ValueError, KeyError, TypeError) as error:
+            print(f"warning: {path} is unreadable ({error}); measuring again", file=sys.stderr)
+    before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
+    controls = B.Controls.measure(model, tokenizer, facts, seed)
+    in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scores = [controls.swapped_before, controls.binding_floor, controls.binding_ceiling]
+        partial = path.with_suffix(f".{os.getpid()}.tmp")  # whole or not at all, also with runs side by side
+        partial.write_text(json.dumps({"before": before, "in_context": in_context, "controls": scores}))
+        os.replace(partial, path)
+    return before, in_context, controls
+
+
 def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: bool, rehearse: bool = False,
-             domain: str = "companies") -> dict:
+             domain: str = "companies", before_cache: Optional[str] = None) -> dict:
     with B.restored(model):
         facts = fact_stream(companies, seed=seed, domain=domain)
-        before = B.measure(model, tokenizer, facts, exact=exact, framed=True)
-        controls = B.Controls.measure(model, tokenizer, facts, seed)
-        in_context = B.measure(model, tokenizer, facts, in_context=True, general=False, framed=True)
+        before, in_context, controls = measure_before(model, tokenizer, facts, seed, exact, before_cache)
         ceiling = in_context["mc"]
         learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
         with tqdm(total=len(facts), desc=f"seed {seed}: serving and learning", unit="request") as progress:
@@ -357,6 +408,9 @@ def main(argv=None) -> int:
                         "idle pass over the replay buffer) and measure again: reported as extra rows")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where the model serves and learns (cuda: a GPU)")
+    parser.add_argument("--before-cache", metavar="DIR", help="keep the measures before learning (about a third "
+                        "of a run; they do not depend on the recipe) in DIR, keyed by everything they depend on, "
+                        "and reuse them: two recipes on one stream measure its start once")
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="saved runs (--json files) of a recipe: "
                         "compare them with --baseline's, seed by seed, instead of running anything")
     parser.add_argument("--baseline", nargs="+", metavar="JSON", help="saved runs of the recipe to compare against")
@@ -377,7 +431,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         start = time.perf_counter()
         runs.append(run_seed(model, tokenizer, seed, args.companies, options, exact=not args.no_exact,
-                             rehearse=args.rehearse, domain=args.domain))
+                             rehearse=args.rehearse, domain=args.domain, before_cache=args.before_cache))
         print(f"seed {seed}: {json.dumps(runs[-1])} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     summary = summarize(runs)
     # The CPU's ISA and native bf16 change the numbers (bench/RESULTS.md), so every run names them.

@@ -39,12 +39,8 @@ def fingerprint(model, tokenizer, seed: int, requests: int, options: dict, domai
     with B.restored(model):
         learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
         served = B.serve(model, tokenizer, learner, facts)
-        weights = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            weights.update(name.encode())
-            weights.update(tensor.detach().float().contiguous().numpy().tobytes())
         counters = learner.counters
-        return {"weights": weights.hexdigest()[:16],
+        return {"weights": B.weights_hash(model)[:16],
                 "answers": hashlib.sha256(json.dumps(served.answers).encode()).hexdigest()[:16],
                 "consolidations": counters.consolidations, "gate_refusals": counters.gate_refusals}
 

@@ -5,6 +5,7 @@ Shared by bench/continual.py (seeds, ablations) and `fastcl demo`."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from contextlib import contextmanager
@@ -191,10 +192,26 @@ class Controls:
         scores = [E.multiple_choice_accuracy(model, tokenizer, items) for items in (swapped, binding, in_context)]
         return cls(swapped, binding, *scores)
 
+    @classmethod
+    def from_scores(cls, facts: Sequence[Fact], seed: int, swapped_before: float, binding_floor: float,
+                    binding_ceiling: float) -> "Controls":
+        """The controls of a stream whose before scores were measured already (a saved run)."""
+        return cls(swapped_entity_items(facts), binding_items(facts, seed=seed), swapped_before, binding_floor,
+                   binding_ceiling)
+
     def after(self, model, tokenizer) -> tuple[float, float]:
         """(control, binding) accuracy of the model as it is now."""
         return (E.multiple_choice_accuracy(model, tokenizer, self.swapped),
                 E.multiple_choice_accuracy(model, tokenizer, self.binding))
+
+
+def weights_hash(model) -> str:
+    """A sha256 of the model's state dict (names and values, as fp32): equal hashes, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def gap_recovered(after: float, floor: float, ceiling: float) -> float:

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import assert_weights_unchanged, load_bench, weights_copy
+from helpers import assert_weights_unchanged, load_bench, tiny_model, weights_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,6 +145,50 @@ def test_continual_compares_saved_runs_seed_by_seed(tmp_path):
         continual.compare_saved([saved("o4", {"rank": 64}, [{"seed": 9}])], baseline)
     elsewhere = saved("e", {"rank": 16}, [{"seed": 1}], where={**here, "cpu_native_bf16": not here["cpu_native_bf16"]})
     assert continual.compare_saved(ours, [elsewhere]).startswith("warning: the two sides are from different machines")
+
+
+def test_continual_reuses_the_measures_before_learning_only_for_the_same_inputs(monkeypatch, tmp_path, smollm):
+    """--before-cache: a second run on the same stream, weights and scoring reads what the first
+    measured; other weights, another stream or exact match on measure again; a damaged file is
+    measured again, not trusted."""
+    from fastcl.facts import fact_stream
+
+    continual = load_bench("continual")
+    _, tokenizer = smollm
+    model = tiny_model("llama")
+    calls = []
+
+    def fake_measure(model, tokenizer, facts, *, in_context=False, **kwargs):
+        calls.append(in_context)
+        return {"mc": 0.9 if in_context else 0.25, "mc_hits": [in_context, True], "calls": len(calls)}
+
+    def fake_controls(model, tokenizer, facts, seed):
+        calls.append("controls")
+        return continual.B.Controls.from_scores(facts, seed, 0.1, 0.2, 0.8)
+
+    monkeypatch.setattr(continual.B, "measure", fake_measure)
+    monkeypatch.setattr(continual.B.Controls, "measure", fake_controls)
+    facts = fact_stream(1, seed=1)
+    first = continual.measure_before(model, tokenizer, facts, 1, False, cache=str(tmp_path))
+    assert len(calls) == 3 and len(list(tmp_path.glob("before-*.json"))) == 1
+    again = continual.measure_before(model, tokenizer, facts, 1, False, cache=str(tmp_path))
+    assert len(calls) == 3, "the same inputs were measured again"
+    assert again[:2] == first[:2] and again[0]["calls"] == 1
+    assert (again[2].swapped, again[2].binding, again[2].binding_ceiling) == \
+        (first[2].swapped, first[2].binding, 0.8)
+    continual.measure_before(model, tokenizer, fact_stream(1, seed=2), 2, False, cache=str(tmp_path))
+    continual.measure_before(model, tokenizer, facts, 1, True, cache=str(tmp_path))
+    assert len(calls) == 9 and len(list(tmp_path.glob("before-*.json"))) == 3
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    changed = continual.measure_before(model, tokenizer, facts, 1, False, cache=str(tmp_path))
+    assert len(calls) == 12 and changed[0]["calls"] == 10, "other weights must be measured again"
+    for path in tmp_path.glob("before-*.json"):
+        path.write_text("{not json")
+    continual.measure_before(model, tokenizer, facts, 1, False, cache=str(tmp_path))
+    assert len(calls) == 15
+    continual.measure_before(model, tokenizer, facts, 1, False)
+    assert len(calls) == 18 and len(list(tmp_path.glob("*.tmp"))) == 0
 
 
 def test_continual_records_the_machine_and_its_input_gradients(monkeypatch, tmp_path, capsys):
