@@ -326,8 +326,24 @@ def table(summary: dict) -> str:
 COMPARED = (("recovered", "{:+.1f}", 100), ("recovered_framed", "{:+.1f}", 100), ("binding_recovered", "{:+.1f}", 100),
             ("pull_only_recovered", "{:+.1f}", 100), ("exact_after", "{:+.3f}", 1), ("probability_after", "{:+.3f}", 1),
             ("general_after", "{:+.3f}", 1), ("general_framed_after", "{:+.3f}", 1),
+            ("general_lost", "{:+.1f}", 1), ("general_won", "{:+.1f}", 1),
+            ("general_framed_lost", "{:+.1f}", 1), ("general_framed_won", "{:+.1f}", 1),
             ("perplexity_after", "{:+.2f}", 1), ("learn_cost_forwards", "{:+.2f}", 1),
             ("learn_all_forwards", "{:+.2f}", 1), ("gate_refusals", "{:+.1f}", 1), ("gate_halved", "{:+.1f}", 1))
+
+
+def with_probe_moves(run: dict, probes) -> dict:
+    """The run with, for the bare and the framed general probes, how many it lost (right before
+    learning, wrong after) and won (the reverse; B.probe_shifts): a level score can hide many
+    probes moved both ways. Left out where the picks are missing or are for another probe set."""
+    moves = {}
+    for name, framed in (("general", False), ("general_framed", True)):
+        try:
+            shifted = B.probe_shifts(run, probes, framed)
+        except (KeyError, ValueError):
+            continue
+        moves[f"{name}_lost"], moves[f"{name}_won"] = len(shifted["lost"]), len(shifted["gained"])
+    return {**run, **moves}
 
 
 def load_saved(paths: list[str]) -> tuple[dict, dict, list]:
@@ -367,7 +383,8 @@ def compare_saved(ours_paths: list[str], baseline_paths: list[str]) -> str:
     seeds = sorted(set(ours) & set(theirs))
     if not seeds:
         raise SystemExit(f"no seed is on both sides (ours {sorted(ours)}, baseline {sorted(theirs)})")
-    mine, base = [ours[s] for s in seeds], [theirs[s] for s in seeds]
+    probes = E.load_probes()
+    mine, base = ([with_probe_moves(runs[s], probes) for s in seeds] for runs in (ours, theirs))
     attributes = [(f"recovered[{k[len('recovered['):-1]}]", "{:+.1f}", 100) for k in mine[0] if k.startswith("recovered[")]
     lines = [f"ours {our_header['options']} minus baseline {their_header['options']}, {our_header['domain']}, "
              f"seeds {seeds}",

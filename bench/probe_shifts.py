@@ -17,23 +17,9 @@ import json
 import sys
 from collections import Counter
 
+from fastcl.benchmark import probe_shifts
 from fastcl.evaluate import load_probes
 from fastcl.facts import DOMAINS
-
-
-def shifts(run: dict, probes, framed: bool = True) -> dict:
-    """{"lost": [...], "gained": [...]}, each entry (probe index, picked before, picked after)."""
-    key = "general_framed_picks" if framed else "general_picks"
-    before, after = run[f"{key}_before"], run[f"{key}_after"]
-    if not len(before) == len(after) == len(probes):
-        raise ValueError(f"{len(before)}/{len(after)} picks for {len(probes)} probes: the run used another probe set")
-    out = {"lost": [], "gained": []}
-    for index, ((_, _, answer), was, now) in enumerate(zip(probes, before, after)):
-        if was == answer and now != answer:
-            out["lost"].append((index, was, now))
-        elif was != answer and now == answer:
-            out["gained"].append((index, was, now))
-    return out
 
 
 def domain_values(domain: str) -> set[str]:
@@ -49,7 +35,7 @@ def report(files: list[str], framed: bool = True) -> str:
         domain = result.get("domain", "companies")
         values = domain_values(domain)
         for run in result["runs"]:
-            moved = shifts(run, probes, framed)
+            moved = probe_shifts(run, probes, framed)
             into_domain = sum(probes[i][1][now].lower() in values for i, _, now in moved["lost"])
             lines.append(f"{path}: {domain}, seed {run['seed']}: {len(moved['lost'])} lost, "
                          f"{len(moved['gained'])} gained; {into_domain} of the lost now pick a {domain} value")

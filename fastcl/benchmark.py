@@ -234,6 +234,23 @@ def paired_difference(ours: list[dict], theirs: list[dict], key: str) -> tuple[l
     return differences, mean, (variance / len(differences)) ** 0.5
 
 
+def probe_shifts(run: dict, probes, framed: bool = True) -> dict:
+    """Which general probes a saved bench/continual.py run moved: {"lost": [...], "gained": [...]},
+    each entry (probe index, picked before, picked after), from the run's saved picks (the answer
+    frame's, or the bare ones); lost is right before learning and wrong after, gained the reverse."""
+    key = "general_framed_picks" if framed else "general_picks"
+    before, after = run[f"{key}_before"], run[f"{key}_after"]
+    if not len(before) == len(after) == len(probes):
+        raise ValueError(f"{len(before)}/{len(after)} picks for {len(probes)} probes: the run used another probe set")
+    out = {"lost": [], "gained": []}
+    for index, ((_, _, answer), was, now) in enumerate(zip(probes, before, after)):
+        if was == answer and now != answer:
+            out["lost"].append((index, was, now))
+        elif was != answer and now == answer:
+            out["gained"].append((index, was, now))
+    return out
+
+
 def accuracy_by_attribute(facts: Sequence[Fact], hits: Sequence[bool]) -> dict[str, float]:
     """Per attribute, in the order the stream first asks it: the mean of `hits` (measure()'s
     "mc_hits", or pull_only_hits: one per fact and held-out phrasing, E.fact_items' order) over

@@ -147,6 +147,38 @@ def test_continual_compares_saved_runs_seed_by_seed(tmp_path):
     assert continual.compare_saved(ours, [elsewhere]).startswith("warning: the two sides are from different machines")
 
 
+def test_continual_compare_counts_the_general_probes_each_run_lost_and_won(tmp_path):
+    """--compare also counts the probes a run lost (right before, wrong after) and won, from the
+    saved picks: two runs level on the score can have moved different probes."""
+    from fastcl.evaluate import load_probes
+
+    continual = load_bench("continual")
+    probes = load_probes()
+    answers = [answer for _, _, answer in probes]
+    wrong = [(a + 1) % 4 for a in answers]
+    right_then_wrong = {"general_framed_picks_before": answers, "general_framed_picks_after": wrong[:3] + answers[3:]}
+    moved = continual.with_probe_moves({"seed": 1, **right_then_wrong}, probes)
+    assert (moved["general_framed_lost"], moved["general_framed_won"]) == (3, 0)
+    assert "general_lost" not in moved, "no bare picks saved, no count"
+    won = continual.with_probe_moves({"general_picks_before": wrong[:2] + answers[2:], "general_picks_after": answers},
+                                     probes)
+    assert (won["general_lost"], won["general_won"]) == (0, 2)
+    assert "general_framed_lost" not in continual.with_probe_moves(
+        {"general_framed_picks_before": answers[:-1], "general_framed_picks_after": answers[:-1]}, probes), \
+        "picks of another probe file are not counted"
+
+    def saved(name, options, picks_after):
+        path = tmp_path / name
+        path.write_text(json.dumps({"domain": "companies", "options": options, "runs": [
+            {"seed": 1, "recovered": 0.3, "general_framed_picks_before": answers,
+             "general_framed_picks_after": picks_after}]}))
+        return str(path)
+
+    report = continual.compare_saved([saved("o", {"rank": 64}, wrong[:5] + answers[5:])],
+                                     [saved("b", {"rank": 16}, answers)])
+    assert "| general_framed_lost | 5.0 (5.0) | 0.0 (0.0) | +5.0 ± nan (+5.0) |" in report, report
+
+
 def test_continual_reuses_the_measures_before_learning_only_for_the_same_inputs(monkeypatch, tmp_path, smollm):
     """--before-cache: a second run on the same stream, weights and scoring reads what the first
     measured; other weights, another stream or exact match on measure again; a damaged file is
