@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/serving/*.cpp)
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fastcl demo
 
+# pytest, not python -m pytest: the latter puts the checkout's root on sys.path, where kernels/
+# hides Hugging Face's `kernels` package, which transformers >= 5 imports.
 test: setup
-	$(PY) -m pytest tests
+	$(VENV)/bin/pytest tests
 
 bench: setup
-	$(PY) -m pytest bench --benchmark-json=bench/last-run.json
+	$(VENV)/bin/pytest bench --benchmark-json=bench/last-run.json
