@@ -20,6 +20,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastcl-gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
+# PYTHONSAFEPATH (python >= 3.11): python -m would put the checkout's root on sys.path, where
+# kernels/ hides Hugging Face's `kernels` package, which transformers >= 5 imports.
+PYTEST="env PYTHONSAFEPATH=1 $PY -m pytest"
 BUDGET_S=${BUDGET_S:-520}
 STEPS=${STEPS:-build info tests_learner_gpu sweep tests_triton tests_cuda_backend e2e_smollm profile profile_2mb op_prefill op_decode memcheck}
 START=$(date +%s)
@@ -61,7 +64,7 @@ step info 30 $PY -c "import fastcl, json; print(json.dumps(fastcl.info(), indent
 # The learning path on the GPU against the same runs on the CPU (learn, gate, rollback, save/load,
 # the default recipe with the shipped texts).
 step tests_learner_gpu 150 env FASTCL_TEST_TOKENIZER_DIR="${FASTCL_TEST_TOKENIZER_DIR:-.gpu_carry/smollm2_tokenizer}" \
-    $PY -m pytest tests/test_learner_gpu.py -v -ra --tb=short -p no:cacheprovider --junitxml="$OUT/tests_learner_gpu.xml"
+    $PYTEST tests/test_learner_gpu.py -v -ra --tb=short -p no:cacheprovider --junitxml="$OUT/tests_learner_gpu.xml"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/run.log" | tail -8
 
 # Each tuned Triton config alone, one process per (kernel, config, dtype): a config that faults
@@ -77,7 +80,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout 120"
 # pytest per backend: a kernel that breaks its process's CUDA context fails every later test
 # in that process, and that must not spill into the other backend's results.
 for suite in triton cuda_backend; do
-    step "tests_$suite" 300 $PY -m pytest "tests/test_$suite.py" -v -ra --tb=short \
+    step "tests_$suite" 300 $PYTEST "tests/test_$suite.py" -v -ra --tb=short \
         -p no:cacheprovider $XDIST $TIMEOUT --durations=10 --junitxml="$OUT/tests_$suite.xml"
 done
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/run.log" | tail -25
@@ -111,13 +114,13 @@ for mode in ("fwd", "fwd_bwd"):
 EOF
 }
 BENCH_OPTS="-q -p no:cacheprovider --benchmark-max-time=0.05 --benchmark-min-rounds=20 --benchmark-warmup=on"
-step op_prefill 110 $PY -m pytest $(ops 2048,8192) $BENCH_OPTS --benchmark-json="$OUT/op_prefill.json"
-step op_decode 70 $PY -m pytest $(ops 1,16) $BENCH_OPTS --benchmark-json="$OUT/op_decode.json"
+step op_prefill 110 $PYTEST $(ops 2048,8192) $BENCH_OPTS --benchmark-json="$OUT/op_prefill.json"
+step op_decode 70 $PYTEST $(ops 1,16) $BENCH_OPTS --benchmark-json="$OUT/op_decode.json"
 
 # Memory check of the CUDA kernels: no caching allocator, so an overrun cannot hide in a pooled block.
 if command -v compute-sanitizer >/dev/null; then
     step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        $PY -m pytest tests/test_cuda_backend.py -q -x -p no:cacheprovider -k "matches_reference and not graph"
+        $PYTEST tests/test_cuda_backend.py -q -x -p no:cacheprovider -k "matches_reference and not graph"
 fi
 grep -E "ERROR SUMMARY|passed|failed" "$OUT/run.log" | tail -4
 echo "--- summary"

@@ -15,7 +15,7 @@ and the patched one right after consolidation. Each benchmark's extra_info carri
 report needs besides time: saved-activation bytes, state and KV-cache bytes, the adapter's FLOP
 share. bench/report.py turns the JSON into the ratios the issue asks for:
 
-    FASTCL_BENCH_THREADS=1 .venv/bin/python -m pytest bench/test_bench_end_to_end.py \
+    FASTCL_BENCH_THREADS=1 .venv/bin/pytest bench/test_bench_end_to_end.py \
         --benchmark-json=bench/last-run.json
     .venv/bin/python bench/report.py bench/last-run.json
 """

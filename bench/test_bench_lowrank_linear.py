@@ -24,7 +24,7 @@ at r = 16; the others are skipped with that reason, which keeps all of `pytest b
 about 10 minutes (`FASTCL_BENCH_FULL_GRID=1` times them too: about 7 more minutes on one AMD
 EPYC core). Rounds adapt to each case's cost (about 0.4 s of timing per case). Run:
 
-    .venv/bin/python -m pytest bench/test_bench_lowrank_linear.py --benchmark-group-by=group \
+    .venv/bin/pytest bench/test_bench_lowrank_linear.py --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-json=bench/last-run.json
 """
 
