@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/serving/*.cpp)
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fastcl demo
 
-# pytest, not python -m pytest: the latter puts the checkout's root on sys.path, where kernels/
-# hides Hugging Face's `kernels` package, which transformers >= 5 imports.
+# pytest, not python -m pytest: keeps the checkout's root off sys.path; its kernels/ shares a name
+# with Hugging Face's `kernels` package, which transformers >= 5 imports (kernels/__init__.py).
 test: setup
 	$(VENV)/bin/pytest tests
 

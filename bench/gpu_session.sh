@@ -20,8 +20,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastcl-gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-# PYTHONSAFEPATH (python >= 3.11): python -m would put the checkout's root on sys.path, where
-# kernels/ hides Hugging Face's `kernels` package, which transformers >= 5 imports.
+# PYTHONSAFEPATH (python >= 3.11): keeps the checkout's root off sys.path; its kernels/ shares a
+# name with Hugging Face's `kernels` package, which transformers >= 5 imports (kernels/__init__.py).
 PYTEST="env PYTHONSAFEPATH=1 $PY -m pytest"
 BUDGET_S=${BUDGET_S:-520}
 STEPS=${STEPS:-build info tests_learner_gpu sweep tests_triton tests_cuda_backend e2e_smollm profile profile_2mb op_prefill op_decode memcheck}

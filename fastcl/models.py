@@ -30,7 +30,8 @@ def default_model_path() -> Path:
 def shadowing_kernels_folder() -> Optional[Path]:
     """fastcl's own Triton kernel folder where Python imported it as the top-level `kernels`, the
     name of Hugging Face's kernel package, which transformers (>= 5) imports: a source checkout's
-    root was on sys.path (`python -m pytest` or a REPL started there). None otherwise."""
+    root was on sys.path (`python -m pytest` or a REPL started there) and kernels/__init__.py
+    found no such package to hand the name to. None otherwise."""
     origin = getattr(sys.modules.get("kernels"), "__file__", None)
     folder = Path(origin).parent if origin else None
     return folder if folder is not None and (folder / "lowrank_linear.py").exists() else None
