@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -27,27 +25,6 @@ def default_model_path() -> Path:
     return path
 
 
-def shadowing_kernels_folder() -> Optional[Path]:
-    """fastcl's own Triton kernel folder where Python imported it as the top-level `kernels`, the
-    name of Hugging Face's kernel package, which transformers (>= 5) imports: a source checkout's
-    root was on sys.path (`python -m pytest` or a REPL started there) and kernels/__init__.py
-    found no such package to hand the name to. None otherwise."""
-    origin = getattr(sys.modules.get("kernels"), "__file__", None)
-    folder = Path(origin).parent if origin else None
-    return folder if folder is not None and (folder / "lowrank_linear.py").exists() else None
-
-
-def import_problem(exc: ImportError, hint: str) -> ImportError:
-    """The error to raise for a failed transformers import or load: the shadowed `kernels` named
-    where that is the cause, else `hint`."""
-    folder = shadowing_kernels_folder()
-    if folder is not None:
-        hint = (f"{folder} (fastcl's Triton kernels) was imported as Hugging Face's `kernels` package, which "
-                "transformers needs: the source checkout's root is on sys.path. Start Python from another "
-                "folder, and run the tests with `pytest`, not `python -m pytest`")
-    return ImportError(f"{exc}\n{hint}")
-
-
 def load_default(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
     """(model, tokenizer) for SmolLM2-135M-Instruct, dequantized to `dtype`, in eval mode, on
     `device` (the GGUF is read on the host, then moved).
@@ -59,11 +36,11 @@ def load_default(dtype: torch.dtype = torch.float32, device: torch.device | str 
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise import_problem(exc, "the default model needs transformers") from exc
+        raise ImportError(f"the default model needs transformers: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except ImportError as exc:  # transformers names the missing gguf / accelerate package
-        raise import_problem(exc, f"Install what the GGUF loader needs: {INSTALL_HINT}") from exc
+        raise ImportError(f"{exc}\nInstall what the GGUF loader needs: {INSTALL_HINT}") from exc
     model.to(device).eval()
     return model, tokenizer
