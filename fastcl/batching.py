@@ -46,6 +46,12 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) for ragged rows, padded on the left (prompts a generate() continues)."""
+    ids, mask = pad_right([list(reversed(r)) for r in rows], pad_id)
+    return ids.flip(1), mask.flip(1)
+
+
 @dataclass
 class PromptResponseBatch:
     """Rows of prompt + response. `rows`, `cols` index the logits that predict response tokens,

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .batching import pad_right
+from .batching import pad_left, pad_right
 from .facts import Fact
 
 
@@ -36,28 +36,84 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
-def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
-    """Mean log-probability per token of each option as the continuation of `prompt`.
+# Prompts a scoring or generating forward takes together: large enough that a CPU forward is
+# not dominated by per-call overhead, small enough that a batch's padding stays cheap.
+EVAL_BATCH = 16
 
-    The prompt runs once; its KV cache is shared by the options, which run as one padded batch.
+
+def _cache_of(output):
+    return output["cache"] if "cache" in output else output.past_key_values
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one of its own (the
+    last prompt token's logits score an option's first token)."""
+    length = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        shared = 0
+        while shared < length and row[shared] == first[shared]:
+            shared += 1
+        length = shared
+    return max(length, 0)
+
+
+@torch.no_grad()
+def batched_option_logprobs(model, prompts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]],
+                            batch: int = EVAL_BATCH) -> list[list[float]]:
+    """Per prompt, the mean log-probability per token of each of its options as the prompt's
+    continuation: the same numbers as one forward per sequence, up to float rounding.
+
+    Three forwards per `batch` prompts, each on the cache of the one before: the prefix every
+    prompt shares (a chat template's system turn) once, the rest of each prompt as one
+    right-padded batch, then every option of every prompt as one batch. Positions are given
+    explicitly, so the padding between a prompt and its options changes nothing.
     """
-    device = model_device(model)
-    out = model(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True)
-    first = out.logits[0, -1].float().log_softmax(-1)
-    cache = out["cache"] if "cache" in out else out.past_key_values
-    cache.batch_repeat_interleave(len(options))
-    ids, mask = pad_right(options, pad_id=0)
-    full_mask = torch.cat([torch.ones(len(options), len(prompt), dtype=torch.long), mask], 1).to(device)
-    logits = model(input_ids=ids.to(device), attention_mask=full_mask, **{_cache_argument(model): cache}).logits
-    rest = logits[:, :-1].float().log_softmax(-1)
-    scores = []
-    for i, option in enumerate(options):
-        total = float(first[option[0]])
-        if len(option) > 1:
-            total += float(rest[i, torch.arange(len(option) - 1), torch.tensor(option[1:])].sum())
-        scores.append(total / len(option))
+    if not prompts or any(len(p) == 0 for p in prompts) or any(len(o) == 0 for opts in options for o in opts):
+        raise ValueError("batched_option_logprobs: every prompt and every option needs at least one token")
+    if len(prompts) != len(options):
+        raise ValueError(f"batched_option_logprobs: {len(prompts)} prompts but {len(options)} option lists")
+    device, argument = model_device(model), _cache_argument(model)
+    prefix = _common_prefix(prompts)
+    scores: list[list[float]] = []
+    for start in range(0, len(prompts), batch):
+        chunk, chunk_options = prompts[start: start + batch], options[start: start + batch]
+        cache = None
+        if prefix:
+            cache = _cache_of(model(input_ids=torch.tensor([list(chunk[0][:prefix])], device=device), use_cache=True))
+            cache.batch_repeat_interleave(len(chunk))
+        rest, rest_mask = pad_right([p[prefix:] for p in chunk], pad_id=0)
+        lengths = rest_mask.sum(1)
+        seen = torch.cat([torch.ones(len(chunk), prefix, dtype=torch.long), rest_mask], 1)
+        positions = prefix + torch.arange(rest.shape[1]).expand(len(chunk), -1)
+        out = model(input_ids=rest.to(device), attention_mask=seen.to(device), position_ids=positions.to(device),
+                    use_cache=True, **({argument: cache} if cache is not None else {}))
+        first = out.logits[torch.arange(len(chunk)), (lengths - 1).to(device)].float().log_softmax(-1)
+        cache = _cache_of(out)
+        owner = torch.tensor([i for i, opts in enumerate(chunk_options) for _ in opts])
+        cache.batch_select_indices(owner.to(device))
+        flat = [list(o) for opts in chunk_options for o in opts]
+        ids, mask = pad_right(flat, pad_id=0)
+        positions = prefix + lengths[owner][:, None] + torch.arange(ids.shape[1])
+        logits = model(input_ids=ids.to(device), attention_mask=torch.cat([seen[owner], mask], 1).to(device),
+                       position_ids=positions.to(device), **{argument: cache}).logits
+        rest_logprobs = logits[:, :-1].float().log_softmax(-1)
+        flat_scores = []
+        for k, option in enumerate(flat):
+            total = float(first[int(owner[k]), option[0]])
+            if len(option) > 1:
+                total += float(rest_logprobs[k, torch.arange(len(option) - 1), torch.tensor(option[1:])].sum())
+            flat_scores.append(total / len(option))
+        offset = 0
+        for opts in chunk_options:
+            scores.append(flat_scores[offset: offset + len(opts)])
+            offset += len(opts)
     return scores
+
+
+def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int]]) -> list[float]:
+    """Mean log-probability per token of each option as the continuation of `prompt`."""
+    return batched_option_logprobs(model, [prompt], [options])[0]
 
 
 # A second view of the same multiple-choice items, reported beside the first, never instead of
@@ -75,11 +131,10 @@ def multiple_choice_scores(model, tokenizer, items: Sequence[tuple[str, Sequence
     assistant's reply. With a `frame` (ANSWER_FRAME), the reply starts with it and each option
     follows after a space."""
     frame_ids = tokenizer(frame, add_special_tokens=False)["input_ids"] if frame else []
-    scores = []
-    for prompt_text, options, _ in items:
-        encoded = [tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in options]
-        scores.append(option_logprobs(model, chat_ids(tokenizer, prompt_text) + frame_ids, encoded))
-    return scores
+    prompts = [chat_ids(tokenizer, prompt_text) + frame_ids for prompt_text, _, _ in items]
+    options = [[tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in item_options]
+               for _, item_options, _ in items]
+    return batched_option_logprobs(model, prompts, options) if items else []
 
 
 def best_option(scores: Sequence[float]) -> int:
@@ -129,18 +184,29 @@ def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple
 
 
 @torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   batch: int = EVAL_BATCH) -> list[str]:
+    """Each prompt's greedy continuation, decoded without special tokens: `batch` prompts a
+    generate() call, padded on the left; the same text as one call per prompt, up to float
+    rounding."""
+    device, answers = model_device(model), []
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, (list, tuple)) else [] if stop is None else [stop])
+    for start in range(0, len(prompts), batch):
+        ids, mask = pad_left(prompts[start: start + batch], pad_id=tokenizer.pad_token_id or 0)
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            end = next((i for i, token in enumerate(row) if token in stop), len(row))  # rows done early are padded
+            answers.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return answers
+
+
 def exact_match(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> float:
     """Closed-book greedy answers to the held-out phrasings that contain the true value."""
-    hits, total, device = 0, 0, model_device(model)
-    for f in facts:
-        for q in f.eval_questions:
-            prompt = torch.tensor([chat_ids(tokenizer, q)], device=device)
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
-            hits += int(f.value.lower() in text.lower())
-            total += 1
-    return hits / max(total, 1)
+    asked = [(f, q) for f in facts for q in f.eval_questions]
+    answers = greedy_answers(model, tokenizer, [chat_ids(tokenizer, q) for _, q in asked], max_new_tokens)
+    return sum(f.value.lower() in a.lower() for (f, _), a in zip(asked, answers)) / max(len(asked), 1)
 
 
 def load_probes(name: str = "general_probes.jsonl") -> list[tuple[str, tuple[str, ...], int]]:

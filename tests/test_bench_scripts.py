@@ -361,3 +361,13 @@ def test_stream_fingerprint_repeats_and_tells_runs_apart(fresh_smollm):
     assert other["weights"] != first["weights"] and other["answers"] == first["answers"], \
         "a larger step changes what is learned, not the first answer (served before any learning)"
     assert first["consolidations"] == 1
+
+
+def test_eval_batching_finds_the_batched_measures_equal_to_one_at_a_time(monkeypatch, capsys, smollm):
+    eval_batching = load_bench("eval_batching")
+    monkeypatch.setattr(eval_batching.models, "load_default", lambda: smollm)
+    assert eval_batching.main(["--items", "3", "--questions", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 6  # the header and five measures
+    assert all("| 0 picks differ" in row for row in rows[1:5])
+    assert rows[5].endswith("| 0 answers differ |") and "| 3 |" in rows[5]

@@ -102,8 +102,9 @@ def test_framed_multiple_choice_scores_each_option_after_the_frame_and_a_space(s
 
     model, tokenizer = smollm
     seen = []
-    real = E.option_logprobs
-    monkeypatch.setattr(E, "option_logprobs", lambda m, prompt, options: seen.append((prompt, options)) or real(m, prompt, options))
+    real = E.batched_option_logprobs
+    monkeypatch.setattr(E, "batched_option_logprobs",
+                        lambda m, prompts, options: seen.append((prompts[0], options[0])) or real(m, prompts, options))
     item = [("What is the capital of France?", ("Lyon", "Paris", "Marseille"), 1)]
     E.multiple_choice_hits(model, tokenizer, item)
     E.multiple_choice_hits(model, tokenizer, item, frame=E.ANSWER_FRAME)
@@ -112,3 +113,19 @@ def test_framed_multiple_choice_scores_each_option_after_the_frame_and_a_space(s
     assert framed_prompt == bare_prompt + frame
     assert framed_options[1] == tokenizer(" Paris", add_special_tokens=False)["input_ids"]
     assert bare_options[1] == tokenizer("Paris", add_special_tokens=False)["input_ids"]
+
+
+def test_greedy_answers_in_one_batch_are_the_answers_one_at_a_time(smollm):
+    """exact_match's generation: prompts of different lengths, padded on the left and answered
+    together, give the text each gets alone (the left padding must not shift positions)."""
+    from fastcl import evaluate as E
+
+    model, tokenizer = smollm
+    questions = ["What is the capital of France?", "Name a planet.",
+                 "Which ocean lies between Europe and North America, and how large is it?"]
+    prompts = [E.chat_ids(tokenizer, q) for q in questions]
+    assert len({len(p) for p in prompts}) == 3
+    together = E.greedy_answers(model, tokenizer, prompts, max_new_tokens=12)
+    alone = [E.greedy_answers(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    assert together == alone
+    assert "Paris" in together[0]
