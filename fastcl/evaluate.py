@@ -66,14 +66,16 @@ def batched_option_logprobs(model, prompts: Sequence[Sequence[int]], options: Se
 
     Three forwards per `batch` prompts, each on the cache of the one before: the prefix every
     prompt shares (a chat template's system turn) once, the rest of each prompt as one
-    right-padded batch, then every option of every prompt as one batch. Positions are given
-    explicitly, so the padding between a prompt and its options changes nothing.
+    left-padded batch, then every option of every prompt as one batch. Positions are given
+    explicitly, so the padding between the shared prefix, a prompt and its options changes
+    nothing.
     """
     if not prompts or any(len(p) == 0 for p in prompts) or any(len(o) == 0 for opts in options for o in opts):
         raise ValueError("batched_option_logprobs: every prompt and every option needs at least one token")
     if len(prompts) != len(options):
         raise ValueError(f"batched_option_logprobs: {len(prompts)} prompts but {len(options)} option lists")
     device, argument = model_device(model), _cache_argument(model)
+    last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     prefix = _common_prefix(prompts)
     scores: list[list[float]] = []
     for start in range(0, len(prompts), batch):
@@ -82,13 +84,15 @@ def batched_option_logprobs(model, prompts: Sequence[Sequence[int]], options: Se
         if prefix:
             cache = _cache_of(model(input_ids=torch.tensor([list(chunk[0][:prefix])], device=device), use_cache=True))
             cache.batch_repeat_interleave(len(chunk))
-        rest, rest_mask = pad_right([p[prefix:] for p in chunk], pad_id=0)
+        # Padded on the left, so every prompt ends in the last column: only that column's logits
+        # are needed, and a vocabulary-wide row per prompt token is never formed.
+        rest, rest_mask = pad_left([p[prefix:] for p in chunk], pad_id=0)
         lengths = rest_mask.sum(1)
         seen = torch.cat([torch.ones(len(chunk), prefix, dtype=torch.long), rest_mask], 1)
-        positions = prefix + torch.arange(rest.shape[1]).expand(len(chunk), -1)
+        positions = (prefix + torch.arange(rest.shape[1]) - (rest.shape[1] - lengths)[:, None]).clamp_min(prefix)
         out = model(input_ids=rest.to(device), attention_mask=seen.to(device), position_ids=positions.to(device),
-                    use_cache=True, **({argument: cache} if cache is not None else {}))
-        first = out.logits[torch.arange(len(chunk)), (lengths - 1).to(device)].float().log_softmax(-1)
+                    use_cache=True, **({argument: cache} if cache is not None else {}), **last_logits_only)
+        first = out.logits[:, -1].float().log_softmax(-1)
         cache = _cache_of(out)
         owner = torch.tensor([i for i, opts in enumerate(chunk_options) for _ in opts])
         cache.batch_select_indices(owner.to(device))
