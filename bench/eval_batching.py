@@ -20,8 +20,8 @@ import torch
 
 from fastcl import evaluate as E
 from fastcl.facts import DOMAINS, fact_stream
-from fastcl.info import describe_machine, machine
 from fastcl import models
+from fastcl.info import describe_machine, machine
 
 
 def timed(function):
@@ -31,10 +31,7 @@ def timed(function):
 
 
 def compare_scores(model, tokenizer, name: str, items, frame: str = "") -> str:
-    frame_ids = tokenizer(frame, add_special_tokens=False)["input_ids"] if frame else []
-    prompts = [E.chat_ids(tokenizer, text) + frame_ids for text, _, _ in items]
-    options = [[tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in opts]
-               for _, opts, _ in items]
+    prompts, options = E.option_inputs(tokenizer, items, frame)
     alone, alone_s = timed(lambda: E.batched_option_logprobs(model, prompts, options, batch=1))
     together, together_s = timed(lambda: E.batched_option_logprobs(model, prompts, options))
     diff = max(abs(a - b) for ra, rb in zip(alone, together) for a, b in zip(ra, rb))

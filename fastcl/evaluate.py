@@ -129,16 +129,24 @@ def option_logprobs(model, prompt: Sequence[int], options: Sequence[Sequence[int
 ANSWER_FRAME = "The answer is"
 
 
+def option_inputs(tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
+                  frame: str = "") -> tuple[list[list[int]], list[list[list[int]]]]:
+    """(prompts, options) token ids for MC items, as multiple_choice_scores scores them: each
+    user prompt in the chat template, then the `frame` if any, with each option after it (after
+    a space where there is a frame)."""
+    frame_ids = tokenizer(frame, add_special_tokens=False)["input_ids"] if frame else []
+    prompts = [chat_ids(tokenizer, prompt_text) + frame_ids for prompt_text, _, _ in items]
+    options = [[tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in item_options]
+               for _, item_options, _ in items]
+    return prompts, options
+
+
 def multiple_choice_scores(model, tokenizer, items: Sequence[tuple[str, Sequence[str], int]],
                            frame: str = "") -> list[list[float]]:
     """Per (user prompt, options, answer index): each option's mean token log-probability as the
     assistant's reply. With a `frame` (ANSWER_FRAME), the reply starts with it and each option
     follows after a space."""
-    frame_ids = tokenizer(frame, add_special_tokens=False)["input_ids"] if frame else []
-    prompts = [chat_ids(tokenizer, prompt_text) + frame_ids for prompt_text, _, _ in items]
-    options = [[tokenizer(" " + o if frame else o, add_special_tokens=False)["input_ids"] for o in item_options]
-               for _, item_options, _ in items]
-    return batched_option_logprobs(model, prompts, options) if items else []
+    return batched_option_logprobs(model, *option_inputs(tokenizer, items, frame)) if items else []
 
 
 def best_option(scores: Sequence[float]) -> int:
