@@ -7,6 +7,7 @@
     python bench/continual.py --domain people       # the held-out domain: fictional people, never tuned on
     python bench/continual.py --seeds 1 --before-cache DIR   # measure a stream's start once, reuse it for any recipe
     python bench/continual.py --compare r64_s1.json r64_s2.json --baseline s1.json s2.json   # saved runs, paired by seed
+    python bench/continual.py --seeds 14 --ablation seed=1   # the same stream, the learner's own draws (projections, replay) from seed 1
 
 For each seed it generates a fresh stream of facts about fictional entities (fastcl.facts: companies,
 the domain every recipe was developed on, or people, kept out of development), measures the
@@ -20,6 +21,10 @@ reported beside the bare score, and asked about another entity of the stream as 
 stream's other learned values of the same attribute as distractors ("binding",
 fastcl.benchmark.binding_items: a hit needs knowing whose value it is). Costs are per
 served token, beside a plain no-grad forward over the same tokens.
+
+The learner's own randomness follows the stream's seed unless `--ablation seed=N` sets it. One
+recipe on one stream under three such draws recovered 16.5-33.9% of the gap (bench/RESULTS.md,
+"A recipe's own spread"): compare recipes over several streams and draws, never one run each.
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         facts = fact_stream(companies, seed=seed, domain=domain)
         before, in_context, controls = measure_before(model, tokenizer, facts, seed, exact, before_cache)
         ceiling = in_context["mc"]
-        learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
+        learner = B.patch_for_stream(model, tokenizer, seed, options)
         with tqdm(total=len(facts), desc=f"seed {seed}: serving and learning", unit="request") as progress:
             served = B.serve(model, tokenizer, learner, facts, progress=progress)
         forward = B.forward_seconds(model, tokenizer, facts, served.answers)

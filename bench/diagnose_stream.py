@@ -173,7 +173,7 @@ def _diagnose(model, tokenizer, seed, companies, options, served_base, trajector
     served_floor = E.multiple_choice_hits(model, tokenizer, served_items)
     controls = B.Controls.measure(model, tokenizer, facts, seed)
     ceiling = B.measure(model, tokenizer, facts, in_context=True, general=False)["mc"]
-    learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
+    learner = B.patch_for_stream(model, tokenizer, seed, options)
     immediate = []
     learn = learner.learn
     if trajectory_every and learner.config.step_every != 1:

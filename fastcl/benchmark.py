@@ -53,6 +53,16 @@ def restored(model):
         model.load_state_dict(original)
 
 
+def patch_for_stream(model, tokenizer, stream_seed: int, options: dict):
+    """The learner a benchmark run serves a stream with: the shipped defaults with `options` over
+    them. Its own randomness (projections, replay draws) follows the stream's seed unless
+    `options` sets `seed`, so the same stream can be rerun under other draws to measure a
+    recipe's own spread."""
+    from .patcher import patch
+
+    return patch(model, tokenizer=tokenizer, **{"seed": stream_seed, **options})
+
+
 @torch.no_grad()
 def answer(model, tokenizer, prompt: list[int], max_new_tokens: int = 40) -> tuple[list[int], torch.Tensor]:
     """Greedy answer and, per answer token, its log-probability under the prompt (from the

@@ -284,3 +284,14 @@ def test_restored_keeps_a_learner_that_was_there_on_entry():
         learner.consolidate(gate=False)
     assert model.fastcl is learner
     assert_weights_unchanged(model, before, "restored()")
+
+
+@pytest.mark.parametrize("options, expected_seed", [({"rank": 4}, 7), ({"rank": 4, "seed": 3}, 3)])
+def test_a_benchmark_learner_draws_from_the_streams_seed_unless_told_otherwise(options, expected_seed):
+    from fastcl.benchmark import patch_for_stream, restored
+
+    model = tiny_model("llama")
+    with restored(model):
+        learner = patch_for_stream(model, None, 7, options)
+        assert learner.config.seed == expected_seed and learner.config.rank == 4
+        assert {m.seed for m in learner.modules.values()} == {expected_seed}
