@@ -16,7 +16,7 @@ import torch
 
 from . import evaluate as E
 from .facts import Fact
-from .patcher import unpatch
+from .patcher import patch, unpatch
 from .timing import seconds_since
 
 
@@ -58,8 +58,6 @@ def patch_for_stream(model, tokenizer, stream_seed: int, options: dict):
     them. Its own randomness (projections, replay draws) follows the stream's seed unless
     `options` sets `seed`, so the same stream can be rerun under other draws to measure a
     recipe's own spread."""
-    from .patcher import patch
-
     return patch(model, tokenizer=tokenizer, **{"seed": stream_seed, **options})
 
 
