@@ -55,7 +55,7 @@ def run_demo(seed: int = 0, companies: int = 6, out: str = "fastcl-demo.png", ch
     points = [{"tokens": 0, "closed": before["mc"],
                "general": E.multiple_choice_accuracy(model, tokenizer, probes)}]
 
-    learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed)
+    learner = B.patch_for_stream(model, tokenizer, seed, {})
     print(str(learner.report).splitlines()[0])
 
     def checkpoint(_, served):
