@@ -37,7 +37,7 @@ def fingerprint(model, tokenizer, seed: int, requests: int, options: dict, domai
     The model is restored afterwards."""
     facts = list(fact_stream(entities, seed=seed, domain=domain))[:requests]
     with B.restored(model):
-        learner = fastcl.patch(model, tokenizer=tokenizer, seed=seed, **options)
+        learner = B.patch_for_stream(model, tokenizer, seed, options)
         served = B.serve(model, tokenizer, learner, facts)
         counters = learner.counters
         return {"weights": B.weights_hash(model)[:16],
