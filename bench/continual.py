@@ -7,6 +7,7 @@
     python bench/continual.py --domain people       # the held-out domain: fictional people, never tuned on
     python bench/continual.py --seeds 1 --before-cache DIR   # measure a stream's start once, reuse it for any recipe
     python bench/continual.py --compare r64_s1.json r64_s2.json --baseline s1.json s2.json   # saved runs, paired by seed
+    python bench/continual.py --compare a_s14*.json --baseline d_s14*.json   # ...and by learner seed (seed=N) too
     python bench/continual.py --seeds 14 --ablation seed=1   # the same stream, the learner's own draws (projections, replay) from seed 1
 
 For each seed it generates a fresh stream of facts about fictional entities (fastcl.facts: companies,
@@ -25,6 +26,7 @@ served token, beside a plain no-grad forward over the same tokens.
 The learner's own randomness follows the stream's seed unless `--ablation seed=N` sets it. One
 recipe on one stream under three such draws recovered 16.5-33.9% of the gap (bench/RESULTS.md,
 "A recipe's own spread"): compare recipes over several streams and draws, never one run each.
+--compare pairs saved runs by stream and learner seed, so one side may hold a stream under several.
 """
 
 from __future__ import annotations
@@ -351,10 +353,20 @@ def with_probe_moves(run: dict, probes) -> dict:
     return {**run, **moves}
 
 
+def draw_of(options: dict, stream_seed: int) -> int:
+    """The seed of a run's learner (B.patch_for_stream): the options' own, else the stream's."""
+    return options.get("seed", stream_seed)
+
+
+def without_draw(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k != "seed"}
+
+
 def load_saved(paths: list[str]) -> tuple[dict, dict, list]:
-    """Saved runs (--json files, one or more seeds each) as ({seed: run}, header of the first file,
-    each file's machine record); refuses files of two domains, two recipes or the same seed twice,
-    which would pair wrongly."""
+    """Saved runs (--json files, one or more seeds each) as ({(stream seed, learner seed): run},
+    header of the first file, each file's machine record). The files of one side may differ in
+    the learner's `seed` alone (one recipe under several draws); refuses files of two domains,
+    two recipes or the same stream and draw twice, which would pair wrongly."""
     runs, header, machines = {}, None, []
     for path in paths:
         with open(path) as handle:
@@ -364,20 +376,30 @@ def load_saved(paths: list[str]) -> tuple[dict, dict, list]:
         saved.setdefault("domain", "companies")
         if header is None:
             header = saved
-        for key in ("domain", "options"):
-            if saved[key] != header[key]:
-                raise SystemExit(f"{path}: {key} {saved[key]!r} differs from {paths[0]}'s {header[key]!r}; "
-                                 "compare one recipe on one domain at a time")
+        if saved["domain"] != header["domain"]:
+            raise SystemExit(f"{path}: domain {saved['domain']!r} differs from {paths[0]}'s {header['domain']!r}; "
+                             "compare one recipe on one domain at a time")
+        if without_draw(saved["options"]) != without_draw(header["options"]):
+            raise SystemExit(f"{path}: options {saved['options']!r} differs from {paths[0]}'s {header['options']!r} "
+                             "in more than the learner's seed; compare one recipe on one domain at a time")
         machines.append(saved.get("machine"))
         for run in saved["runs"]:
-            if run["seed"] in runs:
-                raise SystemExit(f"{path}: seed {run['seed']} is saved twice on one side")
-            runs[run["seed"]] = run
+            key = (run["seed"], draw_of(saved["options"], run["seed"]))
+            if key in runs:
+                raise SystemExit(f"{path}: stream {key[0]} under learner seed {key[1]} is saved twice on one side")
+            runs[key] = run
     return runs, header, machines
 
 
+def describe_pairs(pairs: list[tuple[int, int]], streams: str = "seeds") -> str:
+    """(stream seed, learner seed) pairs for a report: the streams alone where each ran its usual draw."""
+    if all(stream == draw for stream, draw in pairs):
+        return f"{streams} {[stream for stream, _ in pairs]}"
+    return "stream/learner seeds [" + ", ".join(f"{stream}/{draw}" for stream, draw in pairs) + "]"
+
+
 def compare_saved(ours_paths: list[str], baseline_paths: list[str]) -> str:
-    """Saved runs of two recipes, paired by seed: each side's mean and the difference's mean with
+    """Saved runs of two recipes, paired by stream and learner seed: each side's mean and the difference's mean with
     its standard error, measure by measure (the per-attribute recoveries too), as a markdown table.
     pull_only_recovered depends on the stream alone: a difference there means the streams differ."""
     ours, our_header, our_machines = load_saved(ours_paths)
@@ -385,15 +407,16 @@ def compare_saved(ours_paths: list[str], baseline_paths: list[str]) -> str:
     if our_header["domain"] != their_header["domain"]:
         raise SystemExit(f"the two sides are on different domains ({our_header['domain']} and "
                          f"{their_header['domain']}): pair runs of one domain")
-    seeds = sorted(set(ours) & set(theirs))
-    if not seeds:
-        raise SystemExit(f"no seed is on both sides (ours {sorted(ours)}, baseline {sorted(theirs)})")
+    pairs = sorted(set(ours) & set(theirs))
+    if not pairs:
+        raise SystemExit(f"no stream and learner seed is on both sides (ours {describe_pairs(sorted(ours))}, "
+                         f"baseline {describe_pairs(sorted(theirs))})")
     probes = E.load_probes()
-    mine, base = ([with_probe_moves(runs[s], probes) for s in seeds] for runs in (ours, theirs))
+    mine, base = ([with_probe_moves(runs[pair], probes) for pair in pairs] for runs in (ours, theirs))
     attributes = [(f"recovered[{k[len('recovered['):-1]}]", "{:+.1f}", 100) for k in mine[0] if k.startswith("recovered[")]
-    lines = [f"ours {our_header['options']} minus baseline {their_header['options']}, {our_header['domain']}, "
-             f"seeds {seeds}",
-             "", "| measure | ours: mean (per seed) | baseline: mean (per seed) | difference: mean ± SE (per seed) |",
+    lines = [f"ours {without_draw(our_header['options'])} minus baseline {without_draw(their_header['options'])}, "
+             f"{our_header['domain']}, {describe_pairs(pairs)}",
+             "", "| measure | ours: mean (per pair) | baseline: mean (per pair) | difference: mean ± SE (per pair) |",
              "|---|---|---|---|"]
     for key, fmt, scale in COMPARED + tuple(attributes):
         if any(run.get(key) is None for run in mine + base):
@@ -434,7 +457,7 @@ def main(argv=None) -> int:
                         "of a run; they do not depend on the recipe) in DIR, keyed by everything they depend on, "
                         "and reuse them: two recipes on one stream measure its start once")
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="saved runs (--json files) of a recipe: "
-                        "compare them with --baseline's, seed by seed, instead of running anything")
+                        "compare them with --baseline's, paired by stream and learner seed, instead of running anything")
     parser.add_argument("--baseline", nargs="+", metavar="JSON", help="saved runs of the recipe to compare against")
     args = parser.parse_args(argv)
     if args.compare or args.baseline:

@@ -9,7 +9,7 @@ and by position in the stream. The development companion of bench/continual.py (
 --against [KEY=VALUE ...] runs a second recipe on the same streams (bare --against: the default)
 and prints the paired differences with their standard error. Runs are deterministic, so saved
 output can be compared instead of rerun: --compare OURS.jsonl THEIRS.jsonl pairs the JSON lines
-of two earlier runs (this script's stdout) by stream and prints the same differences.
+of two earlier runs (this script's stdout) by stream and learner seed and prints the same differences.
 
 "general_after" is the general-knowledge probes after the stream (the base model scores 0.452):
 the development runs and the reported ones have disagreed on it before.
@@ -67,7 +67,7 @@ from fastcl.facts import DOMAINS, fact_stream
 from fastcl.info import machine_differences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import DEFAULT, parse_overrides, run_machine  # noqa: E402
+from continual import DEFAULT, describe_pairs, draw_of, parse_overrides, run_machine  # noqa: E402
 
 
 def held_out(model, tokenizer, fact) -> float:
@@ -245,9 +245,9 @@ def _diagnose(model, tokenizer, seed, companies, options, served_base, trajector
     }
 
 
-def comparison(recipes: list[dict], results: list[list[dict]], seeds: list[int]) -> str:
+def comparison(recipes: list[dict], results: list[list[dict]], streams: str) -> str:
     """The first recipe minus the second, measure by measure: mean, standard error, per stream."""
-    lines = [f"{recipes[0]} minus {recipes[1]}, streams {seeds}:"]
+    lines = [f"{recipes[0]} minus {recipes[1]}, {streams}:"]
     for key in ("recovered", "answer_probability", "general_after", "perplexity_after"):
         differences, mean, error = B.paired_difference(results[0], results[1], key)
         lines.append(f"  {key:20s} {mean:+.4f} +- {error:.4f} (standard error)   per stream: "
@@ -256,19 +256,20 @@ def comparison(recipes: list[dict], results: list[list[dict]], seeds: list[int])
 
 
 def compare_saved(ours_path: str, theirs_path: str) -> str:
-    """comparison() over two saved runs, on the streams both ran."""
+    """comparison() over two saved runs, on the streams both ran under the same learner seed."""
     def load(path):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.startswith("{")]
-        return {row["seed"]: row for row in rows}
+        return {(row["seed"], draw_of(row["options"], row["seed"])): row for row in rows}
 
     ours, theirs = load(ours_path), load(theirs_path)
-    seeds = sorted(set(ours) & set(theirs))
-    if not seeds:
-        raise SystemExit(f"no stream is in both {ours_path} and {theirs_path}")
+    pairs = sorted(set(ours) & set(theirs))
+    if not pairs:
+        raise SystemExit(f"no stream is in both {ours_path} and {theirs_path} under the same learner seed")
     first = [next(iter(ours.values())), next(iter(theirs.values()))]
     recipes = [row["options"] for row in first]
-    text = comparison(recipes, [[ours[s] for s in seeds], [theirs[s] for s in seeds]], seeds)
+    text = comparison(recipes, [[ours[p] for p in pairs], [theirs[p] for p in pairs]],
+                      describe_pairs(pairs, "streams"))
     # Another CPU serves and learns differently (its ISA, bf16 input gradients): say so first.
     differences = machine_differences(*(row.get("machine") for row in first))
     if differences:
@@ -319,7 +320,7 @@ def main(argv=None) -> int:
             print(json.dumps({"options": options, **done[-1], "seconds": seconds,
                               "machine": run_machine(args.device, options)}), flush=True)
     if len(recipes) == 2:
-        print(comparison(recipes, results, args.seeds))
+        print(comparison(recipes, results, f"streams {args.seeds}"))
     return 0
 
 

@@ -89,6 +89,25 @@ def test_diagnose_stream_compares_saved_runs(tmp_path):
     assert "+0.0250" in probability, "pairs of [before, after] compare the afters"
 
 
+def test_diagnose_stream_compare_pairs_a_stream_under_the_same_learner_seed(tmp_path):
+    """A stream run under another draw of the learner (seed=N in the options) pairs only with a
+    run under that draw, never with the stream's usual one."""
+    def row(seed, options, recovered):
+        return json.dumps({"options": options, "seed": seed, "recovered": recovered, "answer_probability": 0.3,
+                           "general_after": 0.45, "perplexity_after": 15.5})
+
+    diagnose_stream = load_bench("diagnose_stream")
+    ours, theirs, usual = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl", tmp_path / "usual.jsonl"
+    ours.write_text("\n".join([row(14, {"rank": 64, "seed": 1}, 0.30), row(15, {"rank": 64, "seed": 1}, 0.20)]))
+    theirs.write_text("\n".join([row(14, {"rank": 16, "seed": 1}, 0.10), row(15, {"rank": 16}, 0.90)]))
+    report = diagnose_stream.compare_saved(str(ours), str(theirs))
+    assert "stream/learner seeds [14/1]" in report, report
+    assert "+0.2000 +- nan" in next(line for line in report.splitlines() if "recovered" in line)
+    usual.write_text(row(14, {"rank": 16}, 0.10))
+    with pytest.raises(SystemExit, match="under the same learner seed"):
+        diagnose_stream.compare_saved(str(ours), str(usual))
+
+
 def test_diagnose_stream_warns_when_saved_runs_come_from_different_machines(tmp_path):
     from fastcl.info import machine
 
@@ -137,14 +156,44 @@ def test_continual_compares_saved_runs_seed_by_seed(tmp_path):
     assert "| exact_after |" not in report, "a measure one side did not take is left out"
     with pytest.raises(SystemExit, match="different domains"):
         continual.compare_saved(ours, [saved("p", {"rank": 16}, [{"seed": 1}], domain="people")])
-    with pytest.raises(SystemExit, match="seed 1 is saved twice"):
+    with pytest.raises(SystemExit, match="stream 1 under learner seed 1 is saved twice"):
         continual.compare_saved(ours + [ours[0]], baseline)
     with pytest.raises(SystemExit, match="options .* differs"):
         continual.compare_saved(ours + [saved("o3", {"rank": 8}, [{"seed": 3}])], baseline)
-    with pytest.raises(SystemExit, match="no seed is on both sides"):
+    with pytest.raises(SystemExit, match="no stream and learner seed is on both sides"):
         continual.compare_saved([saved("o4", {"rank": 64}, [{"seed": 9}])], baseline)
     elsewhere = saved("e", {"rank": 16}, [{"seed": 1}], where={**here, "cpu_native_bf16": not here["cpu_native_bf16"]})
     assert continual.compare_saved(ours, [elsewhere]).startswith("warning: the two sides are from different machines")
+
+
+def test_continual_compare_pairs_one_stream_under_several_learner_seeds(tmp_path):
+    """Runs of one stream under other draws of the learner (--ablation seed=N) pair with the
+    baseline's run under the same draw: not with the stream's usual draw, and never dropped as a
+    second run of one seed. Options may differ in `seed` alone within a side."""
+    from fastcl.info import machine
+
+    continual = load_bench("continual")
+    measures = {key: 0.5 for key, _, _ in continual.COMPARED}
+
+    def saved(name, options, seed, recovered):
+        path = tmp_path / name
+        path.write_text(json.dumps({"domain": "companies", "options": options, "machine": machine("cpu", "auto"),
+                                    "runs": [{**measures, "exact_after": None, "seed": seed, "recovered": recovered}]}))
+        return str(path)
+
+    ours = [saved("o", {"rank": 64}, 14, 0.50), saved("o1", {"rank": 64, "seed": 1}, 14, 0.20),
+            saved("o2", {"seed": 2, "rank": 64}, 14, 0.40)]
+    baseline = [saved("b", {"rank": 16}, 14, 0.30), saved("b1", {"rank": 16, "seed": 1}, 14, 0.10),
+                saved("b9", {"rank": 16, "seed": 9}, 14, 0.90)]
+    report = continual.compare_saved(ours, baseline)
+    first = report.splitlines()[0]
+    assert "stream/learner seeds [14/1, 14/14]" in first and "'seed'" not in first, first
+    row = next(line for line in report.splitlines() if line.startswith("| recovered |"))
+    assert row == "| recovered | 35.0 (20.0, 50.0) | 20.0 (10.0, 30.0) | +15.0 ± 5.0 (+10.0, +20.0) |", row
+    with pytest.raises(SystemExit, match="differs from .* in more than the learner's seed"):
+        continual.compare_saved(ours + [saved("o3", {"rank": 8, "seed": 3}, 14, 0.1)], baseline)
+    with pytest.raises(SystemExit, match="stream 14 under learner seed 14 is saved twice"):
+        continual.compare_saved(ours + [saved("o14", {"rank": 64, "seed": 14}, 14, 0.1)], baseline)
 
 
 def test_continual_compare_counts_the_general_probes_each_run_lost_and_won(tmp_path):
