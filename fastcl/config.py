@@ -115,6 +115,9 @@ class LearnerConfig:
     step_every: int = 1  # learn() calls per optimizer step (0: the caller steps)
     consolidate_every: int = 1  # steps per consolidation (0: the caller consolidates)
     anchor_weight: float = 1.0  # weight of the KL-to-reference term on general text (needs a tokenizer)
+    # Tokens of general text the anchor term takes a step: one window a step, cycling through the
+    # shipped anchor text, so this is the anchor's cost a step (a forward and backward of it).
+    anchor_window: int = 64
     # A avoids this many leading directions of each layer's input on general text (fastcl.protection;
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
@@ -163,9 +166,9 @@ class LearnerConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent",
                      "self_study", "self_study_tokens", "step_every", "consolidate_every",
-                     "protect_directions", "gate_repair", "gate_backoff", "gate_every"):
+                     "protect_directions", "gate_repair", "gate_backoff", "gate_every", "anchor_window"):
             value = getattr(self, name)
-            least = 1 if name in ("passes", "gate_every", "self_study_tokens") else 0
+            least = 1 if name in ("passes", "gate_every", "self_study_tokens", "anchor_window") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.replay_schedule = tuple(self.replay_schedule)

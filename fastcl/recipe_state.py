@@ -155,7 +155,7 @@ def _anchor_targets(recipe, meta: dict, tensors: dict, path):
     windows = recipe.anchor.windows
     if count != len(windows):
         raise StateFileError(f"{path}: the anchor's reference covers {count} windows of general text, this "
-                             f"learner's anchor text has {len(windows)} (another tokenizer or fastcl version?)")
+                             f"learner's anchor text has {len(windows)} (another tokenizer, anchor_window or fastcl version?)")
     targets = []
     for w, window in enumerate(windows):
         indices, probs = tensors.get(f"anchor.{w}.indices"), tensors.get(f"anchor.{w}.probs")

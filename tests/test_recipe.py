@@ -529,6 +529,19 @@ def test_recipe_options_are_validated_before_patching():
     assert not hasattr(model, "fastcl")
 
 
+def test_anchor_window_sets_the_general_text_the_anchor_takes_a_step():
+    from test_protection import CharTokenizer
+
+    def anchor_of(**kw):
+        return patched(tokenizer=CharTokenizer(), gate_tolerance=None, protect_directions=0, **kw)[1].recipe.anchor
+
+    usual, short = anchor_of(), anchor_of(anchor_window=16)
+    assert {len(w) for w in usual.windows[:-1]} == {65} and {len(w) for w in short.windows[:-1]} == {17}
+    assert sum(len(w) - 1 for w in usual.windows) == sum(len(w) - 1 for w in short.windows), "the same text, cut finer"
+    with pytest.raises(ValueError, match="anchor_window must be an integer >= 1"):
+        patched(anchor_window=0)
+
+
 def test_without_a_tokenizer_the_text_guards_are_off_and_reported():
     model, learner = patched()
     assert learner.config.anchor_weight == 0 and learner.config.gate_tolerance is None
