@@ -399,8 +399,9 @@ def describe_pairs(pairs: list[tuple[int, int]], streams: str = "seeds") -> str:
 
 
 def compare_saved(ours_paths: list[str], baseline_paths: list[str]) -> str:
-    """Saved runs of two recipes, paired by stream and learner seed: each side's mean and the difference's mean with
-    its standard error, measure by measure (the per-attribute recoveries too), as a markdown table.
+    """Saved runs of two recipes, paired by stream and learner seed: each side's mean and the
+    difference's mean with its standard error, measure by measure (the per-attribute recoveries
+    too), as a markdown table.
     pull_only_recovered depends on the stream alone: a difference there means the streams differ."""
     ours, our_header, our_machines = load_saved(ours_paths)
     theirs, their_header, their_machines = load_saved(baseline_paths)
