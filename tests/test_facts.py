@@ -129,7 +129,7 @@ def test_paired_difference_compares_recipes_stream_by_stream():
     assert math.isnan(B.paired_difference(ours[:1], theirs[:1], "recovered")[2])
     stream = {"general_after": 0.5, "perplexity_after": 15.0}
     report = diagnose_stream.comparison([{"rank": 64}, {"rank": 16}], [[{**r, **stream} for r in ours],
-                                                                      [{**r, **stream} for r in theirs]], [18, 19])
+                                                                      [{**r, **stream} for r in theirs]], "streams [18, 19]")
     assert report.splitlines()[0] == "{'rank': 64} minus {'rank': 16}, streams [18, 19]:"
     assert "recovered            +0.2000 +- 0.1000" in report and "+0.1000 +0.3000" in report
 
