@@ -353,11 +353,6 @@ def with_probe_moves(run: dict, probes) -> dict:
     return {**run, **moves}
 
 
-def draw_of(options: dict, stream_seed: int) -> int:
-    """The seed of a run's learner (B.patch_for_stream): the options' own, else the stream's."""
-    return options.get("seed", stream_seed)
-
-
 def without_draw(options: dict) -> dict:
     return {k: v for k, v in options.items() if k != "seed"}
 
@@ -384,7 +379,7 @@ def load_saved(paths: list[str]) -> tuple[dict, dict, list]:
                              "in more than the learner's seed; compare one recipe on one domain at a time")
         machines.append(saved.get("machine"))
         for run in saved["runs"]:
-            key = (run["seed"], draw_of(saved["options"], run["seed"]))
+            key = (run["seed"], B.learner_seed(run["seed"], saved["options"]))
             if key in runs:
                 raise SystemExit(f"{path}: stream {key[0]} under learner seed {key[1]} is saved twice on one side")
             runs[key] = run

@@ -67,7 +67,7 @@ from fastcl.facts import DOMAINS, fact_stream
 from fastcl.info import machine_differences
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual import DEFAULT, describe_pairs, draw_of, parse_overrides, run_machine  # noqa: E402
+from continual import DEFAULT, describe_pairs, parse_overrides, run_machine  # noqa: E402
 
 
 def held_out(model, tokenizer, fact) -> float:
@@ -260,7 +260,7 @@ def compare_saved(ours_path: str, theirs_path: str) -> str:
     def load(path):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.startswith("{")]
-        return {(row["seed"], draw_of(row["options"], row["seed"])): row for row in rows}
+        return {(row["seed"], B.learner_seed(row["seed"], row["options"])): row for row in rows}
 
     ours, theirs = load(ours_path), load(theirs_path)
     pairs = sorted(set(ours) & set(theirs))

@@ -53,12 +53,17 @@ def restored(model):
         model.load_state_dict(original)
 
 
+def learner_seed(stream_seed: int, options: dict) -> int:
+    """The seed of a benchmark run's learner: `options`' own, else the stream's."""
+    return options.get("seed", stream_seed)
+
+
 def patch_for_stream(model, tokenizer, stream_seed: int, options: dict):
     """The learner a benchmark run serves a stream with: the shipped defaults with `options` over
     them. Its own randomness (projections, replay draws) follows the stream's seed unless
     `options` sets `seed`, so the same stream can be rerun under other draws to measure a
     recipe's own spread."""
-    return patch(model, tokenizer=tokenizer, **{"seed": stream_seed, **options})
+    return patch(model, tokenizer=tokenizer, **{**options, "seed": learner_seed(stream_seed, options)})
 
 
 @torch.no_grad()
