@@ -130,6 +130,10 @@ class LearnerConfig:
     # text's moment (fastcl.projection.fit_to_inputs): A keeps what this request alone has.
     projection_served: float = 0.0
     gate_tolerance: Optional[float] = 0.03  # nats per token the built-in gate probe may lose (~3% perplexity)
+    # The text the built-in gate probe scores: a text shipped in fastcl/data by its file name, or
+    # the path of a UTF-8 text file of your own (general text of the kind the model must keep).
+    # Never trained on. A state file saved under another gate text is refused by load().
+    gate_text: str = "gate_text.txt"
     # A refused update first gets up to this many repair steps, each checked again: one optimizer
     # step (from a fresh optimizer) on the anchor's loss alone over all of its text, taking drift
     # out of the live fast weights while what the requests taught stays in them. Then gate_backoff.
@@ -212,6 +216,8 @@ class LearnerConfig:
             raise ValueError(f"self_study_temperature must be positive, got {self.self_study_temperature!r}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
+        if not isinstance(self.gate_text, str) or not self.gate_text.strip():
+            raise ValueError(f"gate_text must name a shipped text or a text file's path, got {self.gate_text!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:
             raise ValueError(f"gate_tolerance must be >= 0 or None, got {self.gate_tolerance!r}")
         if self.projection not in PROJECTIONS:

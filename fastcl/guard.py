@@ -4,6 +4,8 @@ learning started, and a consolidation gate that refuses merges which make a prob
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -14,10 +16,24 @@ ANCHOR_TEXT = "anchor_text.txt"  # trains the anchor term
 GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
 
 
-def text_ids(tokenizer, name: str) -> list[int]:
-    from .evaluate import load_text
+def read_text(source: str) -> str:
+    """A text shipped in fastcl/data, by its file name, or else the UTF-8 text file at the path
+    `source`; an error naming the shipped texts when it is neither."""
+    shipped = resources.files("fastcl.data")
+    if "/" not in source and "\\" not in source and shipped.joinpath(source).is_file():
+        return shipped.joinpath(source).read_text(encoding="utf-8")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        names = sorted(f.name for f in shipped.iterdir() if f.name.endswith(".txt"))
+        raise ValueError(f"{source!r} is neither a text shipped with fastcl ({', '.join(names)}) nor a file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{source!r} holds no text")
+    return text
 
-    return tokenizer(load_text(name), add_special_tokens=False)["input_ids"]
+
+def text_ids(tokenizer, name: str) -> list[int]:
+    return tokenizer(read_text(name), add_special_tokens=False)["input_ids"]
 
 
 class Anchor:

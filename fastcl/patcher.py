@@ -130,6 +130,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
         return None
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
                                     ("gate_tolerance", config.gate_tolerance is not None),
+                                    ("gate_text", config.gate_tolerance is not None),
                                     ("protect_directions", config.protect_directions > 0),
                                     ("projection", config.projection == "whitened"),
                                     ("layer_options", config.whitens and config.projection != "whitened"),
@@ -210,6 +211,13 @@ def patch(
         from .ops import backends
 
         backends.resolve(backend, device)  # fail now, before anything changes
+    if config.gate_tolerance is not None:
+        from .guard import read_text
+
+        try:
+            read_text(config.gate_text)  # the built-in gate probe's text: fail now, before anything changes
+        except (ValueError, OSError) as exc:
+            raise PatchError(f"gate_text: {exc}") from exc
     protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
     fast = {
         name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend,

@@ -144,7 +144,7 @@ class Recipe:
                        if config.anchor_weight > 0 or config.gate_repair else None)
         self.gate = Gate()
         if config.gate_tolerance is not None:
-            self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer), config.gate_tolerance)
+            self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer, config.gate_text), config.gate_tolerance)
 
     # ------------------------------------------------------------------ requests
     def interactions(self, prompt_ids, response_ids, student_prompt_ids, weight,

@@ -137,6 +137,11 @@ def load(learner: "Learner", path) -> None:
     for key in _STRUCTURAL:
         if config.get(key) != getattr(learner.config, key):
             raise StateFileError(f"{path}: {key} is {config.get(key)} in the file, {getattr(learner.config, key)} here")
+    # The gate's saved baseline is a score on the file's gate text: on another text it means nothing.
+    theirs = config.get("gate_text", "gate_text.txt")
+    if theirs != learner.config.gate_text:
+        raise StateFileError(f"{path}: the built-in gate probe scores gate_text={theirs!r} in the file, "
+                             f"{learner.config.gate_text!r} here; patch with gate_text={theirs!r} to load it")
 
     staged = []
     for i, (name, module) in enumerate(modules):

@@ -76,11 +76,13 @@ def test_an_unknown_domain_is_named_in_the_error():
 
 
 def test_guard_data_is_disjoint_from_evaluation_data():
-    """The anchor text trains the forgetting guard; the general text and probes measure
-    forgetting. No sentence may be shared."""
-    anchor = {s.strip() for s in load_text("anchor_text.txt").split(".") if len(s.strip()) > 20}
-    general = {s.strip() for s in load_text("general_text.txt").split(".") if len(s.strip()) > 20}
-    assert not anchor & general
+    """The anchor text trains the forgetting guard and the gate text scores its gate; the general
+    text and probes measure forgetting. No sentence may be shared."""
+    def sentences(name):
+        return {s.strip() for s in load_text(name).split(".") if len(s.strip()) > 20}
+
+    general = sentences("general_text.txt")
+    assert general and not sentences("anchor_text.txt") & general and not sentences("gate_text.txt") & general
     probes = load_probes()
     assert len(probes) >= 100
     assert all(0 <= answer < len(options) for _, options, answer in probes)

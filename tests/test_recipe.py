@@ -542,6 +542,32 @@ def test_anchor_window_sets_the_general_text_the_anchor_takes_a_step():
         patched(anchor_window=0)
 
 
+def test_gate_text_sets_the_text_the_built_in_gate_probe_scores(tmp_path):
+    from test_protection import CharTokenizer
+
+    from fastcl.evaluate import mean_log_likelihood
+    from fastcl.guard import read_text
+
+    own = tmp_path / "kept.txt"
+    own.write_text("The model must keep this kind of text. " * 20, encoding="utf-8")
+    for text, expected in (("gate_text.txt", read_text("gate_text.txt")), (str(own), own.read_text())):
+        model, learner = patched(tokenizer=CharTokenizer(), gate_text=text, anchor_weight=0.0, protect_directions=0)
+        (probe,) = learner.recipe.gate.probes
+        ids = CharTokenizer()(expected)["input_ids"]
+        assert probe.score(model) == pytest.approx(mean_log_likelihood(model, ids, 256))
+    assert read_text("gate_text.txt") != own.read_text()
+
+    model = tiny_model("llama")
+    with pytest.raises(fastcl.PatchError, match="'nowhere.txt' is neither a text shipped with fastcl "
+                                                "\\(anchor_text.txt, gate_text.txt, general_text.txt\\) nor a file"):
+        fastcl.patch(model, tokenizer=CharTokenizer(), gate_text="nowhere.txt")
+    assert not hasattr(model, "fastcl") and not any(isinstance(m, fastcl.FastLinear) for m in model.modules())
+    with pytest.raises(fastcl.PatchError, match="gate_text need the tokenizer"):
+        fastcl.patch(tiny_model("llama"), gate_text=str(own))
+    with pytest.raises(ValueError, match="gate_text must name a shipped text"):
+        patched(gate_text=" ")
+
+
 def test_without_a_tokenizer_the_text_guards_are_off_and_reported():
     model, learner = patched()
     assert learner.config.anchor_weight == 0 and learner.config.gate_tolerance is None

@@ -2,6 +2,7 @@
 the saved one would have (replay buffer, schedule, random draws, the gate's baselines, the
 anchor's reference), and a damaged recipe state is refused with nothing changed."""
 
+import json
 from dataclasses import fields
 
 import pytest
@@ -117,12 +118,18 @@ def damage_json(metadata, tensors):
     metadata["recipe"] = metadata["recipe"].replace('"anchor_next": ', '"anchor_next": "x", "_": ')
 
 
+def other_gate_text(metadata, tensors):
+    config = json.loads(metadata["config"])
+    metadata["config"] = json.dumps({**config, "gate_text": "my_general_text.txt"})
+
+
 @pytest.mark.parametrize("damage, message", [
     (damage_tokens, "replay.0.response holds token id .* outside the vocabulary"),
     (damage_logprobs, "replay.1.teacher_logprobs has shape"),
     (damage_anchor, "anchor.0.probs is missing"),
     (damage_schedule, "requests_seen must be an integer >= 0"),
     (damage_json, "anchor_next must be an integer >= 0"),
+    (other_gate_text, "gate_text='my_general_text.txt' in the file, 'gate_text.txt' here"),
 ])
 def test_a_damaged_recipe_state_is_refused_and_nothing_changes(tmp_path, damage, message):
     learner = guarded(tiny_model("llama"))
