@@ -19,9 +19,11 @@ GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
 def read_text(source: str) -> str:
     """A text shipped in fastcl/data, by its file name, or else the UTF-8 text file at the path
     `source`; an error naming the shipped texts when it is neither."""
+    from .evaluate import load_text
+
     shipped = resources.files("fastcl.data")
     if "/" not in source and "\\" not in source and shipped.joinpath(source).is_file():
-        return shipped.joinpath(source).read_text(encoding="utf-8")
+        return load_text(source)
     path = Path(source).expanduser()
     if not path.is_file():
         names = sorted(f.name for f in shipped.iterdir() if f.name.endswith(".txt"))
