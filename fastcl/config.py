@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterable, Optional, Sequence
 
+from .guard import GATE_TEXT
 from .ops.backends import CHOICES as BACKEND_CHOICES
 
 OPTIMIZERS = ("adam", "sgd")
@@ -133,7 +134,7 @@ class LearnerConfig:
     # The text the built-in gate probe scores: a text shipped in fastcl/data by its file name, or
     # the path of a UTF-8 text file of your own (general text of the kind the model must keep).
     # Never trained on. A state file saved under another gate text is refused by load().
-    gate_text: str = "gate_text.txt"
+    gate_text: str = GATE_TEXT
     # A refused update first gets up to this many repair steps, each checked again: one optimizer
     # step (from a fresh optimizer) on the anchor's loss alone over all of its text, taking drift
     # out of the live fast weights while what the requests taught stays in them. Then gate_backoff.

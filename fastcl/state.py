@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import recipe_state
 from .errors import StateFileError
+from .guard import GATE_TEXT
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -138,7 +139,7 @@ def load(learner: "Learner", path) -> None:
         if config.get(key) != getattr(learner.config, key):
             raise StateFileError(f"{path}: {key} is {config.get(key)} in the file, {getattr(learner.config, key)} here")
     # The gate's saved baseline is a score on the file's gate text: on another text it means nothing.
-    theirs = config.get("gate_text", "gate_text.txt")
+    theirs = config.get("gate_text", GATE_TEXT)  # files from before the option scored the shipped text
     if theirs != learner.config.gate_text:
         raise StateFileError(f"{path}: the built-in gate probe scores gate_text={theirs!r} in the file, "
                              f"{learner.config.gate_text!r} here; patch with gate_text={theirs!r} to load it")
