@@ -95,10 +95,11 @@ def test_one_step_reports_drift_and_learning_per_variant(fresh_smollm):
     model, tokenizer = fresh_smollm
     original = weights_copy(model)
     one_step = load_bench("one_step")
-    (drift, rows), = one_step.run(model, tokenizer, [{"rank": 8}], seed=10, n_facts=1)
+    (drift, general_drift, rows), = one_step.run(model, tokenizer, [{"rank": 8}], seed=10, n_facts=1)
     closed, gain, moved = rows[0]
     assert gain > 0.5 and closed > 0, "one learn() call should close part of a fact's context gain"
-    assert abs(drift) < 1.0 and len(moved) == 2
+    assert abs(drift) < 1.0 and abs(general_drift) < 1.0 and len(moved) == 2
+    assert drift != general_drift, "the gate's text and the perplexity text are different texts"
     assert_weights_unchanged(model, original, "one_step")
 
 

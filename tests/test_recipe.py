@@ -258,6 +258,9 @@ def test_anchor_pulls_general_behaviour_back_to_the_reference():
     prompt, response = rows(13, 2)
     for _ in range(5):
         learner.learn(prompt, response)
+    # Merged, as the recipe does, so the anchor's steps start from a fresh optimizer: Adam's
+    # momentum from the learning steps would carry the drift on for a few steps first.
+    learner.consolidate(gate=False)
     drifted = [anchor.accumulate(learner, scale=0.0)[0] for _ in anchor.windows]
     learner._clear_accumulators()
     assert sum(drifted) > 0
@@ -269,6 +272,41 @@ def test_anchor_pulls_general_behaviour_back_to_the_reference():
     held = [anchor.accumulate(learner, scale=0.0)[0] for _ in anchor.windows]
     learner._clear_accumulators()
     assert sum(held) < 0.5 * sum(drifted)
+
+
+def test_anchor_has_no_gradient_at_its_reference():
+    """Before anything is learned the model is the reference: the anchor's loss is at its
+    minimum, so it must leave the fast weights' gradient at zero (a top-k cross-entropy without
+    the tail's bucket pushes the tail's mass into the top k and fails this)."""
+    from fastcl.guard import Anchor
+
+    model, learner = patched(consolidate_every=0)
+    anchor = Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8)
+    kl, _ = anchor.accumulate(learner, scale=1.0)
+    gradient = max(float(m.grad_B.abs().max()) for m in learner.modules.values())
+    assert abs(kl) < 1e-5
+    assert gradient < 1e-6, f"the anchor moves the fast weights at its own reference (max |grad B| {gradient:.2e})"
+
+
+def test_bucketed_cross_entropy_is_the_kl_of_the_coarsened_distributions():
+    """Against float64 by hand: top-k tokens kept apart, the rest summed into one bucket; the
+    gradient vanishes where the model's distribution is the target's."""
+    from fastcl.guard import bucketed_cross_entropy, tail_mass, xlogx
+
+    torch.manual_seed(0)
+    vocab, k = 37, 5
+    target_logits, logits = torch.randn(3, vocab, dtype=torch.float64) * 2, torch.randn(3, vocab, dtype=torch.float64)
+    p = target_logits.softmax(-1)
+    top = p.topk(k, -1)
+    q = logits.softmax(-1)
+    q_top = q.gather(-1, top.indices)
+    p_tail, q_tail = 1 - top.values.sum(-1), 1 - q_top.sum(-1)
+    kl = (top.values * (top.values / q_top).log()).sum(-1) + p_tail * (p_tail / q_tail).log()
+    entropy = -xlogx(top.values).sum(-1) - xlogx(tail_mass(top.values))
+    torch.testing.assert_close(bucketed_cross_entropy(logits, top.indices, top.values) - entropy, kl)
+    at_target = target_logits.clone().requires_grad_()
+    bucketed_cross_entropy(at_target, top.indices, top.values).sum().backward()
+    assert float(at_target.grad.abs().max()) < 1e-12
 
 
 def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
