@@ -109,7 +109,8 @@ def bucketed_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch
     from the logits left out, so it stays exact when the top k hold almost everything)."""
     logprobs = logits.log_softmax(-1)
     outside = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - logits.logsumexp(-1)
-    return -(probs * logprobs.gather(-1, ids)).sum(-1) - tail_mass(probs) * outside
+    # With k the whole vocabulary nothing is outside (-inf) and the tail is rounding: no term.
+    return -(probs * logprobs.gather(-1, ids)).sum(-1) - tail_mass(probs) * outside.clamp_min(-1e4)
 
 
 def text_likelihood_probe(tokenizer, name: str = GATE_TEXT, window: int = 256) -> Probe:

@@ -307,6 +307,9 @@ def test_bucketed_cross_entropy_is_the_kl_of_the_coarsened_distributions():
     at_target = target_logits.clone().requires_grad_()
     bucketed_cross_entropy(at_target, top.indices, top.values).sum().backward()
     assert float(at_target.grad.abs().max()) < 1e-12
+    whole = p.topk(vocab, -1)  # every token kept apart: the plain cross-entropy, finite
+    torch.testing.assert_close(bucketed_cross_entropy(logits, whole.indices, whole.values),
+                               -(p * logits.log_softmax(-1)).sum(-1))
 
 
 def test_gate_refuses_a_planted_bad_update_and_changes_nothing():
