@@ -119,6 +119,10 @@ class LearnerConfig:
     # Tokens of general text the anchor term takes a step: one window a step, cycling through the
     # shipped anchor text, so this is the anchor's cost a step (a forward and backward of it).
     anchor_window: int = 64
+    # The anchor also holds the model's own replies to shipped chat prompts (fastcl/data/
+    # anchor_prompts.txt, answered greedily by the reference when the anchor is prepared), in
+    # turn with the prose windows: facts are learned as replies, where prose holds nothing.
+    anchor_chat: bool = False
     # A avoids this many leading directions of each layer's input on general text (fastcl.protection;
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
@@ -217,6 +221,8 @@ class LearnerConfig:
             raise ValueError(f"self_study_temperature must be positive, got {self.self_study_temperature!r}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
+        if not isinstance(self.anchor_chat, bool):
+            raise ValueError(f"anchor_chat must be True or False, got {self.anchor_chat!r}")
         if not isinstance(self.gate_text, str) or not self.gate_text.strip():
             raise ValueError(f"gate_text must name a shipped text or a text file's path, got {self.gate_text!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:

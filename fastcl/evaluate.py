@@ -8,7 +8,7 @@ import inspect
 import json
 import math
 from importlib import resources
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -196,22 +196,29 @@ def fact_items(facts: Sequence[Fact], in_context: bool) -> list[tuple[str, tuple
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   batch: int = EVAL_BATCH) -> list[str]:
-    """Each prompt's greedy continuation, decoded without special tokens: `batch` prompts a
-    generate() call, padded on the left; the same text as one call per prompt, up to float
-    rounding."""
-    device, answers = model_device(model), []
+def greedy_continuations(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: Optional[int],
+                         batch: int = EVAL_BATCH, keep_stop: bool = False) -> list[list[int]]:
+    """Each prompt's greedy continuation as token ids, up to the model's stop token (included
+    with keep_stop): `batch` prompts a generate() call, padded on the left; the same tokens as one
+    call per prompt, up to float rounding."""
+    device, continuations = model_device(model), []
     stop = model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, (list, tuple)) else [] if stop is None else [stop])
     for start in range(0, len(prompts), batch):
-        ids, mask = pad_left(prompts[start: start + batch], pad_id=tokenizer.pad_token_id or 0)
+        ids, mask = pad_left(prompts[start: start + batch], pad_id=pad_id or 0)
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                             do_sample=False, pad_token_id=pad_id)
         for row in out[:, ids.shape[1]:].tolist():
-            end = next((i for i, token in enumerate(row) if token in stop), len(row))  # rows done early are padded
-            answers.append(tokenizer.decode(row[:end], skip_special_tokens=True))
-    return answers
+            end = next((i for i, token in enumerate(row) if token in stop), None)  # rows done early are padded
+            continuations.append(row if end is None else row[:end + 1] if keep_stop else row[:end])
+    return continuations
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   batch: int = EVAL_BATCH) -> list[str]:
+    """Each prompt's greedy continuation (greedy_continuations), decoded without special tokens."""
+    return [tokenizer.decode(row, skip_special_tokens=True)
+            for row in greedy_continuations(model, prompts, max_new_tokens, tokenizer.pad_token_id, batch)]
 
 
 def exact_match(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> float:

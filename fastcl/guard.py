@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -14,6 +14,7 @@ Probe = Callable[[torch.nn.Module], float]  # higher is better
 
 ANCHOR_TEXT = "anchor_text.txt"  # trains the anchor term
 GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
+ANCHOR_PROMPTS = "anchor_prompts.txt"  # user turns whose replies the chat anchor holds (anchor_chat)
 
 
 def read_text(source: str) -> str:
@@ -49,31 +50,75 @@ class Anchor:
     a cross-entropy on the top k alone pushes that mass into them, sharpening the model away from
     the reference (8 facts learned from the base model: more drift on both general texts, the
     more so the higher the weight; bench/RESULTS.md). With the bucket the gradient is zero there.
+
+    With `chat_prompts` (chat-formatted user turns), the anchor also holds the model's replies:
+    the reference answers each prompt greedily when the anchor is prepared, and the KL covers the
+    reply's tokens. Served facts are learned as assistant replies, and that is where prose alone
+    leaves the model free to drift. Reply windows are interleaved with the prose windows.
     """
 
-    def __init__(self, token_ids: list[int], window: int = 64, top_k: int = 32):
+    def __init__(self, token_ids: list[int], window: int = 64, top_k: int = 32,
+                 chat_prompts: Sequence[Sequence[int]] = (), reply_tokens: int = 48, pad_id: Optional[int] = None):
         if len(token_ids) < 2:
             raise ValueError("anchor text is too short")
-        self.windows = [token_ids[i: i + window + 1] for i in range(0, len(token_ids) - 1, window)]
-        self.windows = [w for w in self.windows if len(w) > 1]
+        if chat_prompts and reply_tokens < 1:
+            raise ValueError(f"reply_tokens must be >= 1, got {reply_tokens}")
+        prose = [token_ids[i: i + window + 1] for i in range(0, len(token_ids) - 1, window)]
+        prose = [w for w in prose if len(w) > 1]
+        self.chat_prompts = [list(p) for p in chat_prompts]
+        if any(not p for p in self.chat_prompts):
+            raise ValueError("an anchor chat prompt is empty")
+        self.reply_tokens, self.pad_id = reply_tokens, pad_id
+        # Per window: its tokens (a reply window's are known once the reference has answered) and
+        # where its targets start (a reply's first token is predicted at the prompt's last).
+        self.windows: list[Optional[list[int]]] = []
+        self.starts: list[int] = []
+        self.prompt_of: list[Optional[int]] = []  # the chat prompt a window answers; None for prose
+        for w in range(max(len(prose), len(self.chat_prompts))):
+            if w < len(prose):
+                self.windows.append(prose[w]), self.starts.append(0), self.prompt_of.append(None)
+            if w < len(self.chat_prompts):
+                prompt = self.chat_prompts[w]
+                self.windows.append(None), self.starts.append(len(prompt) - 1), self.prompt_of.append(w)
         self.top_k = top_k
         self.targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._next = 0
 
+    def __len__(self) -> int:
+        return len(self.windows)
+
     @classmethod
-    def from_tokenizer(cls, tokenizer, **kwargs) -> "Anchor":
-        return cls(text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
+    def from_tokenizer(cls, tokenizer, chat: bool = False, **kwargs) -> "Anchor":
+        from .evaluate import chat_ids
+
+        if not chat:
+            return cls(text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
+        prompts = [chat_ids(tokenizer, line) for line in read_text(ANCHOR_PROMPTS).splitlines() if line.strip()]
+        return cls(text_ids(tokenizer, ANCHOR_TEXT), chat_prompts=prompts, pad_id=tokenizer.pad_token_id, **kwargs)
 
     @torch.no_grad()
     def prepare(self, learner) -> None:
         if self.targets is not None:
             return
-        self.targets = []
         with learner.fast_weights_bypassed():
-            for window in self.windows:
-                logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0]
+            windows = self._answered(learner)
+            targets = []
+            for window, start in zip(windows, self.starts):
+                logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0, start:]
                 top = logits.float().log_softmax(-1).topk(self.top_k, dim=-1)
-                self.targets.append((top.indices, top.values.exp()))
+                targets.append((top.indices, top.values.exp()))
+        self.windows, self.targets = windows, targets
+
+    def _answered(self, learner) -> list[list[int]]:
+        """The windows, each chat prompt followed by the reference's greedy reply (the stop token
+        included, so that ending the turn is held too)."""
+        from .evaluate import greedy_continuations
+
+        asked = [self.chat_prompts[j] for j in self.prompt_of if j is not None]
+        replies = iter(greedy_continuations(learner.model, asked, self.reply_tokens, self.pad_id, keep_stop=True)
+                       if asked else [])
+        return [window if j is None else self.chat_prompts[j] + next(replies)
+                for window, j in zip(self.windows, self.prompt_of)]
 
     def accumulate(self, learner, scale: float) -> tuple[float, int]:
         """Add the gradient of scale * mean-token anchor loss over the next window into the
@@ -82,16 +127,16 @@ class Anchor:
         self.prepare(learner)
         index = self._next
         self._next = (self._next + 1) % len(self.windows)
-        window = self.windows[index]
+        window, start = self.windows[index], self.starts[index]
         ids, probs = self.targets[index]
         with torch.enable_grad():
-            logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0]
+            logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0, start:]
             cross_entropy = bucketed_cross_entropy(logits.float(), ids, probs)
             (cross_entropy.mean() * scale).backward()
         with torch.no_grad():
             entropy = -xlogx(probs).sum(-1) - xlogx(tail_mass(probs))
             kl = float((cross_entropy.detach() - entropy).mean())
-        return kl, len(window) - 1
+        return kl, len(window) - 1 - start
 
 
 def tail_mass(probs: torch.Tensor) -> torch.Tensor:

@@ -140,7 +140,7 @@ class Recipe:
         self.costs: dict[str, float] = defaultdict(float)  # seconds per component
         self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
         # The anchor's text also serves gate_repair, with or without the anchor term.
-        self.anchor = (Anchor.from_tokenizer(tokenizer, window=config.anchor_window)
+        self.anchor = (Anchor.from_tokenizer(tokenizer, window=config.anchor_window, chat=config.anchor_chat)
                        if config.anchor_weight > 0 or config.gate_repair else None)
         self.gate = Gate()
         if config.gate_tolerance is not None:
@@ -534,10 +534,10 @@ class Recipe:
         try:
             while not gate.passed and repairs < learner.config.gate_repair:
                 learner.optimizer = learner._make_optimizer()
-                for _ in self.anchor.windows:  # a full cycle: the anchor term's own order is unchanged
+                for _ in range(len(self.anchor)):  # a full cycle: the anchor term's own order is unchanged
                     _, tokens = self.anchor.accumulate(learner, scale=1.0)
                     self.tokens["repair"] += tokens
-                learner.counters.tokens_pending = len(self.anchor.windows)  # step() divides by this
+                learner.counters.tokens_pending = len(self.anchor)  # step() divides by this
                 learner.step()
                 repairs += 1
                 self.costs["repair"] += seconds_since(start, learner.device)

@@ -56,6 +56,8 @@ def export(recipe) -> tuple[dict, dict[str, torch.Tensor]]:
         meta["anchor_windows"] = len(recipe.anchor.targets)
         for w, (indices, probs) in enumerate(recipe.anchor.targets):
             tensors[f"anchor.{w}.indices"], tensors[f"anchor.{w}.probs"] = indices, probs
+            if recipe.anchor.prompt_of[w] is not None:  # the reference's reply: regenerating it would use drifted weights
+                tensors[f"anchor.{w}.tokens"] = torch.tensor(recipe.anchor.windows[w], dtype=torch.int64)
     return {"recipe": json.dumps(meta)}, tensors
 
 
@@ -64,6 +66,7 @@ class Staged:
     meta: dict
     queues: dict[str, list[Interaction]]
     anchor_targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]]
+    anchor_windows: Optional[list[list[int]]] = None
 
 
 def stage(recipe, metadata: dict, tensors: dict[str, torch.Tensor], path) -> Optional[Staged]:
@@ -84,7 +87,7 @@ def stage(recipe, metadata: dict, tensors: dict[str, torch.Tensor], path) -> Opt
         baseline = meta["gate_baseline"]
         if baseline is not None and not all(isinstance(v, (int, float)) for v in baseline.values()):
             raise StateFileError(f"{path}: the gate's baseline holds a non-number")
-        return Staged(meta, queues, _anchor_targets(recipe, meta, tensors, path))
+        return Staged(meta, queues, *_anchor_targets(recipe, meta, tensors, path))
     except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
         raise StateFileError(f"{path}: damaged recipe state ({exc!r})") from exc
 
@@ -110,6 +113,8 @@ def apply(recipe, staged: Optional[Staged], traffic: bool = True) -> None:
     if recipe.anchor is not None:
         recipe.anchor.targets = ([(i.to(device), p.to(device)) for i, p in staged.anchor_targets]
                                  if staged.anchor_targets is not None else None)
+        if staged.anchor_windows is not None:
+            recipe.anchor.windows = staged.anchor_windows
         recipe.anchor._next = meta["anchor_next"] % len(recipe.anchor.windows) if meta["anchor_next"] else 0
 
 
@@ -149,24 +154,43 @@ def _item(recipe, queue: str, j: int, entry: dict, tensors: dict, path) -> Inter
 
 
 def _anchor_targets(recipe, meta: dict, tensors: dict, path):
+    """(targets, windows) of the anchor's saved reference; (None, None) where there is none."""
     count = meta["anchor_windows"]
     if count is None or recipe.anchor is None:  # nothing saved, or no anchor here to use it
-        return None
-    windows = recipe.anchor.windows
-    if count != len(windows):
-        raise StateFileError(f"{path}: the anchor's reference covers {count} windows of general text, this "
-                             f"learner's anchor text has {len(windows)} (another tokenizer, anchor_window or fastcl version?)")
-    targets = []
-    for w, window in enumerate(windows):
+        return None, None
+    anchor = recipe.anchor
+    if count != len(anchor):
+        raise StateFileError(f"{path}: the anchor's reference covers {count} windows, this learner's anchor has "
+                             f"{len(anchor)} (another tokenizer, anchor_window, anchor_chat or fastcl version?)")
+    targets, windows = [], []
+    for w in range(count):
+        window, j = anchor.windows[w], anchor.prompt_of[w]
+        if j is not None:  # a reply window: its tokens come from the file
+            window = _reply_window(anchor.chat_prompts[j], tensors.get(f"anchor.{w}.tokens"), recipe, w, j, path)
         indices, probs = tensors.get(f"anchor.{w}.indices"), tensors.get(f"anchor.{w}.probs")
-        shape = (len(window) - 1, recipe.anchor.top_k)
+        shape = (len(window) - 1 - anchor.starts[w], anchor.top_k)
         for name, tensor in (("indices", indices), ("probs", probs)):
             if tensor is None or tuple(tensor.shape) != shape:
                 raise StateFileError(f"{path}: anchor.{w}.{name} is missing or not of shape {shape}")
         if not torch.isfinite(probs).all():
             raise StateFileError(f"{path}: anchor.{w}.probs holds NaN/inf")
         targets.append((indices, probs))
-    return targets
+        windows.append(window)
+    return targets, windows
+
+
+def _reply_window(prompt: list[int], tokens: Optional[torch.Tensor], recipe, w: int, j: int, path) -> list[int]:
+    if tokens is None or tokens.dim() != 1 or tokens.dtype != torch.int64:
+        raise StateFileError(f"{path}: anchor.{w}.tokens is missing or not a row of token ids")
+    window = tokens.tolist()
+    if len(window) <= len(prompt) or window[:len(prompt)] != prompt:
+        raise StateFileError(f"{path}: anchor.{w}.tokens does not answer this learner's anchor prompt {j} "
+                             f"(another tokenizer or anchor prompts?)")
+    try:
+        check_vocabulary(f"{path}: anchor.{w}.tokens", tokens, recipe.learner._vocab_size)
+    except InputError as exc:
+        raise StateFileError(str(exc)) from exc
+    return window
 
 
 def _rng_to_json(state):

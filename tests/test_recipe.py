@@ -248,12 +248,20 @@ def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
     assert 1 < steps < 51  # stopped once every token was within gain_threshold of the teacher
 
 
-def test_anchor_pulls_general_behaviour_back_to_the_reference():
-    """Train hard on one response, then step on the anchor alone: the anchor KL falls."""
+def anchor_of(chat: bool, **kw):
+    """An anchor on 60 tokens of random 'prose' (three windows of 20); with `chat`, also on the
+    reference's replies to three prompts."""
     from fastcl.guard import Anchor
 
+    return Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8,
+                  chat_prompts=rows(20, 3, 5, 9) if chat else (), reply_tokens=6, **kw)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_anchor_pulls_general_behaviour_back_to_the_reference(chat):
+    """Train hard on one response, then step on the anchor alone: the anchor KL falls."""
     model, learner = patched(lr=3e-2, eps=1e-8, consolidate_every=0)
-    anchor = Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8)
+    anchor = anchor_of(chat)
     anchor.prepare(learner)
     prompt, response = rows(13, 2)
     for _ in range(5):
@@ -261,31 +269,53 @@ def test_anchor_pulls_general_behaviour_back_to_the_reference():
     # Merged, as the recipe does, so the anchor's steps start from a fresh optimizer: Adam's
     # momentum from the learning steps would carry the drift on for a few steps first.
     learner.consolidate(gate=False)
-    drifted = [anchor.accumulate(learner, scale=0.0)[0] for _ in anchor.windows]
+    drifted = [anchor.accumulate(learner, scale=0.0)[0] for _ in range(len(anchor))]
     learner._clear_accumulators()
     assert sum(drifted) > 0
     for _ in range(15):
-        for _ in anchor.windows:
+        for _ in range(len(anchor)):
             anchor.accumulate(learner, scale=1.0)
         learner.counters.tokens_pending = 1  # the anchor's gradient is already a mean
         learner.step()
-    held = [anchor.accumulate(learner, scale=0.0)[0] for _ in anchor.windows]
+    held = [anchor.accumulate(learner, scale=0.0)[0] for _ in range(len(anchor))]
     learner._clear_accumulators()
     assert sum(held) < 0.5 * sum(drifted)
 
 
-def test_anchor_has_no_gradient_at_its_reference():
+@pytest.mark.parametrize("chat", [False, True])
+def test_anchor_has_no_gradient_at_its_reference(chat):
     """Before anything is learned the model is the reference: the anchor's loss is at its
     minimum, so it must leave the fast weights' gradient at zero (a top-k cross-entropy without
     the tail's bucket pushes the tail's mass into the top k and fails this)."""
-    from fastcl.guard import Anchor
-
     model, learner = patched(consolidate_every=0)
-    anchor = Anchor(rows(12, 1, low=60, high=61)[0], window=20, top_k=8)
-    kl, _ = anchor.accumulate(learner, scale=1.0)
+    anchor = anchor_of(chat)
+    kl = sum(anchor.accumulate(learner, scale=1.0)[0] for _ in range(len(anchor)))
     gradient = max(float(m.grad_B.abs().max()) for m in learner.modules.values())
     assert abs(kl) < 1e-5
     assert gradient < 1e-6, f"the anchor moves the fast weights at its own reference (max |grad B| {gradient:.2e})"
+
+
+def test_chat_anchor_holds_the_reference_replies_to_its_prompts():
+    """Each chat prompt is followed by the reference's greedy reply (its stop token included),
+    in turn with the prose windows; the targets cover the reply's tokens alone, so a step's cost
+    is the reply's length."""
+    from fastcl.evaluate import greedy_continuations
+    from fastcl.guard import Anchor
+
+    model, learner = patched(consolidate_every=0)
+    anchor = anchor_of(chat=True)
+    assert anchor.prompt_of == [None, 0, None, 1, None, 2] and len(anchor) == 6
+    prompts = rows(20, 3, 5, 9)
+    with torch.no_grad():
+        replies = [greedy_continuations(model, [p], 6, None, keep_stop=True)[0] for p in prompts]
+    anchor.prepare(learner)
+    for w, j in ((1, 0), (3, 1), (5, 2)):
+        assert anchor.windows[w] == prompts[j] + replies[j]
+        assert anchor.targets[w][0].shape == (len(replies[j]), 8)
+    anchor._next = 1
+    assert anchor.accumulate(learner, scale=0.0)[1] == len(replies[0])
+    with pytest.raises(ValueError, match="reply_tokens must be >= 1"):
+        Anchor([1, 2, 3], chat_prompts=[[4]], reply_tokens=0)
 
 
 def test_bucketed_cross_entropy_is_the_kl_of_the_coarsened_distributions():
@@ -600,7 +630,7 @@ def test_gate_text_sets_the_text_the_built_in_gate_probe_scores(tmp_path):
 
     model = tiny_model("llama")
     with pytest.raises(fastcl.PatchError, match="'nowhere.txt' is neither a text shipped with fastcl "
-                                                "\\(anchor_text.txt, gate_text.txt, general_text.txt\\) nor a file"):
+                                                "\\(anchor_prompts.txt, anchor_text.txt, gate_text.txt, general_text.txt\\) nor a file"):
         fastcl.patch(model, tokenizer=CharTokenizer(), gate_text="nowhere.txt")
     assert not hasattr(model, "fastcl") and not any(isinstance(m, fastcl.FastLinear) for m in model.modules())
     with pytest.raises(fastcl.PatchError, match="gate_text need the tokenizer"):

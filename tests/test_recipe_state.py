@@ -17,14 +17,16 @@ from fastcl.recipe import Interaction
 from helpers import VOCAB, random_rows as rows, tiny_model
 
 
-def guarded(model):
+def guarded(model, chat=False):
     """A learner with everything the recipe keeps between calls: a replay buffer sampled at
-    random, an anchor (set by hand: patch() wants a tokenizer for the shipped text), a gate with
-    a probe that tracks drift from the model at its first check, steps every second call."""
+    random, an anchor (set by hand: patch() wants a tokenizer for the shipped text; with `chat`,
+    also holding the reference's replies to two prompts), a gate with a probe that tracks drift
+    from the model at its first check, steps every second call."""
     learner = fastcl.patch(model, rank=4, lr=1e-2, grounded=False, gain_threshold=-1.0, step_every=2,
                            consolidate_every=1, replay=6, replay_per_step=2)
     learner.config.anchor_weight = 1.0
-    learner.recipe.anchor = Anchor(rows(40, 1, low=45, high=46)[0], window=16, top_k=8)
+    learner.recipe.anchor = Anchor(rows(40, 1, low=45, high=46)[0], window=16, top_k=8,
+                                   chat_prompts=rows(42, 2, 4, 7) if chat else (), reply_tokens=5)
     learner.add_probe(lambda m: -float(m(torch.tensor([rows(41, 1, low=20, high=21)[0]])).logits.float().std()),
                       tolerance=10.0, name="spread")
     return learner
@@ -46,9 +48,10 @@ def test_every_interaction_field_is_saved_or_derived():
     assert {f.name for f in fields(Interaction)} == known
 
 
-def test_a_learner_restarted_from_its_file_continues_as_if_never_stopped(tmp_path):
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_learner_restarted_from_its_file_continues_as_if_never_stopped(tmp_path, chat):
     model = tiny_model("llama")
-    learner = guarded(model)
+    learner = guarded(model, chat)
     serve(learner, requests(50, 9))  # odd: one request waits for its step
     assert len(learner.recipe.pending) == 1 and len(learner.recipe.replay) == 6  # the buffer is full
     assert learner.counters.consolidations == 4 and learner.recipe.gate.baseline is not None
@@ -59,8 +62,9 @@ def test_a_learner_restarted_from_its_file_continues_as_if_never_stopped(tmp_pat
     serve(learner, later)
     expected = {n: (m.weight.detach().clone(), m.B.detach().clone()) for n, m in learner.modules.items()}
 
-    fresh = guarded(tiny_model("llama"))  # the base weights: the file holds the merged ones
+    fresh = guarded(tiny_model("llama"), chat)  # the base weights: the file holds the merged ones
     fresh.load(path)
+    assert fresh.recipe.anchor.windows == learner.recipe.anchor.windows  # replies as the reference gave them
     # the start model's baseline, not one measured on the loaded weights
     assert fresh.recipe.gate.baseline == {"spread": learner.recipe.gate.baseline["spread"]}
     serve(fresh, later)
@@ -110,6 +114,10 @@ def damage_anchor(metadata, tensors):
     del tensors["anchor.0.probs"]
 
 
+def damage_reply(metadata, tensors):
+    tensors["anchor.1.tokens"] = tensors["anchor.1.tokens"][1:]  # window 1 answers the first chat prompt
+
+
 def damage_schedule(metadata, tensors):
     metadata["recipe"] = metadata["recipe"].replace('"requests_seen": 8', '"requests_seen": -1')
 
@@ -127,18 +135,19 @@ def other_gate_text(metadata, tensors):
     (damage_tokens, "replay.0.response holds token id .* outside the vocabulary"),
     (damage_logprobs, "replay.1.teacher_logprobs has shape"),
     (damage_anchor, "anchor.0.probs is missing"),
+    (damage_reply, "anchor.1.tokens does not answer this learner's anchor prompt 0"),
     (damage_schedule, "requests_seen must be an integer >= 0"),
     (damage_json, "anchor_next must be an integer >= 0"),
     (other_gate_text, "gate_text='my_general_text.txt' in the file, 'gate_text.txt' here"),
 ])
 def test_a_damaged_recipe_state_is_refused_and_nothing_changes(tmp_path, damage, message):
-    learner = guarded(tiny_model("llama"))
+    learner = guarded(tiny_model("llama"), chat=True)
     serve(learner, requests(50, 8))
     path, bad = tmp_path / "state.safetensors", tmp_path / "bad.safetensors"
     learner.save(path)
     rewrite(path, bad, damage)
 
-    other = guarded(tiny_model("llama"))
+    other = guarded(tiny_model("llama"), chat=True)
     serve(other, requests(70, 3))
     before = {n: (m.weight.detach().clone(), m.B.detach().clone()) for n, m in other.modules.items()}
     replay, baseline = list(other.recipe.replay), dict(other.recipe.gate.baseline)
