@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     model, tokenizer = fastcl.models.load_default()
     results = run(model, tokenizer, [json.loads(v) for v in args.variants], args.seed, args.facts)
     for variant, (drift, general, rows) in zip(args.variants, results):
-        print(f"{variant}: gate-text drift {drift:.4f} nats/token; per fact (closed, gain, held-out margin change): {rows}",
-              flush=True)
+        print(f"{variant}: drift {drift:.4f} nats/token on the gate text, {general:.4f} on the perplexity text; "
+              f"per fact (closed, gain, held-out margin change): {rows}", flush=True)
     print("summary: variant | drift on the gate text | on the perplexity text | gain closed | held-out margin change"
           " (the last two: means over facts)")
     for variant, (drift, general, rows) in zip(args.variants, results):
