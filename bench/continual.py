@@ -182,6 +182,12 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "general_picks_after": after["general_picks"],
         "general_framed_picks_before": before["general_framed_picks"],
         "general_framed_picks_after": after["general_framed_picks"],
+        # Every option's score (mean log-probability per token), to rescore the probes another way
+        # (bench/probe_shifts.py --by-length); absent from a before-measure cached by older code.
+        "general_scores_before": before.get("general_scores"),
+        "general_scores_after": after["general_scores"],
+        "general_framed_scores_before": before.get("general_framed_scores"),
+        "general_framed_scores_after": after["general_framed_scores"],
         "perplexity_before": before["perplexity"],
         "perplexity_after": after["perplexity"],
         "served_tokens": served.tokens,

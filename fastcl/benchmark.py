@@ -125,8 +125,10 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     probability over the options ("mc_probability", E.answer_probability), exact-match generation,
     general-knowledge probes and general-text perplexity; with `framed`, the MC items and the
     probes also scored inside an answer frame ("mc_framed", "general_framed"; E.ANSWER_FRAME).
-    Per item as well: "mc_hits" (E.fact_items' order) and the option each probe picked
-    ("general_picks", "general_framed_picks"), so a change can be traced to what moved."""
+    Per item as well: "mc_hits" (E.fact_items' order), the option each probe picked
+    ("general_picks", "general_framed_picks") and every option's score ("general_scores",
+    "general_framed_scores": mean log-probability per token), so a change can be traced to what
+    moved and rescored another way."""
     items = E.fact_items(facts, in_context)
     scores = E.multiple_choice_scores(model, tokenizer, items)
     results = {"mc": E.accuracy_of_scores(scores, items), "mc_probability": E.mean_answer_probability(scores, items),
@@ -142,6 +144,7 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
             probe_scores = E.multiple_choice_scores(model, tokenizer, probes, frame=frame)
             results[key] = E.accuracy_of_scores(probe_scores, probes)
             results[key + "_picks"] = [E.best_option(row) for row in probe_scores]
+            results[key + "_scores"] = probe_scores
         results["perplexity"] = E.perplexity(model, tokenizer, E.load_text("general_text.txt"))
     return results
 

@@ -398,6 +398,47 @@ def test_probe_shifts_lists_the_probes_a_run_moved(tmp_path, capsys):
     assert "general_framed_picks_before" in capsys.readouterr().err
 
 
+class WordTokenizer:
+    """One token a word: enough for option lengths."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [0] * len(text.split())}
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return [0]
+
+
+def test_probe_shifts_by_length_counts_moves_by_length_and_rescores_by_total(tmp_path, capsys):
+    """A probe lost to a longer option is counted so; saved scores whose per-token mean favours a
+    two-word distractor while its total does not rescore to the answer."""
+    from fastcl.evaluate import load_probes
+
+    probe_shifts = load_bench("probe_shifts")
+    probes = load_probes()
+    lengths = probe_shifts.option_lengths(WordTokenizer(), probes, framed=True)
+    index, longer = next((i, j) for i, row in enumerate(lengths) for j, n in enumerate(row)
+                         if n > row[probes[i][2]])
+    answers = [answer for _, _, answer in probes]
+    after = list(answers)
+    after[index] = longer
+    scores = [[0.0 if k == answer else -5.0 for k in range(len(options))] for _, options, answer in probes]
+    moved = [row[:] for row in scores]
+    moved[index][probes[index][2]] = -1.0  # the answer: -1 a token
+    moved[index][longer] = -0.8  # the per-token mean prefers the longer option (total -0.8 x its tokens)
+    assert lengths[index][longer] * -0.8 < -1.0 * lengths[index][probes[index][2]]
+    run = {"seed": 4, "general_framed_picks_before": answers, "general_framed_picks_after": after,
+           "general_framed_before": 1.0, "general_framed_after": 1 - 1 / len(probes),
+           "general_framed_scores_before": scores, "general_framed_scores_after": moved}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"domain": "companies", "runs": [run]}))
+    out = probe_shifts.by_length([str(path)], WordTokenizer())
+    assert "seed 4: lost to a longer / as long / shorter option: 1 / 0 / 0" in out
+    assert "by total log-probability 1.000 -> 1.000 (per-token mean 1.000 -> 0.992)" in out
+    del run["general_framed_scores_before"]
+    path.write_text(json.dumps({"domain": "companies", "runs": [run]}))
+    assert "by total log-probability (not saved) -> 1.000" in probe_shifts.by_length([str(path)], WordTokenizer())
+
+
 def test_stream_fingerprint_repeats_and_tells_runs_apart(fresh_smollm):
     """The same prefix learned twice hashes the same; another recipe hashes differently."""
     model, tokenizer = fresh_smollm

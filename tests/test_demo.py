@@ -72,6 +72,9 @@ def test_continual_seed_reports_every_measure_and_restores_the_model(fresh_smoll
         framed = run[f"general_framed_picks_{when}"]
         assert sum(p == answer for p, (_, _, answer) in zip(framed, probes)) / len(probes) == pytest.approx(
             run[f"general_framed_{when}"])
+        for view in ("general", "general_framed"):  # every option's score, the picks their best
+            scores = run[f"{view}_scores_{when}"]
+            assert [max(range(len(row)), key=row.__getitem__) for row in scores] == run[f"{view}_picks_{when}"]
     assert not hasattr(model, "fastcl"), "run_seed must unpatch the model"
     assert_weights_unchanged(model, original, "run_seed")
     summary = continual.summarize([run, run])
