@@ -69,17 +69,18 @@ class Anchor:
         if any(not p for p in self.chat_prompts):
             raise ValueError("an anchor chat prompt is empty")
         self.reply_tokens, self.pad_id = reply_tokens, pad_id
-        # Per window: its tokens (a reply window's are known once the reference has answered) and
-        # where its targets start (a reply's first token is predicted at the prompt's last).
-        self.windows: list[Optional[list[int]]] = []
-        self.starts: list[int] = []
-        self.prompt_of: list[Optional[int]] = []  # the chat prompt a window answers; None for prose
+        # Per window, prose and replies in turn: its tokens (a reply window's are known once the
+        # reference has answered), where its targets start (a reply's first token is predicted at
+        # the prompt's last), and the chat prompt it answers (None for prose).
+        order = []
         for w in range(max(len(prose), len(self.chat_prompts))):
             if w < len(prose):
-                self.windows.append(prose[w]), self.starts.append(0), self.prompt_of.append(None)
+                order.append((prose[w], 0, None))
             if w < len(self.chat_prompts):
-                prompt = self.chat_prompts[w]
-                self.windows.append(None), self.starts.append(len(prompt) - 1), self.prompt_of.append(w)
+                order.append((None, len(self.chat_prompts[w]) - 1, w))
+        self.windows: list[Optional[list[int]]] = [tokens for tokens, _, _ in order]
+        self.starts: list[int] = [start for _, start, _ in order]
+        self.prompt_of: list[Optional[int]] = [j for _, _, j in order]
         self.top_k = top_k
         self.targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._next = 0
@@ -89,10 +90,10 @@ class Anchor:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, chat: bool = False, **kwargs) -> "Anchor":
-        from .evaluate import chat_ids
-
         if not chat:
             return cls(text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
+        from .evaluate import chat_ids
+
         prompts = [chat_ids(tokenizer, line) for line in read_text(ANCHOR_PROMPTS).splitlines() if line.strip()]
         return cls(text_ids(tokenizer, ANCHOR_TEXT), chat_prompts=prompts, pad_id=tokenizer.pad_token_id, **kwargs)
 
