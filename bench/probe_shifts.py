@@ -90,21 +90,21 @@ def by_length(files: list[str], tokenizer, framed: bool = True) -> str:
                     change = lengths[index][now] - lengths[index][was]
                     counts[kind, "longer" if change > 0 else "shorter" if change < 0 else "as long"] += 1
             totals.update(counts)
-            line = f"{path}: seed {run['seed']}: " + "; ".join(
-                f"{kind} to a longer / as long / shorter option: "
-                + " / ".join(str(counts[kind, size]) for size in ("longer", "as long", "shorter"))
-                for kind in ("lost", "gained"))
+            line = f"{path}: seed {run['seed']}: " + by_size(counts)
             rescored = [rescore(run.get(f"{key}_scores_{when}"), lengths, probes) for when in ("before", "after")]
             if rescored[1] is not None:
                 line += ("; by total log-probability "
                          + " -> ".join("(not saved)" if r is None else f"{r:.3f}" for r in rescored)
                          + f" (per-token mean {run[f'{key}_before']:.3f} -> {run[f'{key}_after']:.3f})")
             lines.append(line)
-    lines.append("all runs: " + "; ".join(
-        f"{kind} to a longer / as long / shorter option: "
-        + " / ".join(str(totals[kind, size]) for size in ("longer", "as long", "shorter"))
-        for kind in ("lost", "gained")))
+    lines.append("all runs: " + by_size(totals))
     return "\n".join(lines)
+
+
+def by_size(counts: Counter) -> str:
+    return "; ".join(f"{kind} to a longer / as long / shorter option: "
+                     + " / ".join(str(counts[kind, size]) for size in ("longer", "as long", "shorter"))
+                     for kind in ("lost", "gained"))
 
 
 def rescore(scores, lengths, probes):
