@@ -128,13 +128,7 @@ def _item(recipe, queue: str, j: int, entry: dict, tensors: dict, path) -> Inter
                 raise StateFileError(f"{path}: missing tensor {prefix}.{name!r}")
             values[name] = None
             continue
-        if tensor.dim() != 1 or tensor.dtype != torch.int64 or not tensor.numel():
-            raise StateFileError(f"{path}: {prefix}.{name} must be a non-empty row of token ids")
-        try:
-            check_vocabulary(f"{path}: {prefix}.{name}", tensor, recipe.learner._vocab_size)
-        except InputError as exc:
-            raise StateFileError(str(exc)) from exc
-        values[name] = tensor.tolist()
+        values[name] = _token_row(tensor, f"{prefix}.{name}", recipe, path)
     for name in PER_TOKEN_FIELDS:
         tensor = tensors.get(f"{prefix}.{name}")
         if tensor is not None:
@@ -180,17 +174,24 @@ def _anchor_targets(recipe, meta: dict, tensors: dict, path):
 
 
 def _reply_window(prompt: list[int], tokens: Optional[torch.Tensor], recipe, w: int, j: int, path) -> list[int]:
-    if tokens is None or tokens.dim() != 1 or tokens.dtype != torch.int64:
-        raise StateFileError(f"{path}: anchor.{w}.tokens is missing or not a row of token ids")
-    window = tokens.tolist()
+    if tokens is None:
+        raise StateFileError(f"{path}: missing tensor anchor.{w}.tokens")
+    window = _token_row(tokens, f"anchor.{w}.tokens", recipe, path)
     if len(window) <= len(prompt) or window[:len(prompt)] != prompt:
         raise StateFileError(f"{path}: anchor.{w}.tokens does not answer this learner's anchor prompt {j} "
                              f"(another tokenizer or anchor prompts?)")
+    return window
+
+
+def _token_row(tensor: torch.Tensor, name: str, recipe, path) -> list[int]:
+    """A saved row of token ids as a list, refused unless 1-D int64, non-empty and in the vocabulary."""
+    if tensor.dim() != 1 or tensor.dtype != torch.int64 or not tensor.numel():
+        raise StateFileError(f"{path}: {name} must be a non-empty row of token ids")
     try:
-        check_vocabulary(f"{path}: anchor.{w}.tokens", tokens, recipe.learner._vocab_size)
+        check_vocabulary(f"{path}: {name}", tensor, recipe.learner._vocab_size)
     except InputError as exc:
         raise StateFileError(str(exc)) from exc
-    return window
+    return tensor.tolist()
 
 
 def _rng_to_json(state):
