@@ -119,11 +119,13 @@ class LearnerConfig:
     # Tokens of general text the anchor term takes a step: one window a step, cycling through the
     # shipped anchor text, so this is the anchor's cost a step (a forward and backward of it).
     anchor_window: int = 64
-    # The anchor also holds the model's own replies to shipped chat prompts (fastcl/data/
-    # anchor_prompts.txt, answered greedily by the reference when the anchor is prepared), in
-    # turn with the prose windows: facts are learned as replies, where prose holds nothing. Off:
-    # on four stream pairs it learned less and the framed probes moved within noise (RESULTS).
-    anchor_chat: bool = False
+    # The anchor also holds the model's own replies to the user turns in this file (a shipped one,
+    # "anchor_questions.txt" (short-answer general questions) or "anchor_prompts.txt" (open
+    # requests), or a text file's path, one turn a line), answered greedily by the reference, up to
+    # anchor_reply_tokens, when the anchor is prepared; a step takes one reply window beside its
+    # prose window. Facts are learned as replies, where prose holds nothing. "" (the default): off.
+    anchor_prompts: str = ""
+    anchor_reply_tokens: int = 48
     # A avoids this many leading directions of each layer's input on general text (fastcl.protection;
     # needs a tokenizer): updates then move general text far less. 0 draws A unconstrained.
     protect_directions: int = 8
@@ -176,9 +178,11 @@ class LearnerConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("passes", "inner_steps", "replay", "replay_per_step", "replay_recent",
                      "self_study", "self_study_tokens", "step_every", "consolidate_every",
-                     "protect_directions", "gate_repair", "gate_backoff", "gate_every", "anchor_window"):
+                     "protect_directions", "gate_repair", "gate_backoff", "gate_every", "anchor_window",
+                     "anchor_reply_tokens"):
             value = getattr(self, name)
-            least = 1 if name in ("passes", "gate_every", "self_study_tokens", "anchor_window") else 0
+            least = 1 if name in ("passes", "gate_every", "self_study_tokens", "anchor_window",
+                                 "anchor_reply_tokens") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.replay_schedule = tuple(self.replay_schedule)
@@ -222,8 +226,9 @@ class LearnerConfig:
             raise ValueError(f"self_study_temperature must be positive, got {self.self_study_temperature!r}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
-        if not isinstance(self.anchor_chat, bool):
-            raise ValueError(f"anchor_chat must be True or False, got {self.anchor_chat!r}")
+        if not isinstance(self.anchor_prompts, str):
+            raise ValueError(f"anchor_prompts must name a shipped prompts file or a text file's path (\"\": off), "
+                             f"got {self.anchor_prompts!r}")
         if not isinstance(self.gate_text, str) or not self.gate_text.strip():
             raise ValueError(f"gate_text must name a shipped text or a text file's path, got {self.gate_text!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:

@@ -14,7 +14,8 @@ Probe = Callable[[torch.nn.Module], float]  # higher is better
 
 ANCHOR_TEXT = "anchor_text.txt"  # trains the anchor term
 GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
-ANCHOR_PROMPTS = "anchor_prompts.txt"  # user turns whose replies the chat anchor holds (anchor_chat)
+ANCHOR_PROMPTS = "anchor_prompts.txt"  # open user turns (instructions, questions) for anchor_prompts
+ANCHOR_QUESTIONS = "anchor_questions.txt"  # short-answer general questions (none of the probes) for anchor_prompts
 
 
 def read_text(source: str) -> str:
@@ -54,7 +55,8 @@ class Anchor:
     With `chat_prompts` (chat-formatted user turns), the anchor also holds the model's replies:
     the reference answers each prompt greedily when the anchor is prepared, and the KL covers the
     reply's tokens. Served facts are learned as assistant replies, and that is where prose alone
-    leaves the model free to drift. Reply windows are interleaved with the prose windows.
+    leaves the model free to drift. A step then takes one reply window beside its prose window, so
+    the prose term is as strong as without replies.
     """
 
     def __init__(self, token_ids: list[int], window: int = 64, top_k: int = 32,
@@ -69,33 +71,35 @@ class Anchor:
         if any(not p for p in self.chat_prompts):
             raise ValueError("an anchor chat prompt is empty")
         self.reply_tokens, self.pad_id = reply_tokens, pad_id
-        # Per window, prose and replies in turn: its tokens (a reply window's are known once the
-        # reference has answered), where its targets start (a reply's first token is predicted at
-        # the prompt's last), and the chat prompt it answers (None for prose).
-        order = []
-        for w in range(max(len(prose), len(self.chat_prompts))):
-            if w < len(prose):
-                order.append((prose[w], 0, None))
-            if w < len(self.chat_prompts):
-                order.append((None, len(self.chat_prompts[w]) - 1, w))
-        self.windows: list[Optional[list[int]]] = [tokens for tokens, _, _ in order]
-        self.starts: list[int] = [start for _, start, _ in order]
-        self.prompt_of: list[Optional[int]] = [j for _, _, j in order]
+        # Per window, prose then replies: its tokens (a reply window's are known once the reference
+        # has answered), where its targets start (a reply's first token is predicted at the
+        # prompt's last), and the chat prompt it answers (None for prose).
+        replies = len(self.chat_prompts)
+        self.windows: list[Optional[list[int]]] = prose + [None] * replies
+        self.starts: list[int] = [0] * len(prose) + [len(p) - 1 for p in self.chat_prompts]
+        self.prompt_of: list[Optional[int]] = [None] * len(prose) + list(range(replies))
+        # The windows each step takes: a prose window, and a reply window beside it; the shorter
+        # list cycles until the longer one is through.
+        self.steps: list[list[int]] = [[g % len(prose)] + ([len(prose) + g % replies] if replies else [])
+                                       for g in range(max(len(prose), replies))]
         self.top_k = top_k
         self.targets: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         self._next = 0
 
     def __len__(self) -> int:
-        return len(self.windows)
+        """Steps for a full cycle: every window taken at least once."""
+        return len(self.steps)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, chat: bool = False, **kwargs) -> "Anchor":
-        if not chat:
+    def from_tokenizer(cls, tokenizer, prompts: str = "", **kwargs) -> "Anchor":
+        """The anchor on the shipped anchor text, and with `prompts` (a shipped prompts file such as
+        ANCHOR_QUESTIONS, or a text file's path: one user turn a line) on the replies to them."""
+        if not prompts:
             return cls(text_ids(tokenizer, ANCHOR_TEXT), **kwargs)
         from .evaluate import chat_ids
 
-        prompts = [chat_ids(tokenizer, line) for line in read_text(ANCHOR_PROMPTS).splitlines() if line.strip()]
-        return cls(text_ids(tokenizer, ANCHOR_TEXT), chat_prompts=prompts, pad_id=tokenizer.pad_token_id, **kwargs)
+        turns = [chat_ids(tokenizer, line.strip()) for line in read_text(prompts).splitlines() if line.strip()]
+        return cls(text_ids(tokenizer, ANCHOR_TEXT), chat_prompts=turns, pad_id=tokenizer.pad_token_id, **kwargs)
 
     @torch.no_grad()
     def prepare(self, learner) -> None:
@@ -122,22 +126,26 @@ class Anchor:
                 for window, j in zip(self.windows, self.prompt_of)]
 
     def accumulate(self, learner, scale: float) -> tuple[float, int]:
-        """Add the gradient of scale * mean-token anchor loss over the next window into the
-        accumulators; return (mean KL, tokens). The loss is the cross-entropy against the cached
-        top-k and the tail's bucket, which has the KL's gradient."""
+        """Add the gradient of scale * mean-token anchor loss over the next step's windows (each
+        window's mean at full scale) into the accumulators; return (mean KL over their tokens,
+        tokens). The loss is the cross-entropy against the cached top-k and the tail's bucket,
+        which has the KL's gradient."""
         self.prepare(learner)
-        index = self._next
-        self._next = (self._next + 1) % len(self.windows)
-        window, start = self.windows[index], self.starts[index]
-        ids, probs = self.targets[index]
-        with torch.enable_grad():
-            logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0, start:]
-            cross_entropy = bucketed_cross_entropy(logits.float(), ids, probs)
-            (cross_entropy.mean() * scale).backward()
-        with torch.no_grad():
-            entropy = -xlogx(probs).sum(-1) - xlogx(tail_mass(probs))
-            kl = float((cross_entropy.detach() - entropy).mean())
-        return kl, len(window) - 1 - start
+        taken = self.steps[self._next]
+        self._next = (self._next + 1) % len(self.steps)
+        kl_sum, tokens = 0.0, 0
+        for index in taken:
+            window, start = self.windows[index], self.starts[index]
+            ids, probs = self.targets[index]
+            with torch.enable_grad():
+                logits = learner.model(input_ids=torch.tensor([window[:-1]], device=learner.device)).logits[0, start:]
+                cross_entropy = bucketed_cross_entropy(logits.float(), ids, probs)
+                (cross_entropy.mean() * scale).backward()
+            with torch.no_grad():
+                entropy = -xlogx(probs).sum(-1) - xlogx(tail_mass(probs))
+                kl_sum += float((cross_entropy.detach() - entropy).sum())
+            tokens += len(window) - 1 - start
+        return kl_sum / tokens, tokens
 
 
 def tail_mass(probs: torch.Tensor) -> torch.Tensor:
@@ -153,8 +161,9 @@ def bucketed_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch
     """Per row, -sum_k p_k log q_k - p_tail log q_tail: the target's top-k probabilities `probs` at
     vocabulary `ids`, and the rest of its mass against the model's mass outside `ids` (computed
     from the logits left out, so it stays exact when the top k hold almost everything)."""
-    logprobs = logits.log_softmax(-1)
-    outside = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - logits.logsumexp(-1)
+    normaliser = logits.logsumexp(-1, keepdim=True)
+    logprobs = logits - normaliser
+    outside = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - normaliser.squeeze(-1)
     # With k the whole vocabulary nothing is outside (-inf) and the tail is rounding: no term.
     return -(probs * logprobs.gather(-1, ids)).sum(-1) - tail_mass(probs) * outside.clamp_min(-1e4)
 

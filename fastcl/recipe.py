@@ -140,7 +140,8 @@ class Recipe:
         self.costs: dict[str, float] = defaultdict(float)  # seconds per component
         self.tokens: dict[str, int] = defaultdict(int)  # tokens processed per component
         # The anchor's text also serves gate_repair, with or without the anchor term.
-        self.anchor = (Anchor.from_tokenizer(tokenizer, window=config.anchor_window, chat=config.anchor_chat)
+        self.anchor = (Anchor.from_tokenizer(tokenizer, config.anchor_prompts, window=config.anchor_window,
+                                             reply_tokens=config.anchor_reply_tokens)
                        if config.anchor_weight > 0 or config.gate_repair else None)
         self.gate = Gate()
         if config.gate_tolerance is not None:

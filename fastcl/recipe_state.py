@@ -115,7 +115,7 @@ def apply(recipe, staged: Optional[Staged], traffic: bool = True) -> None:
                                  if staged.anchor_targets is not None else None)
         if staged.anchor_windows is not None:
             recipe.anchor.windows = staged.anchor_windows
-        recipe.anchor._next = meta["anchor_next"] % len(recipe.anchor.windows) if meta["anchor_next"] else 0
+        recipe.anchor._next = meta["anchor_next"] % len(recipe.anchor) if meta["anchor_next"] else 0
 
 
 def _item(recipe, queue: str, j: int, entry: dict, tensors: dict, path) -> Interaction:
@@ -153,9 +153,10 @@ def _anchor_targets(recipe, meta: dict, tensors: dict, path):
     if count is None or recipe.anchor is None:  # nothing saved, or no anchor here to use it
         return None, None
     anchor = recipe.anchor
-    if count != len(anchor):
+    if count != len(anchor.windows):
         raise StateFileError(f"{path}: the anchor's reference covers {count} windows, this learner's anchor has "
-                             f"{len(anchor)} (another tokenizer, anchor_window, anchor_chat or fastcl version?)")
+                             f"{len(anchor.windows)} (another tokenizer, anchor_window, anchor_prompts or fastcl "
+                             f"version?)")
     targets, windows = [], []
     for w in range(count):
         window, j = anchor.windows[w], anchor.prompt_of[w]

@@ -296,26 +296,60 @@ def test_anchor_has_no_gradient_at_its_reference(chat):
 
 
 def test_chat_anchor_holds_the_reference_replies_to_its_prompts():
-    """Each chat prompt is followed by the reference's greedy reply (its stop token included),
-    in turn with the prose windows; the targets cover the reply's tokens alone, so a step's cost
-    is the reply's length."""
+    """Each chat prompt is followed by the reference's greedy reply (its stop token included);
+    the targets cover the reply's tokens alone. A step takes a reply window beside its prose
+    window, so the prose term is unchanged; the shorter list cycles."""
     from fastcl.evaluate import greedy_continuations
     from fastcl.guard import Anchor
 
     model, learner = patched(consolidate_every=0)
     anchor = anchor_of(chat=True)
-    assert anchor.prompt_of == [None, 0, None, 1, None, 2] and len(anchor) == 6
+    assert anchor.prompt_of == [None, None, None, 0, 1, 2] and anchor.steps == [[0, 3], [1, 4], [2, 5]]
+    assert len(anchor) == 3
     prompts = rows(20, 3, 5, 9)
     with torch.no_grad():
         replies = [greedy_continuations(model, [p], 6, None, keep_stop=True)[0] for p in prompts]
     anchor.prepare(learner)
-    for w, j in ((1, 0), (3, 1), (5, 2)):
-        assert anchor.windows[w] == prompts[j] + replies[j]
-        assert anchor.targets[w][0].shape == (len(replies[j]), 8)
+    for j in range(3):
+        assert anchor.windows[3 + j] == prompts[j] + replies[j]
+        assert anchor.targets[3 + j][0].shape == (len(replies[j]), 8)
     anchor._next = 1
-    assert anchor.accumulate(learner, scale=0.0)[1] == len(replies[0])
+    assert anchor.accumulate(learner, scale=0.0)[1] == 20 + len(replies[1])  # prose window 1 and reply 1
+    more_replies = Anchor(list(range(3, 43)), window=20, chat_prompts=rows(21, 3, 5, 9), reply_tokens=6)
+    assert more_replies.steps == [[0, 2], [1, 3], [0, 4]]
     with pytest.raises(ValueError, match="reply_tokens must be >= 1"):
         Anchor([1, 2, 3], chat_prompts=[[4]], reply_tokens=0)
+    with pytest.raises(ValueError, match="anchor_prompts must name a shipped prompts file"):
+        patched(anchor_prompts=None)
+    with pytest.raises(ValueError, match="anchor_reply_tokens must be an integer >= 1"):
+        patched(anchor_reply_tokens=0)
+
+
+@pytest.mark.parametrize("name", ["anchor_questions.txt", "anchor_prompts.txt"])
+def test_anchor_prompt_files_ask_none_of_the_probe_questions(name):
+    """The anchor trains on its prompts' replies: a probe asked there would be scored on what the
+    anchor held, not on what the model kept."""
+    from fastcl.evaluate import load_probes
+    from fastcl.guard import read_text
+
+    asked = [line.strip().lower() for line in read_text(name).splitlines() if line.strip()]
+    probes = {question.lower() for question, _, _ in load_probes()}
+    assert len(asked) >= 32 and len(set(asked)) == len(asked)
+    assert not probes & set(asked)
+
+
+def test_patch_builds_the_reply_anchor_from_a_shipped_prompts_file(smollm):
+    """anchor_prompts names the file; every line becomes a chat-formatted prompt whose reply the
+    anchor holds, with anchor_reply_tokens as the reply's limit."""
+    from fastcl.evaluate import chat_ids
+    from fastcl.guard import Anchor, read_text
+
+    _, tokenizer = smollm
+    lines = [line for line in read_text("anchor_questions.txt").splitlines() if line.strip()]
+    anchor = Anchor.from_tokenizer(tokenizer, "anchor_questions.txt", reply_tokens=24)
+    assert anchor.chat_prompts == [chat_ids(tokenizer, line) for line in lines] and anchor.reply_tokens == 24
+    assert len(anchor) == max(len(anchor.windows) - len(lines), len(lines))
+    assert Anchor.from_tokenizer(tokenizer).chat_prompts == []
 
 
 def test_bucketed_cross_entropy_is_the_kl_of_the_coarsened_distributions():
@@ -630,7 +664,8 @@ def test_gate_text_sets_the_text_the_built_in_gate_probe_scores(tmp_path):
 
     model = tiny_model("llama")
     with pytest.raises(fastcl.PatchError, match="'nowhere.txt' is neither a text shipped with fastcl "
-                                                "\\(anchor_prompts.txt, anchor_text.txt, gate_text.txt, general_text.txt\\) nor a file"):
+                                                "\\(anchor_prompts.txt, anchor_questions.txt, anchor_text.txt, "
+                                                "gate_text.txt, general_text.txt\\) nor a file"):
         fastcl.patch(model, tokenizer=CharTokenizer(), gate_text="nowhere.txt")
     assert not hasattr(model, "fastcl") and not any(isinstance(m, fastcl.FastLinear) for m in model.modules())
     with pytest.raises(fastcl.PatchError, match="gate_text need the tokenizer"):

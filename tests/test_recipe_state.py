@@ -115,7 +115,7 @@ def damage_anchor(metadata, tensors):
 
 
 def damage_reply(metadata, tensors):
-    tensors["anchor.1.tokens"] = tensors["anchor.1.tokens"][1:]  # window 1 answers the first chat prompt
+    tensors["anchor.3.tokens"] = tensors["anchor.3.tokens"][1:]  # after 3 prose windows: the first chat prompt
 
 
 def damage_schedule(metadata, tensors):
@@ -135,7 +135,7 @@ def other_gate_text(metadata, tensors):
     (damage_tokens, "replay.0.response holds token id .* outside the vocabulary"),
     (damage_logprobs, "replay.1.teacher_logprobs has shape"),
     (damage_anchor, "anchor.0.probs is missing"),
-    (damage_reply, "anchor.1.tokens does not answer this learner's anchor prompt 0"),
+    (damage_reply, "anchor.3.tokens does not answer this learner's anchor prompt 0"),
     (damage_schedule, "requests_seen must be an integer >= 0"),
     (damage_json, "anchor_next must be an integer >= 0"),
     (other_gate_text, "gate_text='my_general_text.txt' in the file, 'gate_text.txt' here"),
