@@ -122,6 +122,19 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
     return report
 
 
+def _check_texts(config: LearnerConfig) -> None:
+    """The texts the options name, read now: a missing one fails before anything changes."""
+    from .guard import read_text
+
+    anchored = config.anchor_weight > 0 or config.gate_repair > 0
+    for name, on in (("gate_text", config.gate_tolerance is not None), ("anchor_prompts", anchored)):
+        if on and getattr(config, name):
+            try:
+                read_text(getattr(config, name))
+            except (ValueError, OSError) as exc:
+                raise PatchError(f"{name}: {exc}") from exc
+
+
 def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optional[str]:
     """The anchor term, the built-in gate probe and the protected directions read shipped text,
     so they need the tokenizer. Asked for explicitly without one, refuse; on by default, turn
@@ -131,6 +144,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
                                     ("gate_tolerance", config.gate_tolerance is not None),
                                     ("gate_text", config.gate_tolerance is not None),
+                                    ("anchor_prompts", bool(config.anchor_prompts)),
                                     ("protect_directions", config.protect_directions > 0),
                                     ("projection", config.projection == "whitened"),
                                     ("layer_options", config.whitens and config.projection != "whitened"),
@@ -211,13 +225,7 @@ def patch(
         from .ops import backends
 
         backends.resolve(backend, device)  # fail now, before anything changes
-    if config.gate_tolerance is not None:
-        from .guard import read_text
-
-        try:
-            read_text(config.gate_text)  # the built-in gate probe's text: fail now, before anything changes
-        except (ValueError, OSError) as exc:
-            raise PatchError(f"gate_text: {exc}") from exc
+    _check_texts(config)
     protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
     fast = {
         name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend,

@@ -323,6 +323,14 @@ def test_chat_anchor_holds_the_reference_replies_to_its_prompts():
         patched(anchor_prompts=None)
     with pytest.raises(ValueError, match="anchor_reply_tokens must be an integer >= 1"):
         patched(anchor_reply_tokens=0)
+    from test_protection import CharTokenizer
+
+    model = tiny_model("llama")
+    with pytest.raises(fastcl.PatchError, match="anchor_prompts: 'nowhere.txt' is neither a text shipped"):
+        fastcl.patch(model, tokenizer=CharTokenizer(), anchor_prompts="nowhere.txt")
+    assert not hasattr(model, "fastcl") and not any(isinstance(m, fastcl.FastLinear) for m in model.modules())
+    with pytest.raises(fastcl.PatchError, match="anchor_prompts need the tokenizer"):
+        fastcl.patch(model, anchor_prompts="anchor_questions.txt")
 
 
 @pytest.mark.parametrize("name", ["anchor_questions.txt", "anchor_prompts.txt"])
