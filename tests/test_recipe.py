@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastcl
+from fastcl import guard
 from helpers import VOCAB, assert_same_state, learner_state, random_rows as rows, tiny_model
 
 
@@ -333,7 +334,7 @@ def test_chat_anchor_holds_the_reference_replies_to_its_prompts():
         fastcl.patch(model, anchor_prompts="anchor_questions.txt")
 
 
-@pytest.mark.parametrize("name", ["anchor_questions.txt", "anchor_prompts.txt"])
+@pytest.mark.parametrize("name", [guard.ANCHOR_QUESTIONS, guard.ANCHOR_PROMPTS])
 def test_anchor_prompt_files_ask_none_of_the_probe_questions(name):
     """The anchor trains on its prompts' replies: a probe asked there would be scored on what the
     anchor held, not on what the model kept."""
