@@ -288,6 +288,11 @@ class LearnerConfig:
         return self._values("learn_at")
 
     @property
+    def anchored(self) -> bool:
+        """Whether the learner builds the anchor: its term, or gate_repair, which steps on its text."""
+        return self.anchor_weight > 0 or self.gate_repair > 0
+
+    @property
     def whitens(self) -> bool:
         """Whether some layer's A is fitted to inputs (projection="whitened")."""
         return "whitened" in self._values("projection")

@@ -126,8 +126,7 @@ def _check_texts(config: LearnerConfig) -> None:
     """The texts the options name, read now: a missing one fails before anything changes."""
     from .guard import read_text
 
-    anchored = config.anchor_weight > 0 or config.gate_repair > 0
-    for name, on in (("gate_text", config.gate_tolerance is not None), ("anchor_prompts", anchored)):
+    for name, on in (("gate_text", config.gate_tolerance is not None), ("anchor_prompts", config.anchored)):
         if on and getattr(config, name):
             try:
                 read_text(getattr(config, name))

@@ -142,7 +142,7 @@ class Recipe:
         # The anchor's text also serves gate_repair, with or without the anchor term.
         self.anchor = (Anchor.from_tokenizer(tokenizer, config.anchor_prompts, window=config.anchor_window,
                                              reply_tokens=config.anchor_reply_tokens)
-                       if config.anchor_weight > 0 or config.gate_repair else None)
+                       if config.anchored else None)
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer, config.gate_text), config.gate_tolerance)
