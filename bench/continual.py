@@ -203,6 +203,8 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "gate_refusals": stats["gate_refusals"],
         "gate_halved": stats["gate_halved"],
         "gate_repaired": stats["gate_repaired"],
+        # The learner's resolved options: what "the default" meant when this run was made.
+        "config": learner.config.to_dict(),
         **rehearsed,
     }
 

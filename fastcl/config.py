@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 from .guard import GATE_TEXT
 from .ops.backends import CHOICES as BACKEND_CHOICES
@@ -18,13 +18,15 @@ PROJECTIONS = ("random", "whitened")
 BACKWARD_DTYPES = ("auto", "bfloat16", None)
 LEARN_AT = ("all", "entity", "entity_last")
 LAYER_OPTIONS = ("learn_at", "projection", "lr")  # what layer_options may set per layer
-# A layer_options preset, not the default: every patched layer under an `mlp` module (Llama,
-# Qwen2, Mistral, GPT-NeoX and GPT-2 name their feed-forward block so; tested) learns at the
-# entity in a fitted A at 2e-3, attention at every position at the learner's lr (measured with
-# lr=1.5e-3: bench/RESULTS.md, "Two recipes on disjoint layers on the reported seeds 1-3").
+# The default layer_options (layer_options="auto"): every patched layer under an `mlp` module
+# (Llama, Qwen2, Mistral, GPT-NeoX and GPT-2 name their feed-forward block so; tested) learns at
+# the entity in a fitted A at 2e-3, attention at every position at the learner's lr, 1.5e-3 with
+# this preset (bench/RESULTS.md, "The entity-keyed MLP preset on fresh streams").
 # Read-only, so that one caller's edit cannot change what the next one patches with.
 MLP_ENTITY_KEYED = MappingProxyType(
     {r".*\.mlp\..*": MappingProxyType({"learn_at": "entity", "projection": "whitened", "lr": 2e-3})})
+# lr=None takes the step measured with the layer_options in use: with the preset, or without any.
+PRESET_LR, PLAIN_LR = 1.5e-3, 3e-3
 
 
 def name_matches(patterns: Iterable[str], name: str) -> Optional[str]:
@@ -41,7 +43,7 @@ class LearnerConfig:
     rank: int = 16
     alpha: Optional[float] = None  # scale c = alpha / rank; None means alpha = rank, so c = 1
     seed: int = 0
-    lr: float = 3e-3
+    lr: Optional[float] = None  # None: PRESET_LR with MLP_ENTITY_KEYED (the default), PLAIN_LR otherwise
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 3e-4  # Adam's; near the gradients' scale (~1e-3) it damps updates of weak coordinates
@@ -105,7 +107,12 @@ class LearnerConfig:
     # (the first that matches a layer wins; patch() refuses one that matches no patched layer).
     # E.g. {"gate_proj|up_proj|down_proj": {"learn_at": "entity", "projection": "whitened"}}: the
     # MLP learns keyed to the entity in a fitted A while attention learns at every position.
-    layer_options: Optional[dict] = None
+    # "auto" (the default): MLP_ENTITY_KEYED where it applies, None elsewhere: with another
+    # objective or a learner-wide learn_at/projection, and (patch() says why) without a tokenizer
+    # (the fit reads general text), with replicas (each would fit its own A), or where no patched
+    # layer is under an `mlp` module.
+    # None: every layer at the learner-wide options.
+    layer_options: Union[None, str, dict] = "auto"
     # Self-generated data: after each request with a student prompt, the model (document in
     # context, fast weights live) samples this many more answers to it at self_study_temperature,
     # up to self_study_tokens each, and the student learns them by context gain beside the served
@@ -167,7 +174,8 @@ class LearnerConfig:
             raise ValueError(f"alpha must be positive, got {self.alpha!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps!r}")
-        if not self.lr > 0:
+        self._resolve_auto_layer_options()
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -247,13 +255,40 @@ class LearnerConfig:
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
+    def _resolve_auto_layer_options(self) -> None:
+        """layer_options="auto" and lr=None: the preset, unless the objective is another or a
+        learner-wide learn_at or projection was asked for; and the step measured with or without
+        it. auto_layer_options: drop_auto_layer_options() may still take the preset away (not a
+        field: the config saved is the resolved one)."""
+        self.auto_layer_options = isinstance(self.layer_options, str) and self.layer_options == "auto"
+        self.auto_lr = self.lr is None
+        if self.auto_layer_options:
+            applies = self.objective == "context_gain" and self.learn_at == "all" and self.projection == "random"
+            self.layer_options = dict(MLP_ENTITY_KEYED) if applies else None
+            self.auto_layer_options = self.layer_options is not None
+        if self.auto_lr:
+            preset = {p: dict(o) for p, o in MLP_ENTITY_KEYED.items()}
+            given = self.layer_options if isinstance(self.layer_options, Mapping) else None
+            same = given is not None and {p: dict(o) for p, o in given.items() if isinstance(o, Mapping)} == preset
+            self.lr = PRESET_LR if same else PLAIN_LR
+
+    def drop_auto_layer_options(self) -> bool:
+        """Take the default preset away (where patch() finds it does not apply), with the step
+        measured without it unless lr was given. False when layer_options was given."""
+        if not self.auto_layer_options:
+            return False
+        self.layer_options, self.auto_layer_options = None, False
+        if self.auto_lr:
+            self.lr = PLAIN_LR
+        return True
+
     def _check_layer_options(self) -> None:
         if self.layer_options is None:
             return
         if not isinstance(self.layer_options, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, Mapping) for k, v in self.layer_options.items()):
-            raise ValueError(f"layer_options must map layer-name patterns to dicts of options, "
-                             f"got {self.layer_options!r}")
+            raise ValueError(f"layer_options must map layer-name patterns to dicts of options (or be \"auto\" "
+                             f"or None), got {self.layer_options!r}")
         self.layer_options = {pattern: dict(options) for pattern, options in self.layer_options.items()}
         for pattern, options in self.layer_options.items():
             unknown = sorted(set(options) - set(LAYER_OPTIONS))

@@ -113,12 +113,15 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
     unused = [t for t in (config.targets or []) if t not in used_targets]
     if unused:
         raise PatchError(f"targets matched no linear layer: {unused}")
-    patched = [name for name, *_ in report.patched]
-    idle = [p for p in (config.layer_options or {}) if not any(name_matches([p], n) for n in patched)]
-    if idle:
-        raise PatchError(f"layer_options patterns matched no patched layer: {idle}")
     if not report.patched:
         raise PatchError("no layer to patch; the report says why each was skipped:\n" + str(report))
+    patched = [name for name, *_ in report.patched]
+    idle = [p for p in (config.layer_options or {}) if not any(name_matches([p], n) for n in patched)]
+    if idle and config.drop_auto_layer_options():
+        report.notes.append("no patched layer is under an `mlp` module: the default layer_options (the MLP keyed to "
+                            "the entity) are off; every layer learns at every position")
+    elif idle:
+        raise PatchError(f"layer_options patterns matched no patched layer: {idle}")
     return report
 
 
@@ -154,8 +157,23 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
     if not wanted:
         return None
     config.anchor_weight, config.gate_tolerance, config.protect_directions = 0.0, None, 0
-    return ("no tokenizer given: the anchor term, the built-in gate probe and the protected input directions "
+    keyed = ", the MLP keyed to the entity (layer_options)" if config.drop_auto_layer_options() else ""
+    return (f"no tokenizer given: the anchor term, the built-in gate probe, the protected input directions{keyed} "
             "are off (pass tokenizer= to patch() to turn them on)")
+
+
+def _without_replicas(config: LearnerConfig, process_group) -> Optional[str]:
+    """A fitted A is each replica's own: the default preset is off for learners in a group (an
+    explicit one is refused at the first learn())."""
+    if process_group is False or not config.auto_layer_options:
+        return None
+    import torch.distributed as dist
+
+    if process_group is None and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    config.drop_auto_layer_options()
+    return ("replicas: the default layer_options (the MLP keyed to the entity in an A fitted to each request) are "
+            "off, since each replica would fit its own A; every layer learns at every position in a random A")
 
 
 def _general_text_geometry(model: nn.Module, base_modules: dict, config: LearnerConfig, tokenizer):
@@ -188,7 +206,7 @@ def patch(
     targets: Optional[Sequence[str]] = None,
     backend: str = "auto",
     seed: int = 0,
-    lr: float = 3e-3,
+    lr: Optional[float] = None,
     **options,
 ):
     """Turn `model` into a learner, in place. Returns the Learner, also at `model.fastcl`.
@@ -213,11 +231,10 @@ def patch(
     process_group = check_process_group(options.pop("process_group", None))
     tokenizer = options.pop("tokenizer", None)
     config = LearnerConfig(rank=rank, targets=targets, backend=backend, seed=seed, lr=lr, **options)
-    text_note = _without_tokenizer(config, tokenizer, options)
+    notes = [_without_tokenizer(config, tokenizer, options), _without_replicas(config, process_group)]
     _refuse_if_wrapped(model)
     report = plan(model, config)
-    if text_note:
-        report.notes.append(text_note)
+    report.notes += [note for note in notes if note]
     base_modules = {name: model.get_submodule(name) for name, *_ in report.patched}
     device = next(iter(base_modules.values())).weight.device
     if backend != "auto":

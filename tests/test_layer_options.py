@@ -20,7 +20,8 @@ RESPONSE = [11, 12, 13]
 
 def patched(**kw):
     options = dict(rank=4, lr=1e-2, tokenizer=CharTokenizer(), gate_tolerance=None, anchor_weight=0.0, replay=0,
-                   replay_per_step=0, grounded=False, gain_threshold=-float("inf"), consolidate_every=0)
+                   replay_per_step=0, grounded=False, gain_threshold=-float("inf"), consolidate_every=0,
+                   layer_options=None)
     options.update(kw)
     model = tiny_model("llama")
     return model, fastcl.patch(model, **options)
@@ -137,3 +138,50 @@ def test_the_mlp_preset_keys_every_mlp_layer_and_only_those(arch):
     assert sorted(g["lr"] for g in learner.optimizer.param_groups) == [1.5e-3, 2e-3]
     with pytest.raises(TypeError):  # the preset is read-only: an edit here would change every later patch
         fastcl.MLP_ENTITY_KEYED[r".*\.mlp\..*"]["lr"] = 1.0
+
+
+def test_the_default_keys_the_mlp_with_a_tokenizer_and_its_own_step():
+    learner = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None)
+    config = learner.config
+    assert config.layer_options == {p: dict(o) for p, o in fastcl.MLP_ENTITY_KEYED.items()}
+    assert config.lr == fastcl.config.PRESET_LR
+    assert sorted(g["lr"] for g in learner.optimizer.param_groups) == [1.5e-3, 2e-3]
+    assert {config.layer(n)["learn_at"] for n in learner.modules if ".mlp." in n} == {"entity"}
+    # What is saved is the resolved config: loaded elsewhere it is this one, not "auto" again.
+    again = fastcl.LearnerConfig(**config.to_dict())
+    assert again.layer_options == config.layer_options and not again.auto_layer_options
+
+
+@pytest.mark.parametrize("options, note", [
+    (dict(), "no tokenizer given"),
+    (dict(tokenizer=CharTokenizer(), gate_tolerance=None, targets=["q_proj", "v_proj"]),
+     "no patched layer is under an `mlp` module"),
+    (dict(tokenizer=CharTokenizer(), gate_tolerance=None, objective="next_token"), None),
+    (dict(tokenizer=CharTokenizer(), gate_tolerance=None, learn_at="entity"), None),
+    (dict(tokenizer=CharTokenizer(), gate_tolerance=None, projection="whitened"), None),
+])
+def test_the_default_preset_is_off_where_it_does_not_apply_and_the_step_follows(options, note):
+    learner = fastcl.patch(tiny_model("llama"), **options)
+    assert learner.config.layer_options is None and learner.config.lr == fastcl.config.PLAIN_LR
+    assert {learner.config.layer(n)["lr"] for n in learner.modules} == {fastcl.config.PLAIN_LR}
+    if note is not None:
+        assert any(note in n for n in learner.report.notes), learner.report.notes
+    given = fastcl.patch(tiny_model("llama"), lr=1e-3, **options)  # a step asked for is kept
+    assert given.config.lr == 1e-3 and given.config.layer_options is None
+
+
+def test_the_default_preset_is_off_for_replicas_and_an_explicit_one_is_kept(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    learner = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None)
+    assert learner.config.layer_options is None and learner.config.lr == fastcl.config.PLAIN_LR
+    assert any("replicas" in n for n in learner.report.notes), learner.report.notes
+    alone = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None, process_group=False)
+    assert alone.config.layer_options is not None
+    explicit = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None,
+                            layer_options=fastcl.MLP_ENTITY_KEYED, process_group=False)
+    assert explicit.config.layer_options is not None and explicit.config.lr == fastcl.config.PRESET_LR
+    other = fastcl.LearnerConfig(layer_options={MLP: {"learn_at": "entity"}})  # not measured: the plain step
+    assert other.lr == fastcl.config.PLAIN_LR

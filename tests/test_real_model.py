@@ -88,7 +88,9 @@ def test_learn_moves_a_served_fact_into_the_weights(fresh_smollm):
     teacher = E.chat_ids(tokenizer, E.with_context(fact.document, fact.served_question))
     response, teacher_logprobs = B.answer(model, tokenizer, teacher)
     assert fact.value in tokenizer.decode(response), "the model should answer from its context"
-    for _ in range(3):
+    # The default keys the MLP to the entity at a smaller step: a fact served once or twice moves
+    # its held-out probability by 0.2-0.7 nats, from the fourth time by 0.9-3 (measured).
+    for _ in range(5):
         report = learner.learn(teacher, response, E.chat_ids(tokenizer, fact.served_question),
                                teacher_logprobs=teacher_logprobs)
         assert report.tokens_learned > 0 and report.consolidation.committed

@@ -175,7 +175,7 @@ def test_projection_served_counts_each_fitted_request_and_changes_the_next_fit()
 
 def test_projection_served_needs_the_whitened_projection():
     with pytest.raises(ValueError, match="projection_served weighs earlier requests"):
-        fastcl.LearnerConfig(projection_served=1.0)
+        fastcl.LearnerConfig(projection_served=1.0, layer_options=None)
     with pytest.raises(ValueError, match="projection_served must be >= 0"):
         fastcl.LearnerConfig(projection="whitened", projection_served=-1.0)
 
