@@ -21,12 +21,13 @@ LAYER_OPTIONS = ("learn_at", "projection", "lr")  # what layer_options may set p
 # The default layer_options (layer_options="auto"): every patched layer under an `mlp` module
 # (Llama, Qwen2, Mistral, GPT-NeoX and GPT-2 name their feed-forward block so; tested) learns at
 # the entity in a fitted A at 2e-3, attention at every position at the learner's lr, 1.5e-3 with
-# this preset (bench/RESULTS.md, "The entity-keyed MLP preset on fresh streams").
+# this preset (bench/RESULTS.md, "The default keys the MLP to the entity").
 # Read-only, so that one caller's edit cannot change what the next one patches with.
 MLP_ENTITY_KEYED = MappingProxyType(
     {r".*\.mlp\..*": MappingProxyType({"learn_at": "entity", "projection": "whitened", "lr": 2e-3})})
 # lr=None takes the step measured with the layer_options in use: with the preset, or without any.
 PRESET_LR, PLAIN_LR = 1.5e-3, 3e-3
+_PRESET = {pattern: dict(options) for pattern, options in MLP_ENTITY_KEYED.items()}  # as _check_layer_options keeps it
 
 
 def name_matches(patterns: Iterable[str], name: str) -> Optional[str]:
@@ -175,6 +176,10 @@ class LearnerConfig:
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps!r}")
         self._resolve_auto_layer_options()
+        self._check_layer_options()
+        self.auto_lr = self.lr is None
+        if self.auto_lr:
+            self.lr = PRESET_LR if self.layer_options == _PRESET else PLAIN_LR
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -215,7 +220,6 @@ class LearnerConfig:
             raise ValueError(f"swap_negatives applies to objective='context_gain', got {self.objective!r}")
         if self.learn_at not in LEARN_AT:
             raise ValueError(f"learn_at must be one of {LEARN_AT}, got {self.learn_at!r}")
-        self._check_layer_options()
         if self.learn_at_values != {"all"} and self.objective != "context_gain":
             raise ValueError(f"learn_at={sorted(self.learn_at_values - {'all'})[0]!r} applies to "
                              f"objective='context_gain', got {self.objective!r}")
@@ -256,21 +260,14 @@ class LearnerConfig:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
     def _resolve_auto_layer_options(self) -> None:
-        """layer_options="auto" and lr=None: the preset, unless the objective is another or a
-        learner-wide learn_at or projection was asked for; and the step measured with or without
-        it. auto_layer_options: drop_auto_layer_options() may still take the preset away (not a
-        field: the config saved is the resolved one)."""
+        """layer_options="auto": the preset, unless the objective is another or a learner-wide
+        learn_at or projection was asked for. auto_layer_options: drop_auto_layer_options() may
+        still take it away (not a field: the config saved is the resolved one)."""
         self.auto_layer_options = isinstance(self.layer_options, str) and self.layer_options == "auto"
-        self.auto_lr = self.lr is None
         if self.auto_layer_options:
             applies = self.objective == "context_gain" and self.learn_at == "all" and self.projection == "random"
-            self.layer_options = dict(MLP_ENTITY_KEYED) if applies else None
-            self.auto_layer_options = self.layer_options is not None
-        if self.auto_lr:
-            preset = {p: dict(o) for p, o in MLP_ENTITY_KEYED.items()}
-            given = self.layer_options if isinstance(self.layer_options, Mapping) else None
-            same = given is not None and {p: dict(o) for p, o in given.items() if isinstance(o, Mapping)} == preset
-            self.lr = PRESET_LR if same else PLAIN_LR
+            self.layer_options = dict(_PRESET) if applies else None
+            self.auto_layer_options = applies
 
     def drop_auto_layer_options(self) -> bool:
         """Take the default preset away (where patch() finds it does not apply), with the step
@@ -300,7 +297,7 @@ class LearnerConfig:
             if options.get("projection", "random") not in PROJECTIONS:
                 raise ValueError(f"layer_options[{pattern!r}]: projection must be one of {PROJECTIONS}, "
                                  f"got {options['projection']!r}")
-            lr = options.get("lr", self.lr)
+            lr = options.get("lr", 1.0)  # the learner-wide lr is checked on its own
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
                 raise ValueError(f"layer_options[{pattern!r}]: lr must be positive, got {lr!r}")
 
