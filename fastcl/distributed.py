@@ -90,16 +90,11 @@ class Replicas:
     @property
     def group(self):
         """The process group in use, or None when this learner learns alone."""
-        if self.process_group is False:
-            return None
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            if self.process_group is not None:
+        if self.process_group not in (None, False):
+            dist = _dist()
+            if not (dist.is_available() and dist.is_initialized()):
                 raise FastclError("a process_group was given to patch() but torch.distributed is not initialised")
-            return None
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+        return learning_group(self.process_group)
 
     @property
     def world_size(self) -> int:
@@ -310,6 +305,18 @@ def check_process_group(process_group):
         raise FastclError(f"process_group takes a torch.distributed ProcessGroup, None (the default group when "
                           f"initialised) or False (learn alone), got {process_group!r}")
     return process_group
+
+
+def learning_group(process_group):
+    """The group a learner patched with `process_group` (None, False or a ProcessGroup) learns
+    with: None when it learns alone (False, torch.distributed not initialised, or one process)."""
+    if process_group is False:
+        return None
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def _dist():

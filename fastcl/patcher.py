@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import precision, recompute
 from .config import LearnerConfig, name_matches
-from .distributed import check_process_group
+from .distributed import check_process_group, learning_group
 from .errors import PatchError
 from .layers import LINEAR_TYPES, FastLinear, linear_shape
 from .protection import input_moments, leading_directions, whiteners
@@ -165,11 +165,7 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
 def _without_replicas(config: LearnerConfig, process_group) -> Optional[str]:
     """A fitted A is each replica's own: the default preset is off for learners in a group (an
     explicit one is refused at the first learn())."""
-    if process_group is False or not config.auto_layer_options:
-        return None
-    import torch.distributed as dist
-
-    if process_group is None and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not config.auto_layer_options or learning_group(process_group) is None:
         return None
     config.drop_auto_layer_options()
     return ("replicas: the default layer_options (the MLP keyed to the entity in an A fitted to each request) are "

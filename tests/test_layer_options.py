@@ -171,10 +171,10 @@ def test_the_default_preset_is_off_where_it_does_not_apply_and_the_step_follows(
 
 
 def test_the_default_preset_is_off_for_replicas_and_an_explicit_one_is_kept(monkeypatch):
-    import torch.distributed as dist
+    import fastcl.patcher
 
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    # A group of two, as fastcl.distributed.learning_group (Replicas' own lookup) would find it.
+    monkeypatch.setattr(fastcl.patcher, "learning_group", lambda group: None if group is False else object())
     learner = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None)
     assert learner.config.layer_options is None and learner.config.lr == fastcl.config.PLAIN_LR
     assert any("replicas" in n for n in learner.report.notes), learner.report.notes
