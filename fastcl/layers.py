@@ -93,6 +93,7 @@ class FastLinear(nn.Module):
         self.A.copy_(self._projection(epoch, self.A.device))
         self.fitted = False
 
+    @torch.compiler.disable  # under torch.compile: eager code between two graphs (an SVD, and A changed in place)
     def fit_projection(self, x: torch.Tensor, positions: torch.Tensor) -> None:
         """A := fit_to_inputs() on x's rows at `positions` (flat indices over x's leading dims).
         Only while B is zero, so the layer's function does not change."""

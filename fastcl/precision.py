@@ -23,7 +23,6 @@ the backward runs in the activations' own dtype.
 from __future__ import annotations
 
 import types
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -31,13 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@lru_cache(maxsize=None)
+# Read once: a plain value, so torch.compile traces the lookups below (it warns on lru_cache).
+_NATIVE_BF16 = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                           "_is_amx_tile_supported"))
+
+
 def cpu_has_native_bf16() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return _NATIVE_BF16
 
 
-@lru_cache(maxsize=None)
 def input_gradient_dtype(setting: Optional[str], dtype: torch.dtype, device_type: str) -> Optional[torch.dtype]:
     """The dtype dX's products run in for activations of `dtype` on `device_type`, or None for
     the activations' own dtype."""

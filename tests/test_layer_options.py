@@ -185,3 +185,20 @@ def test_the_default_preset_is_off_for_replicas_and_an_explicit_one_is_kept(monk
     assert explicit.config.layer_options is not None and explicit.config.lr == fastcl.config.PRESET_LR
     other = fastcl.LearnerConfig(layer_options={MLP: {"learn_at": "entity"}})  # not measured: the plain step
     assert other.lr == fastcl.config.PLAIN_LR
+
+
+def test_the_default_preset_learns_the_same_under_torch_compile():
+    """The entity mask goes through the registered op and the fit breaks the graph cleanly, so a
+    compiled model accumulates what an eager one does."""
+    grads = []
+    for compiled in (False, True):
+        model, learner = patched(step_every=0, layer_options="auto", lr=None)
+        if compiled:
+            model.compile(backend="aot_eager")
+        learner.learn(TEACHER, RESPONSE, STUDENT)
+        assert all(m.fitted == is_mlp(n) for n, m in learner.modules.items())
+        grads.append({name: m.grad_B.clone() for name, m in learner.modules.items()})
+    eager, compiled = grads
+    assert sum(float(g.norm()) for g in eager.values()) > 0
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-7, msg=name)

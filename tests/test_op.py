@@ -168,16 +168,21 @@ def test_custom_op_registration_passes_opcheck():
     x, W, b, A, B = make(5, 16, 12, 3, torch.float32)
     grad_B = torch.zeros(12, 3)
     torch.library.opcheck(torch.ops.fastcl.lowrank_linear.default, (x, W, b, A, B, grad_B, 0.5, "torch"))
+    mask = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    torch.library.opcheck(torch.ops.fastcl.lowrank_linear.default, (x, W, b, A, B, grad_B, 0.5, "torch", None, mask))
     s = x @ A.t()
     dy = torch.randn(5, 12)
     torch.library.opcheck(torch.ops.fastcl.lowrank_linear_bwd.default, (dy, s, W, A, B, grad_B, 0.5, True, "torch"))
 
 
-def test_torch_compile_forward_and_backward_match_eager():
+@pytest.mark.parametrize("masked", [False, True], ids=["every row", "sketch_mask"])
+def test_torch_compile_forward_and_backward_match_eager(masked):
+    """Also with a sketch mask (learn_at="entity"): the registered op masks the sketch it saves."""
     x, W, b, A, B = make(9, 24, 20, 4, torch.float32)
+    mask = (torch.arange(9) % 3 == 1).float() if masked else None
 
     def step(x, grad_B, B_leaf):
-        return lowrank_linear(x, W, b, A, B_leaf, grad_B, 0.5, "torch")
+        return lowrank_linear(x, W, b, A, B_leaf, grad_B, 0.5, "torch", sketch_mask=mask)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     results = []

@@ -13,21 +13,17 @@ from helpers import assert_close, op_operands, random_ids, tiny_model
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_picks_bf16_only_for_fp32_on_a_cpu_with_native_bf16(monkeypatch, native):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
-    precision.input_gradient_dtype.cache_clear()
-    try:
-        resolve = precision.input_gradient_dtype
-        assert resolve("auto", torch.float32, "cpu") == (torch.bfloat16 if native else None)
-        for dtype, device in ((torch.float16, "cpu"), (torch.bfloat16, "cpu"), (torch.float32, "cuda")):
-            assert resolve("auto", dtype, device) is None, (dtype, device)
-        assert resolve("bfloat16", torch.float32, "cuda") == torch.bfloat16, "an explicit setting applies anywhere"
-        assert resolve("bfloat16", torch.bfloat16, "cpu") is None, "bf16 activations are already bf16"
-        assert resolve(None, torch.float32, "cpu") is None
-        assert ("run in bfloat16" in precision.describe("auto", torch.float32, "cpu")) == native
-        # Asked for on a CPU that would emulate it, the report says what that costs.
-        assert ("no native bf16, so they are emulated" in precision.describe("bfloat16", torch.float32, "cpu")) != native
-        assert "emulated" not in precision.describe("bfloat16", torch.float32, "cuda")
-    finally:
-        precision.input_gradient_dtype.cache_clear()
+    resolve = precision.input_gradient_dtype
+    assert resolve("auto", torch.float32, "cpu") == (torch.bfloat16 if native else None)
+    for dtype, device in ((torch.float16, "cpu"), (torch.bfloat16, "cpu"), (torch.float32, "cuda")):
+        assert resolve("auto", dtype, device) is None, (dtype, device)
+    assert resolve("bfloat16", torch.float32, "cuda") == torch.bfloat16, "an explicit setting applies anywhere"
+    assert resolve("bfloat16", torch.bfloat16, "cpu") is None, "bf16 activations are already bf16"
+    assert resolve(None, torch.float32, "cpu") is None
+    assert ("run in bfloat16" in precision.describe("auto", torch.float32, "cpu")) == native
+    # Asked for on a CPU that would emulate it, the report says what that costs.
+    assert ("no native bf16, so they are emulated" in precision.describe("bfloat16", torch.float32, "cpu")) != native
+    assert "emulated" not in precision.describe("bfloat16", torch.float32, "cuda")
 
 
 def test_unknown_backward_dtype_is_refused():

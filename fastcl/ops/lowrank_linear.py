@@ -38,13 +38,14 @@ def _lowrank_linear(
     scale: float,
     backend: str,
     dx_dtype: Optional[torch.dtype] = None,
+    sketch_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = backends.implementation(backend, x.device)
-    return impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
+    return forward(impl, x, weight, bias, A, B, scale, sketch_mask)
 
 
 @_lowrank_linear.register_fake
-def _(x, weight, bias, A, B, grad_B, scale, backend, dx_dtype=None):
+def _(x, weight, bias, A, B, grad_B, scale, backend, dx_dtype=None, sketch_mask=None):
     lead = x.shape[:-1]
     return x.new_empty(*lead, weight.shape[0]), x.new_empty(*lead, A.shape[0])
 
@@ -73,6 +74,16 @@ def _(dy, s, weight, A, B, grad_B, scale, needs_dx, backend, dx_dtype=None):
     return dy.new_empty(*dy.shape[:-1], weight.shape[1]) if needs_dx else dy.new_empty(0)
 
 
+def forward(impl, x, weight, bias, A, B, scale: float,
+            sketch_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """impl's forward; with sketch_mask, the sketch keeps only the rows dB learns from (dX never
+    reads it, so y and dX are unchanged)."""
+    y, s = impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
+    if sketch_mask is not None:
+        s = s * sketch_mask.unsqueeze(-1).to(s.dtype)
+    return y, s
+
+
 def backward(impl, dy, s, weight, A, B, grad_B, scale: float, needs_dx: bool,
              dx_dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
     """impl's backward; with dx_dtype (fastcl.precision), grad_B still from impl in full
@@ -84,7 +95,7 @@ def backward(impl, dy, s, weight, A, B, grad_B, scale: float, needs_dx: bool,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, A, B, grad_B, scale, backend, dx_dtype = inputs
+    x, weight, bias, A, B, grad_B, scale, backend, dx_dtype, _sketch_mask = inputs
     _, s = output
     ctx.save_for_backward(s, weight, A, B)
     # The accumulator is state, not an activation: keep a reference, do not save it.
@@ -100,7 +111,7 @@ def _backward(ctx, dy, _ds):
     needs_dx = ctx.needs_input_grad[0]
     dx = _lowrank_linear_bwd(dy.contiguous(), s, weight, A, B, ctx.grad_B, ctx.scale, needs_dx, ctx.backend,
                              ctx.dx_dtype)
-    return (dx if needs_dx else None), None, None, None, None, None, None, None, None
+    return (dx if needs_dx else None), None, None, None, None, None, None, None, None, None
 
 
 _lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -111,9 +122,7 @@ class LowRankLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, grad_B, scale, impl, dx_dtype, sketch_mask=None):
-        y, s = impl.lowrank_linear_fwd(x, weight, bias, A, B, scale)
-        if sketch_mask is not None:  # dX never reads s, so this selects only the rows dB learns from
-            s = s * sketch_mask.unsqueeze(-1).to(s.dtype)
+        y, s = forward(impl, x, weight, bias, A, B, scale, sketch_mask)
         ctx.save_for_backward(s, weight, A, B)
         # State and constants, not activations.
         ctx.grad_B, ctx.scale, ctx.impl, ctx.dx_dtype = grad_B, scale, impl, dx_dtype
@@ -147,10 +156,7 @@ def lowrank_linear(
     shape): grad_B learns only from the rows it weights; y and dX are unchanged.
     """
     if torch.compiler.is_compiling():
-        if sketch_mask is not None:
-            raise NotImplementedError("sketch_mask (LearnerConfig.learn_at) is eager-only: the registered op "
-                                      "saves the whole sketch")
-        y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend, dx_dtype)
+        y, _ = _lowrank_linear(x, weight, bias, A, B, grad_B, float(scale), backend, dx_dtype, sketch_mask)
         return y
     impl = backends.implementation(backend, x.device)
     if not torch.is_grad_enabled():  # serving: no graph to build
