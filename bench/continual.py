@@ -390,8 +390,33 @@ def load_saved(paths: list[str]) -> tuple[dict, dict, list]:
             key = (run["seed"], B.learner_seed(run["seed"], saved["options"]))
             if key in runs:
                 raise SystemExit(f"{path}: stream {key[0]} under learner seed {key[1]} is saved twice on one side")
+            if resolved(run) != resolved(next(iter(runs.values()), run)):
+                raise SystemExit(f"{path}: stream {key[0]} ran another learner config than the side's first run "
+                                 "under the same options (the default changed between them); compare one recipe "
+                                 "at a time")
             runs[key] = run
     return runs, header, machines
+
+
+def resolved(run: dict) -> Optional[dict]:
+    """The learner config a saved run ran (saved since 2026-12-07), without its draw; None before."""
+    config = run.get("config")
+    return None if config is None else without_draw(config)
+
+
+def config_warnings(ours: list[dict], our_options: dict, base: list[dict], their_options: dict) -> list[str]:
+    """Saved options name a recipe only against the defaults of their day (layer_options and lr
+    changed on 2026-12-07): say when the resolved configs show the two sides ran one recipe, or
+    when a side that left layer_options to the default predates saved configs."""
+    mine, theirs = resolved(ours[0]), resolved(base[0])
+    if mine is not None and mine == theirs:
+        return ["warning: both sides ran the same learner config (their options differ only in how they "
+                "name it): the differences below are noise"]
+    for side, config, options in (("ours", mine, our_options), ("the baseline", theirs, their_options)):
+        if config is None and "layer_options" not in options and (mine, theirs) != (None, None):
+            return [f"warning: {side} left layer_options to the default and predates saved learner configs: "
+                    "if it ran before the default changed (2026-12-07), it ran layer_options=None at lr 3e-3"]
+    return []
 
 
 def describe_pairs(pairs: list[tuple[int, int]], streams: str = "seeds") -> str:
@@ -439,7 +464,7 @@ def compare_saved(ours_paths: list[str], baseline_paths: list[str]) -> str:
     if differences:
         lines.insert(0, "warning: the two sides are from different machines or settings, so part of each "
                         "difference may be the machine's: " + "; ".join(differences))
-    return "\n".join(lines)
+    return "\n".join(config_warnings(mine, our_header["options"], base, their_header["options"]) + lines)
 
 
 def main(argv=None) -> int:

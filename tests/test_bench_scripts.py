@@ -165,6 +165,21 @@ def test_continual_compares_saved_runs_seed_by_seed(tmp_path):
     elsewhere = saved("e", {"rank": 16}, [{"seed": 1}], where={**here, "cpu_native_bf16": not here["cpu_native_bf16"]})
     assert continual.compare_saved(ours, [elsewhere]).startswith("warning: the two sides are from different machines")
 
+    # The resolved config (saved since the default changed) tells recipes apart where options cannot.
+    preset, plain = {"seed": 1, "lr": 1.5e-3, "layer_options": "mlp"}, {"seed": 1, "lr": 3e-3, "layer_options": None}
+    new_default = saved("n", {"rank": 16}, [{"seed": 1, "config": preset}])
+    same = continual.compare_saved([saved("x", {"rank": 16, "lr": 1.5e-3}, [{"seed": 1, "config": preset}])],
+                                   [new_default])
+    assert same.startswith("warning: both sides ran the same learner config"), same
+    assert "warning" not in continual.compare_saved([saved("y", {"rank": 16, "layer_options": None},
+                                                          [{"seed": 1, "config": plain}])], [new_default])
+    assert "the baseline left layer_options to the default and predates" in continual.compare_saved([new_default],
+                                                                                                   baseline)
+    explicit = saved("z", {"rank": 16, "layer_options": None}, [{"seed": 1}])
+    assert "warning" not in continual.compare_saved([new_default], [explicit]), "its options name its recipe"
+    with pytest.raises(SystemExit, match="stream 2 ran another learner config"):
+        continual.compare_saved([new_default, saved("m", {"rank": 16}, [{"seed": 2, "config": plain}])], baseline)
+
 
 def test_continual_compare_pairs_one_stream_under_several_learner_seeds(tmp_path):
     """Runs of one stream under other draws of the learner (--ablation seed=N) pair with the
