@@ -173,6 +173,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "probability_after": after["mc_probability"],
         "exact_before": before.get("exact"),
         "exact_after": after.get("exact"),
+        "exact_answers_after": after.get("exact_answers"),  # the greedy answers, E.fact_items' order
         "general_before": before["general"],
         "general_after": after["general"],
         "general_framed_before": before["general_framed"],
@@ -220,6 +221,8 @@ def by_attribute(facts, before: dict, in_context: dict, after: dict) -> dict:
                 f"after[{attribute}]": learned[attribute],
                 f"recovered[{attribute}]": B.gap_recovered(learned[attribute], floor[attribute], ceiling[attribute]),
                 f"pull_only[{attribute}]": pull[attribute]}
+    if "exact_hits" in after:  # exact match too: which kinds of value the greedy answers name
+        out |= {f"exact_after[{a}]": v for a, v in B.accuracy_by_attribute(facts, after["exact_hits"]).items()}
     return out
 
 
@@ -313,8 +316,9 @@ def table(summary: dict) -> str:
                                      for part in ("floor", "ceiling", "after", "pull_only"))
                           + f", {cell(f'recovered[{a}]')}") for a in attributes]
     if "exact_before" in summary:
-        rows.insert(1 + rows.index(next(r for r in rows if r[0].startswith("the answer's probability"))),
-                    ("closed-book exact match, before -> after", change("exact_before", "exact_after")))
+        at = 1 + rows.index(next(r for r in rows if r[0].startswith("the answer's probability")))
+        rows[at:at] = [("closed-book exact match, before -> after", change("exact_before", "exact_after"))] + [
+            (f"  {a}: exact match after", cell(f"exact_after[{a}]")) for a in attributes if f"exact_after[{a}]" in summary]
     if "rehearsed_after" in summary:
         rows += [
             ("after rehearse() (one idle pass over the replay buffer): closed-book MC", cell("rehearsed_after")),
@@ -442,7 +446,8 @@ def compare_saved(ours_paths: list[str], baseline_paths: list[str]) -> str:
                          f"baseline {describe_pairs(sorted(theirs))})")
     probes = E.load_probes()
     mine, base = ([with_probe_moves(runs[pair], probes) for pair in pairs] for runs in (ours, theirs))
-    attributes = [(f"recovered[{k[len('recovered['):-1]}]", "{:+.1f}", 100) for k in mine[0] if k.startswith("recovered[")]
+    attributes = [(k, "{:+.1f}", 100) for k in mine[0] if k.startswith("recovered[")] + [
+        (k, "{:+.3f}", 1) for k in mine[0] if k.startswith("exact_after[")]
     lines = [f"ours {without_draw(our_header['options'])} minus baseline {without_draw(their_header['options'])}, "
              f"{our_header['domain']}, {describe_pairs(pairs)}",
              "", "| measure | ours: mean (per pair) | baseline: mean (per pair) | difference: mean ± SE (per pair) |",

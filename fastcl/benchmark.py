@@ -127,8 +127,8 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     probes also scored inside an answer frame ("mc_framed", "general_framed"; E.ANSWER_FRAME).
     Per item as well: "mc_hits" (E.fact_items' order), the option each probe picked
     ("general_picks", "general_framed_picks") and every option's score ("general_scores",
-    "general_framed_scores": mean log-probability per token), so a change can be traced to what
-    moved and rescored another way."""
+    "general_framed_scores": mean log-probability per token) and each greedy answer with its hit
+    ("exact_answers", "exact_hits"), so a change can be traced to what moved and rescored another way."""
     items = E.fact_items(facts, in_context)
     scores = E.multiple_choice_scores(model, tokenizer, items)
     results = {"mc": E.accuracy_of_scores(scores, items), "mc_probability": E.mean_answer_probability(scores, items),
@@ -136,7 +136,10 @@ def measure(model, tokenizer, facts: Sequence[Fact], *, in_context: bool = False
     if framed:
         results["mc_framed"] = E.multiple_choice_accuracy(model, tokenizer, items, frame=E.ANSWER_FRAME)
     if exact and not in_context:
-        results["exact"] = E.exact_match(model, tokenizer, facts)
+        answered = E.exact_match_answers(model, tokenizer, facts)
+        results["exact_hits"] = [hit for hit, _ in answered]
+        results["exact_answers"] = [answer for _, answer in answered]
+        results["exact"] = sum(results["exact_hits"]) / max(len(answered), 1)
     if general:
         probes = probes or E.load_probes()
         frames = {"general": "", "general_framed": E.ANSWER_FRAME} if framed else {"general": ""}

@@ -221,11 +221,18 @@ def greedy_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_t
             for row in greedy_continuations(model, prompts, max_new_tokens, tokenizer.pad_token_id, batch)]
 
 
-def exact_match(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> float:
-    """Closed-book greedy answers to the held-out phrasings that contain the true value."""
+def exact_match_answers(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> list[tuple[bool, str]]:
+    """Per held-out phrasing (fact_items' order): the closed-book greedy answer, and whether it
+    contains the true value."""
     asked = [(f, q) for f in facts for q in f.eval_questions]
     answers = greedy_answers(model, tokenizer, [chat_ids(tokenizer, q) for _, q in asked], max_new_tokens)
-    return sum(f.value.lower() in a.lower() for (f, _), a in zip(asked, answers)) / max(len(asked), 1)
+    return [(f.value.lower() in a.lower(), a) for (f, _), a in zip(asked, answers)]
+
+
+def exact_match(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> float:
+    """The share of closed-book greedy answers to the held-out phrasings that contain the true value."""
+    hits = [hit for hit, _ in exact_match_answers(model, tokenizer, facts, max_new_tokens)]
+    return sum(hits) / max(len(hits), 1)
 
 
 def load_probes(name: str = "general_probes.jsonl") -> list[tuple[str, tuple[str, ...], int]]:

@@ -476,3 +476,26 @@ def test_eval_batching_finds_the_batched_measures_equal_to_one_at_a_time(monkeyp
     assert len(rows) == 6  # the header and five measures
     assert all("| 0 picks differ" in row for row in rows[1:5])
     assert rows[5].endswith("| 0 answers differ |") and "| 3 |" in rows[5]
+
+
+def test_continual_splits_exact_match_by_attribute_and_prints_it():
+    """exact_after[attribute]: the greedy answers' hits grouped like the MC items, so a fall in
+    exact match can be traced to the kind of value (e.g. years) that carries it."""
+    from fastcl.facts import fact_stream
+
+    continual = load_bench("continual")
+    facts = fact_stream(2, seed=3)
+    hits = [f.attribute == "year" for f in facts for _ in f.eval_questions]  # only the years named
+    mc = {"mc_hits": [False] * len(hits)}
+    split = continual.by_attribute(facts, mc, mc, {**mc, "exact_hits": hits})
+    assert split["exact_after[year]"] == 1.0 and split["exact_after[city]"] == 0.0
+    assert "exact_after[city]" not in continual.by_attribute(facts, mc, mc, mc), "not measured: left out"
+
+    class Summary(dict):  # every other measure at 0.5
+        def __missing__(self, key):
+            return (0.5, 0.0)
+
+    summary = Summary(continual.summarize([{**split, "exact_before": 0.0, "exact_after": 0.25}]))
+    lines = continual.table(summary).splitlines()
+    exact_row = next(i for i, line in enumerate(lines) if "exact match, before -> after" in line)
+    assert "year: exact match after" in " ".join(lines[exact_row + 1: exact_row + 5])
