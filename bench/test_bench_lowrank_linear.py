@@ -30,6 +30,7 @@ EPYC core). Rounds adapt to each case's cost (about 0.4 s of timing per case). R
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from functools import lru_cache
@@ -65,11 +66,8 @@ def skip_reason(provider: str, d_in: int, d_out: int, r: int, M: int) -> str | N
             return f"{provider} needs a CUDA device: no GPU here (TRITON_INTERPRET is for correctness, not speed)"
         if not ok:
             return f"{provider} unavailable: {why}"
-    if provider == "peft":
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            return "peft is not installed (pip install -e '.[test]')"
+    if provider == "peft" and importlib.util.find_spec("peft") is None:
+        return "peft is not installed (pip install -e '.[test]')"
     if not CUDA and not FULL_GRID and (d_in, d_out) in LLAMA3_8B and M >= CPU_LARGE_M:
         if (d_in, d_out) not in CPU_LARGE_SHAPES or r != CPU_LARGE_RANK:
             return (f"Llama-3-8B at M={M} on a CPU: 4-60 GFLOP a call; the CPU run keeps r={CPU_LARGE_RANK} on "
