@@ -499,3 +499,26 @@ def test_continual_splits_exact_match_by_attribute_and_prints_it():
     lines = continual.table(summary).splitlines()
     exact_row = next(i for i, line in enumerate(lines) if "exact match, before -> after" in line)
     assert "year: exact match after" in " ".join(lines[exact_row + 1: exact_row + 5])
+
+
+def test_exact_answers_lists_the_questions_two_runs_answered_differently(tmp_path):
+    from fastcl.facts import fact_stream
+
+    exact_answers = load_bench("exact_answers")
+    asked = [(f, q) for f in fact_stream(2, seed=5) for q in f.eval_questions]
+
+    def saved(name, named):  # the true value in the answers at `named`, something else elsewhere
+        answers = [f"It is {f.value}." if i in named else "I do not know." for i, (f, _) in enumerate(asked)]
+        path = tmp_path / name
+        path.write_text(json.dumps({"domain": "companies", "runs": [
+            {"seed": 5, "exact_after": len(named) / len(asked), "exact_after[city]": 0.5, "exact_answers_after": answers}]}))
+        return str(path)
+
+    report = exact_answers.report(saved("a", {0, 1}), saved("b", {1, 2}))
+    assert "city: 0.500 vs 0.500" in report
+    named = [line for line in report.splitlines() if line.startswith("  + ")]
+    assert len(named) == 2, report  # questions 0 and 2, by one run each; question 1 is named by both
+    assert asked[0][1] in report and asked[2][1] in report and asked[1][1] not in report
+    with pytest.raises(SystemExit, match="no greedy answers saved"):
+        (tmp_path / "old").write_text(json.dumps({"runs": [{"seed": 5, "exact_after": 0.1}]}))
+        exact_answers.report(str(tmp_path / "old"), saved("b", {1}))
