@@ -104,6 +104,11 @@ class LearnerConfig:
     # removed context), so the update is keyed to what the question is about rather than to the
     # answer's position; "entity_last", its last token. A request with no entity learns at all.
     learn_at: str = "all"
+    # learn_at="entity"/"entity_last": the positions that predict the response also learn, at this
+    # weight against the entity's 1 (their rows of the sketch scaled by it), so the tokens that spell
+    # a value out are learned beside the entity's key. 0: the entity alone. A fitted A still fits
+    # the entity's rows only.
+    entity_answer_weight: float = 0.0
     # Per-layer learn_at, projection and lr: {pattern: {option: value}}, patterns as in targets
     # (the first that matches a layer wins; patch() refuses one that matches no patched layer).
     # E.g. {"gate_proj|up_proj|down_proj": {"learn_at": "entity", "projection": "whitened"}}: the
@@ -220,6 +225,9 @@ class LearnerConfig:
             raise ValueError(f"swap_negatives applies to objective='context_gain', got {self.objective!r}")
         if self.learn_at not in LEARN_AT:
             raise ValueError(f"learn_at must be one of {LEARN_AT}, got {self.learn_at!r}")
+        if not 0.0 <= self.entity_answer_weight < 1.0:
+            raise ValueError(f"entity_answer_weight weighs the answer's positions against the entity's 1: it must "
+                             f"be in [0, 1), got {self.entity_answer_weight!r}")
         if self.learn_at_values != {"all"} and self.objective != "context_gain":
             raise ValueError(f"learn_at={sorted(self.learn_at_values - {'all'})[0]!r} applies to "
                              f"objective='context_gain', got {self.objective!r}")

@@ -264,16 +264,25 @@ class Recipe:
 
     def _sketch_mask(self, items: list[Interaction], batch, learn_at: str) -> Optional[torch.Tensor]:
         """learn_at: the positions of `batch` a layer's dB learns from, each row's entity (all of
-        the row's tokens where entity_span finds none); None for learn_at="all"."""
+        the row's tokens where entity_span finds none), and at entity_answer_weight the positions
+        that predict its response; None for learn_at="all"."""
         if learn_at == "all":
             return None
         mask = batch.attention_mask.to("cpu", torch.float32)  # never padding: the whitened fit reads these rows
+        keyed = torch.zeros(mask.shape[0], dtype=torch.bool)
         for row, item in enumerate(items):
             span = entity_span(item)
             if span is not None:
                 first, end = span
                 mask[row] = 0.0
                 mask[row, end - 1 if learn_at == "entity_last" else first:end] = 1.0
+                keyed[row] = True
+        weight = self.learner.config.entity_answer_weight
+        if weight:
+            rows, cols = batch.rows.cpu(), batch.cols.cpu()
+            answering = keyed[rows]
+            rows, cols = rows[answering], cols[answering]
+            mask[rows, cols] = torch.clamp(mask[rows, cols], min=weight)
         return mask.to(self.learner.device)
 
     def _push_down_swapped(self, items: list[Interaction], learned: torch.Tensor) -> None:
@@ -343,7 +352,7 @@ class Recipe:
             raise FastclError("projection='whitened' fits A to each replica's own requests, so replicas would not "
                               "share A; learn with projection='random' across replicas")
         answering = batch.rows * batch.input_ids.shape[1] + batch.cols
-        positions = {learn_at: answering if mask is None else mask.flatten().nonzero().squeeze(-1)
+        positions = {learn_at: answering if mask is None else (mask.flatten() == 1).nonzero().squeeze(-1)
                      for learn_at, mask in sketch_masks.items()}
         fitting = []
         for name, module in learner.modules.items():

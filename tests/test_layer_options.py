@@ -202,3 +202,20 @@ def test_the_default_preset_learns_the_same_under_torch_compile():
     assert sum(float(g.norm()) for g in eager.values()) > 0
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_entity_answer_weight_learns_the_answer_too_but_fits_A_to_the_entity(monkeypatch):
+    fits = []
+    fit = FastLinear.fit_projection
+
+    def recording(self, x, positions):
+        fits.append(positions.tolist())
+        return fit(self, x, positions)
+
+    monkeypatch.setattr(FastLinear, "fit_projection", recording)
+    keyed = {MLP: {"learn_at": "entity", "projection": "whitened"}}
+    _, alone = accumulated(layer_options=keyed)
+    _, weighted = accumulated(layer_options=keyed, entity_answer_weight=0.5)
+    assert fits and all(p == [3, 4] for p in fits)  # the entity's rows, with or without the answer's
+    changed = [n for n in alone if not torch.allclose(alone[n], weighted[n])]
+    assert changed and all(is_mlp(n) for n in changed)  # only the entity-keyed layers learn more rows

@@ -984,3 +984,21 @@ def test_learn_at_mask_of_a_padded_batch_never_selects_padding():
     mask = learner.recipe._sketch_mask([named, lone], batch, "entity")
     assert mask[0].nonzero().flatten().tolist() == [3, 4]
     assert mask[1].nonzero().flatten().tolist() == list(range(len(lone.student) + 1))
+
+
+def test_entity_answer_weight_adds_the_answering_positions_below_the_entity():
+    """The rows that predict the response learn at the weight, the entity's at 1, and a row with
+    no entity still learns everywhere at 1; a fitted A reads only the rows at 1."""
+    from fastcl.batching import prompt_response_batch
+    from fastcl.recipe import Interaction
+    head, tail = [1, 2], [5]
+    named = Interaction(head + [10, 40, 41, 11] + [3, 40, 41, 4] + tail, head + [3, 40, 41, 4] + tail, [11, 12], 1.0)
+    lone = Interaction(head + [10, 11] + [3, 4] + tail, head + [3, 4] + tail, [11, 12], 1.0)
+    batch = prompt_response_batch([named.student, lone.student], [[11, 12], [11, 12]], 0)
+    _, learner = patched(learn_at="entity", entity_answer_weight=0.25)
+    mask = learner.recipe._sketch_mask([named, lone], batch, "entity")
+    end = len(named.student)  # the student prompt's last token predicts the response's first
+    assert {i: float(v) for i, v in enumerate(mask[0]) if v} == {3: 1.0, 4: 1.0, end - 1: 0.25, end: 0.25}
+    assert mask[1].nonzero().flatten().tolist() == list(range(len(lone.student) + 2)) and mask[1].max() == 1.0
+    with pytest.raises(ValueError, match="entity_answer_weight"):
+        patched(learn_at="entity", entity_answer_weight=1.0)
