@@ -135,3 +135,17 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def record_fits(monkeypatch) -> list:
+    """Every fitted projection from here on, as (layer index, the flat row positions A was fitted to)."""
+    from fastcl.layers import FastLinear
+
+    fits, fit = [], FastLinear.fit_projection
+
+    def recording(self, x, positions):
+        fits.append((self.layer_index, positions.tolist()))
+        return fit(self, x, positions)
+
+    monkeypatch.setattr(FastLinear, "fit_projection", recording)
+    return fits

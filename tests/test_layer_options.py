@@ -8,7 +8,7 @@ import torch
 import fastcl
 from fastcl.errors import PatchError
 from fastcl.layers import FastLinear
-from helpers import ARCHITECTURES, assert_weights_unchanged, tiny_model, weights_copy
+from helpers import ARCHITECTURES, assert_weights_unchanged, record_fits, tiny_model, weights_copy
 from test_protection import CharTokenizer
 
 MLP = "gate_proj|up_proj|down_proj"
@@ -38,15 +38,9 @@ def accumulated(**kw):
 
 
 def test_each_layer_fits_and_learns_as_its_own_options_would_everywhere(monkeypatch):
-    fits = {}
-    fit = FastLinear.fit_projection
-
-    def recording(self, x, positions):
-        fits[self.layer_index] = positions.tolist()
-        return fit(self, x, positions)
-
-    monkeypatch.setattr(FastLinear, "fit_projection", recording)
+    recorded = record_fits(monkeypatch)
     mixed, grads = accumulated(layer_options={MLP: {"learn_at": "entity", "projection": "whitened"}})
+    fits = dict(recorded)
     names = list(mixed.modules)
     assert {names[i] for i in fits} == {n for n in names if is_mlp(n)}
     assert all(p == [3, 4] for p in fits.values())  # the entity's rows, not the answering ones
@@ -205,17 +199,10 @@ def test_the_default_preset_learns_the_same_under_torch_compile():
 
 
 def test_entity_answer_weight_learns_the_answer_too_but_fits_A_to_the_entity(monkeypatch):
-    fits = []
-    fit = FastLinear.fit_projection
-
-    def recording(self, x, positions):
-        fits.append(positions.tolist())
-        return fit(self, x, positions)
-
-    monkeypatch.setattr(FastLinear, "fit_projection", recording)
+    fits = record_fits(monkeypatch)
     keyed = {MLP: {"learn_at": "entity", "projection": "whitened"}}
     _, alone = accumulated(layer_options=keyed)
     _, weighted = accumulated(layer_options=keyed, entity_answer_weight=0.5)
-    assert fits and all(p == [3, 4] for p in fits)  # the entity's rows, with or without the answer's
+    assert fits and all(p == [3, 4] for _, p in fits)  # the entity's rows, with or without the answer's
     changed = [n for n in alone if not torch.allclose(alone[n], weighted[n])]
     assert changed and all(is_mlp(n) for n in changed)  # only the entity-keyed layers learn more rows

@@ -7,7 +7,7 @@ import torch
 import fastcl
 from fastcl.projection import fit_to_inputs, make_projection
 from fastcl.protection import Whitener
-from helpers import random_ids, tiny_model
+from helpers import random_ids, record_fits, tiny_model
 from test_protection import CharTokenizer
 
 
@@ -183,19 +183,11 @@ def test_projection_served_needs_the_whitened_projection():
 def test_learn_at_the_entity_fits_a_to_the_entity_positions(monkeypatch):
     """learn_at="entity" with the whitened projection: A is fitted to the inputs dB learns from,
     the student prompt's entity, not to the positions that predict the response."""
-    from fastcl.layers import FastLinear
-    seen = []
-    fit = FastLinear.fit_projection
-
-    def recording(self, x, positions):
-        seen.append(positions.tolist())
-        return fit(self, x, positions)
-
-    monkeypatch.setattr(FastLinear, "fit_projection", recording)
+    recorded = record_fits(monkeypatch)
     head, tail = [1, 2], [5]
     teacher, student = head + [10, 40, 41, 11, 12, 13] + [3, 40, 41, 4] + tail, head + [3, 40, 41, 4] + tail
     for learn_at, expected in (("entity", [3, 4]), ("entity_last", [4]), ("all", [6, 7, 8])):
-        seen.clear()
+        recorded.clear()
         _, learner = whitened(learn_at=learn_at, gain_threshold=-float("inf"))
         learner.learn(teacher, [11, 12, 13], student)
-        assert len(seen) == len(learner.modules) and all(p == expected for p in seen), learn_at
+        assert len(recorded) == len(learner.modules) and all(p == expected for _, p in recorded), learn_at
