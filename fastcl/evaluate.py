@@ -229,12 +229,6 @@ def exact_match_answers(model, tokenizer, facts: Sequence[Fact], max_new_tokens:
     return [(f.value.lower() in a.lower(), a) for (f, _), a in zip(asked, answers)]
 
 
-def exact_match(model, tokenizer, facts: Sequence[Fact], max_new_tokens: int = 24) -> float:
-    """The share of closed-book greedy answers to the held-out phrasings that contain the true value."""
-    hits = [hit for hit, _ in exact_match_answers(model, tokenizer, facts, max_new_tokens)]
-    return sum(hits) / max(len(hits), 1)
-
-
 def load_probes(name: str = "general_probes.jsonl") -> list[tuple[str, tuple[str, ...], int]]:
     """General-knowledge MC probes shipped in fastcl/data (evaluation only)."""
     text = resources.files("fastcl.data").joinpath(name).read_text()
