@@ -115,8 +115,9 @@ class LearnerConfig:
     # MLP learns keyed to the entity in a fitted A while attention learns at every position.
     # "auto" (the default): MLP_ENTITY_KEYED where it applies, None elsewhere: with another
     # objective or a learner-wide learn_at/projection, and (patch() says why) without a tokenizer
-    # (the fit reads general text), with replicas (each would fit its own A), or where no patched
-    # layer is under an `mlp` module.
+    # (the fit reads general text), with asynchronous replicas (each would fit its own A between
+    # averages), or where no patched layer is under an `mlp` module. Synchronous replicas keep it:
+    # a fitted A then holds one block of rank rows a replica (fastcl.distributed).
     # None: every layer at the learner-wide options.
     layer_options: Union[None, str, dict] = "auto"
     # Self-generated data: after each request with a student prompt, the model (document in

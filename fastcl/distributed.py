@@ -28,6 +28,15 @@ N=1 this equals synchronous mode; otherwise it trades an error (measured by
 bench/bench_distributed.py) for N times fewer, 3 times larger (B and the two Adam moments)
 messages.
 
+A fitted to requests (projection="whitened", the default recipe's MLP layers) cannot be
+regenerated, and each replica sees its own requests. In synchronous mode such a layer's A holds
+rank x world rows, one block of `rank` rows a replica (FastLinear.fit_block): each replica fits
+its own block to its request and learns in it alone (the other rows are zero in its forwards),
+and the epoch's first applied step gathers every replica's block (one all_gather of rank x d_in
+per such layer), so all hold the same A before B turns live. A round of requests is then learned
+as each replica's learner would learn its own, in its own block, and every replica merges all
+of them. Asynchronous mode refuses a fitted A.
+
 step(), consolidate(), verify() and, in a group, load() are collectives: every replica must
 call them in the same order, also a replica that saw no traffic.
 """
@@ -141,7 +150,58 @@ class Replicas:
         self.stats.syncs += 1
         # A sum of finite values can still overflow; every replica holds the same reduced bits,
         # so this check decides the same way everywhere.
-        return total, _all_finite(grads)
+        finite = _all_finite(grads)
+        if finite:
+            self._gather_fitted_blocks(group)
+        return total, finite
+
+    def _gather_fitted_blocks(self, group) -> None:
+        """At the epoch's first applied step (B still zero, the same on every replica): every
+        replica's block of each fitted A (fit_block), gathered in one all_gather, so all hold the
+        same A before the step makes B live. A replica that did not learn this epoch sends its
+        block of the seed's draw."""
+        blocks = [m for m in self.learner.modules.values() if m.fit_block is not None and m.b_is_zero]
+        if not blocks:
+            return
+        dist = _dist()
+        mine = torch.cat([m.A[m.fit_block[0]:m.fit_block[0] + m.fit_block[1]].reshape(-1).float() for m in blocks])
+        mine = mine.to(self._device(group))
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        self.stats.collectives += 1
+        self.stats.bytes_sent += mine.numel() * mine.element_size()
+        with torch.no_grad():
+            for rank, flat in enumerate(gathered):
+                offset = 0
+                for m in blocks:
+                    rows = m.fit_block[1]
+                    size = rows * m.in_features
+                    m.A[rank * rows:(rank + 1) * rows].copy_(flat[offset:offset + size].view(rows, m.in_features))
+                    offset += size
+        for m in blocks:
+            m.own_block_only = False
+            m.fitted = True  # not the seed's draw: saved with the state
+
+    def check_fit_blocks(self, modules) -> None:
+        """Before a fit (projection="whitened") in a group: each fitted layer must hold one block of
+        A's rows a replica, laid out for this group at patch() (fastcl.patcher.replica_blocks)."""
+        group = self.group
+        if group is None:
+            if any(m.fit_block is not None for m in modules):
+                raise FastclError("this learner was patched in a group of replicas and now learns alone; its fitted "
+                                  "A holds a block per replica: patch the model again to learn alone")
+            return
+        if self.asynchronous:
+            raise FastclError("projection='whitened' with asynchronous replicas (sync_every): each replica would fit "
+                              "its own A between averages; learn synchronously or with projection='random'")
+        rank, world = self.rank, self.world_size
+        wrong = [m for m in modules
+                 if m.fit_block is None or m.fit_block != (rank * m.fit_block[1], m.fit_block[1])
+                 or m.rank != world * m.fit_block[1]]
+        if wrong:
+            raise FastclError(f"the fitted A of {len(wrong)} layers is not laid out for this group of {world} "
+                              f"replicas (rank {rank}): patch() after torch.distributed is initialised, in the group "
+                              "that learns")
 
     def after_step(self) -> None:
         """Called at the end of every step(), applied or not: the asynchronous schedule."""
@@ -258,7 +318,10 @@ class Replicas:
         state = self.learner.optimizer.state.get(module.B, {})
         optim = [[key, weight_checksum(value) if isinstance(value, torch.Tensor) and value.dim()
                   else None if value is None else float(value)] for key, value in sorted(state.items())]
-        return [weight_checksum(module.weight), weight_checksum(module.B), weight_checksum(module.A), _digest(optim)]
+        # A fitted block by block differs between replicas until the epoch's first applied step
+        # gathers the blocks (B is zero until then): not compared in that window.
+        projection = 0 if module.fit_block is not None and module.b_is_zero else weight_checksum(module.A)
+        return [weight_checksum(module.weight), weight_checksum(module.B), projection, _digest(optim)]
 
     def _refuse_if_off_group(self) -> None:
         if self.refusal is not None:
@@ -319,6 +382,16 @@ def learning_group(process_group):
     return group if dist.get_world_size(group) > 1 else None
 
 
+def group_layout(process_group) -> Optional[tuple[int, int]]:
+    """(this process's rank, world size) in the group a learner patched with `process_group`
+    learns with, or None when it learns alone."""
+    group = learning_group(process_group)
+    if group is None:
+        return None
+    dist = _dist()
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -360,8 +433,11 @@ def bytes_per_step(learner: "Learner", world_size: int = 2) -> dict:
     full = sum(m.in_features * m.out_features for m in modules) * 4
     meta = 2 * 8  # token count and NaN/inf flag, int64
     moments = len(_MOMENTS[learner.config.optimizer])
+    # this replica's block of each fitted A, at each epoch's first applied step (all_gather)
+    blocks = sum(m.fit_block[1] * m.in_features for m in modules if m.fit_block is not None) * 4
     return {
         "layers": len(modules),
+        "fitted_blocks": blocks,
         "fastcl_sync": accumulators + meta,
         "full_gradient": full,
         "ratio": (accumulators + meta) / full,

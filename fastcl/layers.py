@@ -70,6 +70,12 @@ class FastLinear(nn.Module):
         self.whitener = whitener.to(device) if whitener is not None else None
         self.fit_positions: Optional[torch.Tensor] = None
         self.fitted = False
+        # Replicas (fastcl.distributed): (first row, rows) of A that this replica fits; A then
+        # holds rank x world rows, one block a replica, and the rows outside this replica's block
+        # stay zero in its learning forwards (own_block_only) until the group's first applied step
+        # of the epoch gathers every replica's block. None: the whole A is this learner's.
+        self.fit_block: Optional[tuple[int, int]] = None
+        self.own_block_only = False
         # learn_at: set by the learner around a learning forward; the rows of x that dB learns from.
         self.sketch_mask: Optional[torch.Tensor] = None
         # projection_served: the mean whitened input moment of the requests fitted so far (fp64,
@@ -92,6 +98,18 @@ class FastLinear(nn.Module):
     def resample(self, epoch: int) -> None:
         self.A.copy_(self._projection(epoch, self.A.device))
         self.fitted = False
+        self.own_block_only = False
+
+    @torch.compiler.disable  # A changed in place, between two graphs
+    def keep_own_block(self) -> None:
+        """Zero A outside this replica's block (fit_block), while B is zero: the gradient this
+        replica accumulates then lands in its own block's columns of B only."""
+        if not self.b_is_zero:
+            raise RuntimeError("keep_own_block() needs B = 0: A would change under live fast weights")
+        first, rows = self.fit_block
+        self.A[:first].zero_()
+        self.A[first + rows:].zero_()
+        self.own_block_only = True
 
     @torch.compiler.disable  # under torch.compile: eager code between two graphs (an SVD, and A changed in place)
     def fit_projection(self, x: torch.Tensor, positions: torch.Tensor) -> None:
@@ -100,7 +118,13 @@ class FastLinear(nn.Module):
         if not self.b_is_zero:
             raise RuntimeError("fit_projection() needs B = 0: A would change under live fast weights")
         X = x.detach().reshape(-1, self.in_features)[positions]
-        self.A.copy_(fit_to_inputs(self.A, X, self.whitener, self.protected, self._served_metric()))
+        if self.fit_block is None:
+            self.A.copy_(fit_to_inputs(self.A, X, self.whitener, self.protected, self._served_metric()))
+        else:
+            first, rows = self.fit_block
+            block = self.A[first:first + rows]
+            block.copy_(fit_to_inputs(block, X, self.whitener, self.protected, self._served_metric()))
+            self.keep_own_block()
         self.fitted = True
         if self.served_weight:
             self._count_served(X)
@@ -137,6 +161,8 @@ class FastLinear(nn.Module):
         if self.fit_positions is not None:
             positions, self.fit_positions = self.fit_positions, None
             self.fit_projection(x, positions)
+        elif self.fit_block is not None and self.b_is_zero and not self.own_block_only:
+            self.keep_own_block()  # a learning forward that does not fit (observe()): still its block only
         return lowrank_linear(x, self.weight_matrix(), self.bias, self.A, self.B, self.grad_B, self.scale, self.backend,
                               self.dx_dtype, self.sketch_mask)
 
@@ -191,4 +217,5 @@ class FastLinear(nn.Module):
         return (
             f"{kind}(in={self.in_features}, out={self.out_features}, bias={self.bias is not None}), "
             f"rank={self.rank}, scale={self.scale:g}, backend={self.backend}"
+            + ("" if self.fit_block is None else f", fits rows {self.fit_block[0]}+{self.fit_block[1]} of A")
         )

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from . import precision, recompute
 from .config import LearnerConfig, name_matches
-from .distributed import check_process_group, learning_group
+from .distributed import check_process_group, group_layout
 from .errors import PatchError
 from .layers import LINEAR_TYPES, FastLinear, linear_shape
 from .protection import input_moments, leading_directions, whiteners
@@ -162,14 +162,23 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
             "are off (pass tokenizer= to patch() to turn them on)")
 
 
-def _without_replicas(config: LearnerConfig, process_group) -> Optional[str]:
-    """A fitted A is each replica's own: the default preset is off for learners in a group (an
-    explicit one is refused at the first learn())."""
-    if not config.auto_layer_options or learning_group(process_group) is None:
-        return None
-    config.drop_auto_layer_options()
-    return ("replicas: the default layer_options (the MLP keyed to the entity in an A fitted to each request) are "
-            "off, since each replica would fit its own A; every layer learns at every position in a random A")
+def _replica_blocks(config: LearnerConfig, process_group) -> tuple[Optional[str], Optional[tuple[int, int]]]:
+    """(a note, (rank, world)) for a learner in a group. Synchronous replicas split a fitted A
+    into one block a replica (fastcl.distributed); asynchronous ones would each fit their own A
+    between averages, so the default preset is off there and an explicit fitted A refused."""
+    layout = group_layout(process_group)
+    if layout is None:
+        return None, None
+    if config.sync_every is None:
+        return None, layout
+    if config.drop_auto_layer_options():
+        return ("asynchronous replicas (sync_every): the default layer_options (the MLP keyed to the entity in an A "
+                "fitted to each request) are off, since each replica would fit its own A between averages; every "
+                "layer learns at every position in a random A"), None
+    if config.whitens:
+        raise PatchError("projection='whitened' with asynchronous replicas (sync_every): each replica would fit its "
+                         "own A between averages; learn synchronously (sync_every=None) or with projection='random'")
+    return None, None
 
 
 def _general_text_geometry(model: nn.Module, base_modules: dict, config: LearnerConfig, tokenizer):
@@ -227,7 +236,9 @@ def patch(
     process_group = check_process_group(options.pop("process_group", None))
     tokenizer = options.pop("tokenizer", None)
     config = LearnerConfig(rank=rank, targets=targets, backend=backend, seed=seed, lr=lr, **options)
-    notes = [_without_tokenizer(config, tokenizer, options), _without_replicas(config, process_group)]
+    without_tokenizer = _without_tokenizer(config, tokenizer, options)
+    replica_note, replica = _replica_blocks(config, process_group)
+    notes = [without_tokenizer, replica_note]
     _refuse_if_wrapped(model)
     report = plan(model, config)
     report.notes += [note for note in notes if note]
@@ -239,12 +250,21 @@ def patch(
         backends.resolve(backend, device)  # fail now, before anything changes
     _check_texts(config)
     protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
-    fast = {
-        name: FastLinear(base, layer_index=i, rank=config.rank, scale=config.scale, seed=config.seed, backend=backend,
-                         protected=protected.get(name), whitener=whitening.get(name),
-                         backward_dtype=config.backward_dtype, served_weight=config.projection_served)
-        for i, (name, base) in enumerate(base_modules.items())
-    }
+    fast = {}
+    for i, (name, base) in enumerate(base_modules.items()):
+        # In a synchronous group a fitted A holds one block of `rank` rows a replica (fastcl.distributed).
+        blocks = replica is not None and config.layer(name)["projection"] == "whitened"
+        fast[name] = FastLinear(base, layer_index=i, rank=config.rank * (replica[1] if blocks else 1),
+                                scale=config.scale, seed=config.seed, backend=backend, protected=protected.get(name),
+                                whitener=whitening.get(name), backward_dtype=config.backward_dtype,
+                                served_weight=config.projection_served)
+        if blocks:
+            fast[name].fit_block = (replica[0] * config.rank, config.rank)
+    blocked = sum(m.fit_block is not None for m in fast.values())
+    if blocked:
+        report.notes.append(f"replicas: the fitted A of {blocked} layers holds {replica[1]} blocks of {config.rank} "
+                            f"rows, one a replica; this one (rank {replica[0]}) fits rows "
+                            f"{replica[0] * config.rank}-{(replica[0] + 1) * config.rank - 1}")
     # Everything that can fail has run; from here on the model changes.
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)

@@ -104,12 +104,17 @@ def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _expect(tensors: dict, key: str, shape: tuple, path) -> torch.Tensor:
+# Why B or A can have another rank than the config's: a group's fitted A (fastcl.distributed).
+_RANK_HINT = ("; in a group of replicas a fitted A holds rank x replicas rows, so load a state into a learner "
+              "patched as its saver was: the same rank and, for a fitted A, the same number of replicas")
+
+
+def _expect(tensors: dict, key: str, shape: tuple, path, hint: str = "") -> torch.Tensor:
     if key not in tensors:
         raise StateFileError(f"{path}: missing tensor {key!r}")
     tensor = tensors[key]
     if tuple(tensor.shape) != tuple(shape):
-        raise StateFileError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+        raise StateFileError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}{hint}")
     if not torch.isfinite(tensor).all():
         raise StateFileError(f"{path}: {key} holds NaN/inf")
     return tensor
@@ -148,7 +153,7 @@ def load(learner: "Learner", path) -> None:
     for i, (name, module) in enumerate(modules):
         shape_B = (module.out_features, module.rank)
         entry = {
-            "B": _expect(tensors, f"B.{i}", shape_B, path),
+            "B": _expect(tensors, f"B.{i}", shape_B, path, _RANK_HINT),
             "grad_B": _expect(tensors, f"grad_B.{i}", shape_B, path),
             "optim": {},
         }

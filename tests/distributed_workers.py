@@ -227,4 +227,62 @@ def scenarios(rank, world_size, tmp):
         contextual.learn(teacher, response, student, teacher_logprobs=torch.full((len(response),), floor))
         result[mode] = {"steps": contextual.counters.steps, "syncs": contextual.replicas.stats.syncs,
                         "W": weights(contextual)}
+
+    result["fitted_blocks"] = fitted_blocks(rank, world_size)
     return result
+
+
+# ----------------------------------------------------------------------------- a fitted A in blocks
+def block_request(rank: int) -> tuple[list[int], list[int], list[int]]:
+    """(teacher, response, student) of rank `rank`: its own entity, context and answer."""
+    head, tail = [1, 2], [5]
+    entity, context = [40 + 3 * rank, 41 + 3 * rank], [10 + 5 * rank, 11 + 5 * rank, 12 + 5 * rank]
+    student = head + [3] + entity + [4] + tail
+    return head + context + student[len(head):], context, student
+
+
+def block_learner():
+    """The default preset (the MLP keyed to the entity in a fitted A), every response token learned."""
+    import fastcl
+    from helpers import tiny_model
+    from test_protection import CharTokenizer
+
+    return fastcl.patch(tiny_model("llama"), rank=4, tokenizer=CharTokenizer(), gate_tolerance=None,
+                        backward_dtype=None, grounded=False, gain_threshold=-float("inf"), replay=0,
+                        replay_per_step=0, step_every=0, consolidate_every=0)
+
+
+def student_losses(learner, world_size: int) -> list[float]:
+    from fastcl.batching import prompt_response_batch
+
+    losses = []
+    with torch.no_grad():
+        for r in range(world_size):
+            _, response, student = block_request(r)
+            batch = prompt_response_batch([student], [response], 0, learner.device)
+            logits = learner.model(input_ids=batch.input_ids).logits[batch.rows, batch.cols].float()
+            losses.append(float(torch.nn.functional.cross_entropy(logits, batch.targets)))
+    return losses
+
+
+def fitted_blocks(rank: int, world_size: int) -> dict:
+    """One round of the default preset in which every rank learns its own request ("all"), and
+    one per rank in which only that rank does ("alone": the others call step() with nothing)."""
+    runs = {}
+    for learning in ["all"] + list(range(world_size)):
+        learner = block_learner()
+        blocks = {name: m.fit_block for name, m in learner.modules.items() if m.fit_block is not None}
+        before = student_losses(learner, world_size)
+        if learning in ("all", rank):
+            learner.learn(*block_request(rank))
+        run = {"grad_B": {n: learner.modules[n].grad_B.clone() for n in blocks},
+               "A_local": {n: learner.modules[n].A.clone() for n in blocks}}
+        run["applied"] = learner.step()
+        run["A"] = {n: learner.modules[n].A.clone() for n in blocks}
+        run["B"] = {n: learner.modules[n].B.detach().clone() for n in blocks}
+        learner.consolidate()  # verifies the replicas: raises if they differ
+        run["W"] = weights(learner)
+        run.update(blocks=blocks, ranks={n: m.rank for n, m in learner.modules.items()},
+                   losses=(before, student_losses(learner, world_size)), notes=learner.report.notes)
+        runs[learning] = run
+    return runs

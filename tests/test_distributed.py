@@ -173,3 +173,49 @@ def test_bytes_per_step_counts_the_patched_accumulators():
     d_ins = [48] * 6 + [72]
     assert counted["fastcl_sync"] == sum(d_outs) * 4 * 4 + 16
     assert counted["full_gradient"] == sum(o * i for o, i in zip(d_outs, d_ins * 2)) * 4
+
+
+# ----------------------------------------------------------------------------- a fitted A in blocks
+def test_the_default_preset_fits_one_block_of_a_a_replica(ranks):
+    for rank, result in enumerate(ranks):
+        run = result["fitted_blocks"]["all"]
+        assert run["blocks"], "the default preset must fit the MLP layers' A in a group"
+        for name, (first, rows) in run["blocks"].items():
+            assert (first, rows, run["ranks"][name]) == (rank * 4, 4, 4 * WORLD), name
+        assert all(r == 4 for n, r in run["ranks"].items() if n not in run["blocks"])
+        assert any(f"rank {rank}" in n for n in run["notes"]), run["notes"]
+
+
+def test_each_replica_learns_in_its_own_block_as_it_would_without_the_others(ranks):
+    for rank, result in enumerate(ranks):
+        runs = result["fitted_blocks"]
+        for name, (first, rows) in runs["all"]["blocks"].items():
+            local, grad = runs["all"]["A_local"][name], runs["all"]["grad_B"][name]
+            outside = torch.ones(local.shape[0], dtype=torch.bool)
+            outside[first:first + rows] = False
+            assert not local[outside].any() and not grad[:, outside].any(), name
+            # The others' traffic changes nothing in this replica's fit or gradient.
+            assert torch.equal(local, runs[rank]["A_local"][name]), name
+            assert torch.equal(grad, runs[rank]["grad_B"][name]), name
+        assert sum(float(g.norm()) for g in runs["all"]["grad_B"].values()) > 0
+
+
+def test_the_first_applied_step_gathers_every_replicas_block(ranks):
+    names = list(ranks[0]["fitted_blocks"]["all"]["blocks"])
+    for learning in ["all"] + list(range(WORLD)):
+        runs = [r["fitted_blocks"][learning] for r in ranks]
+        assert all(run["applied"] for run in runs)
+        for key in ("A", "B", "W"):
+            assert_identical([run[key] for run in runs], f"{key} after the round where {learning} learned")
+        for name in names:
+            for rank, run in enumerate(runs):
+                rows = slice(4 * rank, 4 * rank + 4)
+                assert torch.equal(runs[0]["A"][name][rows], run["A_local"][name][rows]), (learning, name, rank)
+                if learning not in ("all", rank):  # a block nobody learned in: no gradient, no step
+                    assert not runs[0]["B"][name][:, rows].any(), (learning, name, rank)
+    # Every replica merged every replica's request: all the students' losses fell on every rank.
+    for rank, result in enumerate(ranks):
+        before, after = result["fitted_blocks"]["all"]["losses"]
+        assert all(a < b for a, b in zip(after, before)), (rank, before, after)
+        alone_before, alone_after = result["fitted_blocks"][0]["losses"]
+        assert after[1] < alone_after[1] - 1e-4  # rank 1's request is learned only when rank 1 learns

@@ -164,19 +164,36 @@ def test_the_default_preset_is_off_where_it_does_not_apply_and_the_step_follows(
     assert given.config.lr == 1e-3 and given.config.layer_options is None
 
 
-def test_the_default_preset_is_off_for_replicas_and_an_explicit_one_is_kept(monkeypatch):
+def test_replicas_keep_the_default_preset_in_blocks_and_asynchronous_ones_drop_it(monkeypatch):
     import fastcl.patcher
 
-    # A group of two, as fastcl.distributed.learning_group (Replicas' own lookup) would find it.
-    monkeypatch.setattr(fastcl.patcher, "learning_group", lambda group: None if group is False else object())
-    learner = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None)
-    assert learner.config.layer_options is None and learner.config.lr == fastcl.config.PLAIN_LR
-    assert any("replicas" in n for n in learner.report.notes), learner.report.notes
+    # Rank 1 of a group of two, as fastcl.distributed.group_layout would find it.
+    monkeypatch.setattr(fastcl.patcher, "group_layout", lambda group: None if group is False else (1, 2))
+    learner = fastcl.patch(tiny_model("llama"), rank=4, tokenizer=CharTokenizer(), gate_tolerance=None)
+    assert learner.config.layer_options is not None and learner.config.lr == fastcl.config.PRESET_LR
+    for name, m in learner.modules.items():  # the fitted MLP layers: one block of 4 rows a replica, this one's second
+        assert (m.rank, m.fit_block) == ((8, (4, 4)) if is_mlp(name) else (4, None)), name
+        assert m.scale == learner.config.scale  # a block learns at a lone learner's scale
+    assert any("rows 4-7" in n for n in learner.report.notes), learner.report.notes
+    from fastcl.distributed import bytes_per_step
+
+    assert bytes_per_step(learner)["fitted_blocks"] == sum(4 * m.in_features * 4 for n, m in learner.modules.items()
+                                                           if is_mlp(n))
+
+    asynchronous = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None, sync_every=2)
+    assert asynchronous.config.layer_options is None and asynchronous.config.lr == fastcl.config.PLAIN_LR
+    assert any("asynchronous replicas" in n for n in asynchronous.report.notes), asynchronous.report.notes
+    model = tiny_model("llama")
+    before = weights_copy(model)
+    with pytest.raises(PatchError, match="with asynchronous replicas"):
+        fastcl.patch(model, tokenizer=CharTokenizer(), gate_tolerance=None, sync_every=2,
+                     layer_options=fastcl.MLP_ENTITY_KEYED)
+    assert not hasattr(model, "fastcl")
+    assert_weights_unchanged(model, before)
+
     alone = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None, process_group=False)
     assert alone.config.layer_options is not None
-    explicit = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None,
-                            layer_options=fastcl.MLP_ENTITY_KEYED, process_group=False)
-    assert explicit.config.layer_options is not None and explicit.config.lr == fastcl.config.PRESET_LR
+    assert all(m.fit_block is None and m.rank == 16 for m in alone.modules.values())
     other = fastcl.LearnerConfig(layer_options={MLP: {"learn_at": "entity"}})  # not measured: the plain step
     assert other.lr == fastcl.config.PLAIN_LR
 
@@ -206,3 +223,18 @@ def test_entity_answer_weight_learns_the_answer_too_but_fits_A_to_the_entity(mon
     assert fits and all(p == [3, 4] for _, p in fits)  # the entity's rows, with or without the answer's
     changed = [n for n in alone if not torch.allclose(alone[n], weighted[n])]
     assert changed and all(is_mlp(n) for n in changed)  # only the entity-keyed layers learn more rows
+
+
+def test_a_state_with_a_blocks_a_replica_fitted_a_loads_only_into_the_same_layout(monkeypatch, tmp_path):
+    import fastcl.patcher
+
+    monkeypatch.setattr(fastcl.patcher, "group_layout", lambda group: None if group is False else (0, 2))
+    grouped = fastcl.patch(tiny_model("llama"), rank=4, tokenizer=CharTokenizer(), gate_tolerance=None)
+    path = tmp_path / "group.safetensors"
+    grouped.save(path)
+    model = tiny_model("llama")
+    alone = fastcl.patch(model, rank=4, tokenizer=CharTokenizer(), gate_tolerance=None, process_group=False)
+    before = {name: m.B.detach().clone() for name, m in alone.modules.items()}
+    with pytest.raises(fastcl.StateFileError, match=r"expected \(72, 4\); in a group of replicas a fitted A holds"):
+        alone.load(path)
+    assert all(torch.equal(m.B, before[name]) for name, m in alone.modules.items())

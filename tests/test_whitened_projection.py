@@ -129,10 +129,14 @@ def test_whitened_projection_is_refused_without_a_tokenizer_and_with_replicas(mo
         fastcl.patch(tiny_model("llama"), projection="whitened")
     with pytest.raises(ValueError, match="projection must be one of"):
         fastcl.patch(tiny_model("llama"), projection="fitted")
+    # Patched alone, then in a group of two: A was not split into a block a replica.
     _, learner = whitened()
-    monkeypatch.setattr(type(learner.replicas), "group", property(lambda self: object()))
+    replicas = type(learner.replicas)
+    monkeypatch.setattr(replicas, "group", property(lambda self: object()))
+    monkeypatch.setattr(replicas, "rank", property(lambda self: 0))
+    monkeypatch.setattr(replicas, "world_size", property(lambda self: 2))
     teacher, response, student = request(2)
-    with pytest.raises(fastcl.FastclError, match="replicas would not share A"):
+    with pytest.raises(fastcl.FastclError, match="not laid out for this group of 2 replicas"):
         learner.learn(teacher, response, student)
     assert not any(m.fitted for m in learner.modules.values())
 
