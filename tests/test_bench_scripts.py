@@ -522,3 +522,22 @@ def test_exact_answers_lists_the_questions_two_runs_answered_differently(tmp_pat
     with pytest.raises(SystemExit, match="no greedy answers saved"):
         (tmp_path / "old").write_text(json.dumps({"runs": [{"seed": 5, "exact_after": 0.1}]}))
         exact_answers.report(str(tmp_path / "old"), saved("b", {1}))
+
+
+def test_replicas_stream_refuses_a_split_the_rounds_cannot_keep_and_prints_the_baseline_beside(tmp_path):
+    replicas_stream = load_bench("replicas_stream")
+    for argv in (["--replicas", "1"], ["--replicas", "3", "--companies", "20"]):  # 80 facts over 3
+        with pytest.raises(SystemExit):
+            replicas_stream.main(argv)
+    saved = tmp_path / "one.json"
+    saved.write_text(json.dumps({"runs": [{"seed": 7}]}))
+    with pytest.raises(SystemExit):  # the baseline holds no run of the stream
+        replicas_stream.main(["--seed", "41", "--baseline", str(saved)])
+    run = {"seed": 41, "domain": "companies", "replicas": 2, "recovered": 0.4, "after": 0.5,
+           "binding_recovered": 0.3, "exact_after": 0.25, "general_after": 0.46, "perplexity_after": 15.5,
+           "gate_refusals": 0, "floor": 0.25, "ceiling": 0.875, "general_before": 0.452,
+           "perplexity_before": 15.34, "requests_per_replica": 40, "serving_seconds": 300.0}
+    lines = replicas_stream.table(run, {**run, "recovered": 0.398, "exact_after": None}).splitlines()
+    assert "| recovered (the issue's score) | 40.0% | 39.8% |" in lines
+    assert "| exact match after | 0.250 | - |" in lines
+    assert "| closed-book after | 0.500 |" in replicas_stream.table(run, None).splitlines()
