@@ -33,9 +33,10 @@ regenerated, and each replica sees its own requests. In synchronous mode such a 
 rank x world rows, one block of `rank` rows a replica (FastLinear.fit_block): each replica fits
 its own block to its request and learns in it alone (the other rows are zero in its forwards),
 and the epoch's first applied step gathers every replica's block (one all_gather of rank x d_in
-per such layer), so all hold the same A before B turns live. A round of requests is then learned
-as each replica's learner would learn its own, in its own block, and every replica merges all
-of them. Asynchronous mode refuses a fitted A.
+per such layer), so all hold the same A before B turns live; a block's gradient is divided by its
+own replica's tokens. A round of requests is then learned, at those layers, as each replica's
+learner would learn its own alone, and every replica merges all of them. Asynchronous mode
+refuses a fitted A.
 
 step(), consolidate(), verify() and, in a group, load() are collectives: every replica must
 call them in the same order, also a replica that saw no traffic.
@@ -152,17 +153,28 @@ class Replicas:
         # so this check decides the same way everywhere.
         finite = _all_finite(grads)
         if finite:
-            self._gather_fitted_blocks(group)
+            self._gather_fitted_blocks(group, table[:, 0].tolist(), total)
         return total, finite
 
-    def _gather_fitted_blocks(self, group) -> None:
+    def _gather_fitted_blocks(self, group, tokens: list[int], total: int) -> None:
         """At the epoch's first applied step (B still zero, the same on every replica): every
         replica's block of each fitted A (fit_block), gathered in one all_gather, so all hold the
         same A before the step makes B live. A replica that did not learn this epoch sends its
-        block of the seed's draw."""
+        block of the seed's draw.
+
+        Each block's columns of the summed accumulators hold its own replica's gradient alone,
+        so they are rescaled to be divided by that replica's tokens (`tokens`, by rank) rather
+        than the group's `total`: a replica's block then steps exactly as a lone learner's would
+        on its request (under Adam's eps, a group's mean would learn each request less the more
+        replicas there are)."""
         blocks = [m for m in self.learner.modules.values() if m.fit_block is not None and m.b_is_zero]
         if not blocks:
             return
+        for m in blocks:
+            rows = m.fit_block[1]
+            for rank, count in enumerate(tokens):
+                if count and count != total:
+                    m.grad_B[:, rank * rows:(rank + 1) * rows].mul_(total / count)
         dist = _dist()
         mine = torch.cat([m.A[m.fit_block[0]:m.fit_block[0] + m.fit_block[1]].reshape(-1).float() for m in blocks])
         mine = mine.to(self._device(group))

@@ -234,9 +234,10 @@ def scenarios(rank, world_size, tmp):
 
 # ----------------------------------------------------------------------------- a fitted A in blocks
 def block_request(rank: int) -> tuple[list[int], list[int], list[int]]:
-    """(teacher, response, student) of rank `rank`: its own entity, context and answer."""
+    """(teacher, response, student) of rank `rank`: its own entity, context and answer, the
+    answer one token longer a rank (the replicas learn different token counts)."""
     head, tail = [1, 2], [5]
-    entity, context = [40 + 3 * rank, 41 + 3 * rank], [10 + 5 * rank, 11 + 5 * rank, 12 + 5 * rank]
+    entity, context = [40 + 3 * rank, 41 + 3 * rank], [10 + 5 * rank + i for i in range(3 + rank)]
     student = head + [3] + entity + [4] + tail
     return head + context + student[len(head):], context, student
 

@@ -219,3 +219,17 @@ def test_the_first_applied_step_gathers_every_replicas_block(ranks):
         assert all(a < b for a, b in zip(after, before)), (rank, before, after)
         alone_before, alone_after = result["fitted_blocks"][0]["losses"]
         assert after[1] < alone_after[1] - 1e-4  # rank 1's request is learned only when rank 1 learns
+
+
+def test_a_replicas_block_steps_as_a_lone_learners_would_on_its_request(ranks):
+    """Its gradient divided by its own tokens, not the group's: under Adam's eps a group's mean
+    would learn each request less the more replicas there are (the ranks learn 3, 4, 5 tokens)."""
+    together = ranks[0]["fitted_blocks"]["all"]
+    moved = 0.0
+    for name, (first, rows) in together["blocks"].items():
+        for rank in range(WORLD):
+            alone = ranks[0]["fitted_blocks"][rank]
+            block = slice(4 * rank, 4 * rank + 4)
+            torch.testing.assert_close(together["B"][name][:, block], alone["B"][name][:, block], msg=name)
+            moved += float(alone["B"][name][:, block].abs().sum())
+    assert moved > 0
