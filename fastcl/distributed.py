@@ -147,56 +147,58 @@ class Replicas:
             log.warning("fastcl step skipped on every replica: NaN/inf in the accumulators of rank(s) %s; "
                         "%d tokens dropped", not_finite, total)
             return total, False
-        self._all_reduce_sum(grads, group)
-        self.stats.syncs += 1
-        # A sum of finite values can still overflow; every replica holds the same reduced bits,
-        # so this check decides the same way everywhere.
-        finite = _all_finite(grads)
-        if finite:
-            self._gather_fitted_blocks(group, table[:, 0].tolist(), total)
-        return total, finite
-
-    def _gather_fitted_blocks(self, group, tokens: list[int], total: int) -> None:
-        """At the epoch's first applied step (B still zero, the same on every replica): every
-        replica's block of each fitted A (fit_block), gathered in one all_gather, so all hold the
-        same A before the step makes B live. A replica that did not learn this epoch sends its
-        block of the seed's draw.
-
-        Each block's columns of the summed accumulators hold its own replica's gradient alone,
-        so they are rescaled to be divided by that replica's tokens (`tokens`, by rank) rather
-        than the group's `total`: a replica's block then steps exactly as a lone learner's would
-        on its request (under Adam's eps, a group's mean would learn each request less the more
-        replicas there are)."""
+        # A fitted layer's accumulator at the epoch's first applied step is zero outside this
+        # replica's block: its block is gathered with its block of A, the rest summed.
         blocks = [m for m in self.learner.modules.values() if m.fit_block is not None and m.b_is_zero]
-        if not blocks:
-            return
-        for m in blocks:
-            rows = m.fit_block[1]
-            for rank, count in enumerate(tokens):
-                if count and count != total:
-                    m.grad_B[:, rank * rows:(rank + 1) * rows].mul_(total / count)
+        summed = [m.grad_B for m in self.learner.modules.values() if m not in blocks]
+        if summed:
+            self._all_reduce_sum(summed, group)
+        if blocks:
+            self._gather_blocks(blocks, group, table[:, 0].tolist(), total)
+        self.stats.syncs += 1
+        # A sum of finite values can still overflow; every replica holds the same bits, so this
+        # check decides the same way everywhere.
+        return total, _all_finite(grads)
+
+    @torch.no_grad()
+    def _gather_blocks(self, blocks: list, group, tokens: list[int], total: int) -> None:
+        """At the epoch's first applied step (B still zero, the same on every replica): every
+        replica's block of each fitted A (fit_block) and its block of the accumulator, in one
+        all_gather, so all hold the same A and gradient before the step makes B live. A replica
+        that did not learn this epoch sends its block of the seed's draw and zeros.
+
+        A block's gradient is its own replica's alone, so it is rescaled to be divided by that
+        replica's tokens (`tokens`, by rank) rather than the group's `total`: a replica's block
+        then steps exactly as a lone learner's would on its request (under Adam's eps, a group's
+        mean would learn each request less the more replicas there are)."""
         dist = _dist()
-        mine = torch.cat([m.A[m.fit_block[0]:m.fit_block[0] + m.fit_block[1]].reshape(-1).float() for m in blocks])
+
+        def parts(m, rank):  # (A's rows, the accumulator's columns) of rank's block
+            rows = m.fit_block[1]
+            return m.A[rank * rows:(rank + 1) * rows], m.grad_B[:, rank * rows:(rank + 1) * rows]
+
+        mine = torch.cat([t.reshape(-1).float() for m in blocks for t in parts(m, self.rank)])
         mine = mine.to(self._device(group))
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, mine, group=group)
         self.stats.collectives += 1
         self.stats.bytes_sent += mine.numel() * mine.element_size()
-        with torch.no_grad():
-            for rank, flat in enumerate(gathered):
-                offset = 0
-                for m in blocks:
-                    rows = m.fit_block[1]
-                    size = rows * m.in_features
-                    m.A[rank * rows:(rank + 1) * rows].copy_(flat[offset:offset + size].view(rows, m.in_features))
-                    offset += size
+        for rank, flat in enumerate(gathered):
+            offset = 0
+            for m in blocks:
+                for t in parts(m, rank):
+                    t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+                count = tokens[rank]
+                if count and count != total:
+                    parts(m, rank)[1].mul_(total / count)
         for m in blocks:
             m.own_block_only = False
             m.fitted = True  # not the seed's draw: saved with the state
 
     def check_fit_blocks(self, modules) -> None:
         """Before a fit (projection="whitened") in a group: each fitted layer must hold one block of
-        A's rows a replica, laid out for this group at patch() (fastcl.patcher.replica_blocks)."""
+        A's rows a replica, laid out for this group at patch() (fastcl.patcher._replica_blocks)."""
         group = self.group
         if group is None:
             if any(m.fit_block is not None for m in modules):
@@ -445,14 +447,18 @@ def bytes_per_step(learner: "Learner", world_size: int = 2) -> dict:
     full = sum(m.in_features * m.out_features for m in modules) * 4
     meta = 2 * 8  # token count and NaN/inf flag, int64
     moments = len(_MOMENTS[learner.config.optimizer])
-    # this replica's block of each fitted A, at each epoch's first applied step (all_gather)
-    blocks = sum(m.fit_block[1] * m.in_features for m in modules if m.fit_block is not None) * 4
+    # A fitted layer in a group (fit_block), at an epoch's first applied step (every step with
+    # consolidate_every=1): this replica's block of A and of its accumulator, gathered, not summed.
+    fitted = [m for m in modules if m.fit_block is not None]
+    projection = sum(m.fit_block[1] * m.in_features for m in fitted) * 4
+    first_step = accumulators - sum(m.grad_B.numel() - m.fit_block[1] * m.out_features for m in fitted) * 4
     return {
         "layers": len(modules),
-        "fitted_blocks": blocks,
-        "fastcl_sync": accumulators + meta,
+        "fitted_projection": projection,
+        "fastcl_sync": first_step + projection + meta,
+        "later_steps": accumulators + meta,  # the epoch's later steps sum every accumulator whole
         "full_gradient": full,
-        "ratio": (accumulators + meta) / full,
+        "ratio": (first_step + projection + meta) / full,
         # asynchronous mode: B and the moments every sync_every steps, plus its 2-int64 exchange
         "async_per_sync": accumulators * (1 + moments) + meta,
         # a ring all-reduce moves 2 (w-1)/w of the buffer per replica on the wire, for both

@@ -278,7 +278,11 @@ def fitted_blocks(rank: int, world_size: int) -> dict:
             learner.learn(*block_request(rank))
         run = {"grad_B": {n: learner.modules[n].grad_B.clone() for n in blocks},
                "A_local": {n: learner.modules[n].A.clone() for n in blocks}}
+        from fastcl.distributed import bytes_per_step
+
+        run["predicted_bytes"], sent = bytes_per_step(learner, world_size)["fastcl_sync"], learner.replicas.stats.bytes_sent
         run["applied"] = learner.step()
+        run["step_bytes"] = learner.replicas.stats.bytes_sent - sent
         run["A"] = {n: learner.modules[n].A.clone() for n in blocks}
         run["B"] = {n: learner.modules[n].B.detach().clone() for n in blocks}
         learner.consolidate()  # verifies the replicas: raises if they differ

@@ -213,6 +213,10 @@ def test_the_first_applied_step_gathers_every_replicas_block(ranks):
                 assert torch.equal(runs[0]["A"][name][rows], run["A_local"][name][rows]), (learning, name, rank)
                 if learning not in ("all", rank):  # a block nobody learned in: no gradient, no step
                     assert not runs[0]["B"][name][:, rows].any(), (learning, name, rank)
+    # One all-reduce of the random-A layers, one all-gather of the blocks: what bytes_per_step counts.
+    for result in ranks:
+        run = result["fitted_blocks"]["all"]
+        assert run["step_bytes"] == run["predicted_bytes"] > 0
     # Every replica merged every replica's request: all the students' losses fell on every rank.
     for rank, result in enumerate(ranks):
         before, after = result["fitted_blocks"]["all"]["losses"]

@@ -177,8 +177,14 @@ def test_replicas_keep_the_default_preset_in_blocks_and_asynchronous_ones_drop_i
     assert any("rows 4-7" in n for n in learner.report.notes), learner.report.notes
     from fastcl.distributed import bytes_per_step
 
-    assert bytes_per_step(learner)["fitted_blocks"] == sum(4 * m.in_features * 4 for n, m in learner.modules.items()
-                                                           if is_mlp(n))
+    counted = bytes_per_step(learner)
+    mlp = [m for n, m in learner.modules.items() if is_mlp(n)]
+    attention = [m for n, m in learner.modules.items() if not is_mlp(n)]
+    assert counted["fitted_projection"] == sum(4 * m.in_features * 4 for m in mlp)
+    # an epoch's first step: attention's accumulators summed whole, the MLP's own block of 4 columns gathered
+    assert counted["fastcl_sync"] == (sum(m.out_features * 4 * 4 for m in attention + mlp)
+                                      + counted["fitted_projection"] + 16)
+    assert counted["later_steps"] == sum(m.grad_B.numel() * 4 for m in learner.modules.values()) + 16
 
     asynchronous = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None, sync_every=2)
     assert asynchronous.config.layer_options is None and asynchronous.config.lr == fastcl.config.PLAIN_LR
