@@ -149,8 +149,9 @@ class Replicas:
             return total, False
         # A fitted layer's accumulator at the epoch's first applied step is zero outside this
         # replica's block: its block is gathered with its block of A, the rest summed.
-        blocks = [m for m in self.learner.modules.values() if m.fit_block is not None and m.b_is_zero]
-        summed = [m.grad_B for m in self.learner.modules.values() if m not in blocks]
+        modules = self.learner.modules.values()
+        blocks = [m for m in modules if m.fit_block is not None and m.b_is_zero]
+        summed = [m.grad_B for m in modules if m.fit_block is None or not m.b_is_zero]
         if summed:
             self._all_reduce_sum(summed, group)
         if blocks:
