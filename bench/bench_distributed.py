@@ -70,7 +70,7 @@ def bytes_table() -> list[dict]:
             learner = fastcl.patch(model, rank=rank)
             counted = bytes_per_step(learner, WORLD)
             blocks, shapes = SHAPES[name]
-            formula_sync = blocks * sum(d_out for _, d_out in shapes) * rank * 4 + 16
+            formula_sync = blocks * sum(d_out for _, d_out in shapes) * rank * 4 + 24
             formula_full = blocks * sum(d_in * d_out for d_in, d_out in shapes) * 4
             assert (counted["fastcl_sync"], counted["full_gradient"]) == (formula_sync, formula_full), (
                 name, rank, counted, formula_sync, formula_full)

@@ -6,7 +6,8 @@ sent, so only those accumulators travel: about r / d_in of a full-gradient all-r
 
 Synchronous mode (the default, config.sync_every=None). Inside step(), every replica sends
 
-  1. its token count and a "my accumulators hold NaN/inf" flag (one all_gather of 2 int64), then
+  1. its token count, a "my accumulators hold NaN/inf" flag and a digest of its fitted layers'
+     layout (one all_gather of 3 int64), then
   2. all its accumulators packed in one flat fp32 buffer (one all_reduce, SUM), unless step 1
      showed that nobody has tokens or somebody has NaN/inf, in which case every replica skips
      it and returns the same answer.
@@ -137,7 +138,14 @@ class Replicas:
                 self._tokens_since_sync += tokens
             return tokens, finite
         local_finite = tokens == 0 or _all_finite(grads)
-        table = self._all_gather_ints([tokens, 0 if local_finite else 1], group)
+        table = self._all_gather_ints([tokens, 0 if local_finite else 1, self._block_layout()], group)
+        problem = _first_difference(table[:, 2:], ["the layout of the fitted A's blocks"])
+        if problem is not None:  # the collectives below would not match: every replica raises instead
+            ranks, majority, _ = problem
+            raise ReplicaMismatchError(
+                f"replica(s) {ranks} of {table.shape[0]} hold fitted layers laid out for another group than "
+                f"rank(s) {majority} (patch() every replica after torch.distributed is initialised, in the "
+                "group that learns)", ranks=ranks)
         total = int(table[:, 0].sum())
         not_finite = table[:, 1].nonzero().flatten().tolist()
         if total == 0:
@@ -160,6 +168,14 @@ class Replicas:
         # A sum of finite values can still overflow; every replica holds the same bits, so this
         # check decides the same way everywhere.
         return total, _all_finite(grads)
+
+    def _block_layout(self) -> int:
+        """A digest of the fitted layers' blocks (fastcl.patcher lays them out from the group),
+        equal on replicas patched in the same group."""
+        me = self.rank
+        return _digest([[m.rank, 0, True] if m.fit_block is None else
+                        [m.rank, m.fit_block[1], m.fit_block[0] == me * m.fit_block[1]]
+                        for m in self.learner.modules.values()])
 
     @torch.no_grad()
     def _gather_blocks(self, blocks: list, group, tokens: list[int], total: int) -> None:
@@ -198,25 +214,18 @@ class Replicas:
             m.fitted = True  # not the seed's draw: saved with the state
 
     def check_fit_blocks(self, modules) -> None:
-        """Before a fit (projection="whitened") in a group: each fitted layer must hold one block of
-        A's rows a replica, laid out for this group at patch() (fastcl.patcher._replica_blocks)."""
+        """Before a fit (projection="whitened"): a learner whose fitted A was laid out in blocks
+        for a group must still be in one, and a group must be synchronous. A synchronous group
+        whose replicas were laid out for different groups is refused by every replica at the
+        step (reduce_accumulators compares the layouts), not here by one of them alone."""
         group = self.group
         if group is None:
             if any(m.fit_block is not None for m in modules):
                 raise FastclError("this learner was patched in a group of replicas and now learns alone; its fitted "
                                   "A holds a block per replica: patch the model again to learn alone")
-            return
-        if self.asynchronous:
+        elif self.asynchronous:
             raise FastclError("projection='whitened' with asynchronous replicas (sync_every): each replica would fit "
                               "its own A between averages; learn synchronously or with projection='random'")
-        rank, world = self.rank, self.world_size
-        wrong = [m for m in modules
-                 if m.fit_block is None or m.fit_block != (rank * m.fit_block[1], m.fit_block[1])
-                 or m.rank != world * m.fit_block[1]]
-        if wrong:
-            raise FastclError(f"the fitted A of {len(wrong)} layers is not laid out for this group of {world} "
-                              f"replicas (rank {rank}): patch() after torch.distributed is initialised, in the group "
-                              "that learns")
 
     def after_step(self) -> None:
         """Called at the end of every step(), applied or not: the asynchronous schedule."""
@@ -306,7 +315,8 @@ class Replicas:
         self.sync()  # asynchronous replicas differ between syncs by design
         learner = self.learner
         self.stats.verifications += 1
-        layout = [[name, m.out_features, m.in_features, str(m.weight.dtype)] for name, m in learner.modules.items()]
+        layout = [[name, m.out_features, m.in_features, m.rank, str(m.weight.dtype)]
+                  for name, m in learner.modules.items()]
         config = {k: v for k, v in learner.config.to_dict().items() if k not in _LOCAL_CONFIG}
         header = [_digest(layout), _digest(config), learner.counters.epoch]
         table = self._all_gather_ints(header, group)
@@ -446,7 +456,7 @@ def bytes_per_step(learner: "Learner", world_size: int = 2) -> dict:
     modules = list(learner.modules.values())
     accumulators = sum(m.grad_B.numel() for m in modules) * 4
     full = sum(m.in_features * m.out_features for m in modules) * 4
-    meta = 2 * 8  # token count and NaN/inf flag, int64
+    meta = 3 * 8  # token count, NaN/inf flag and the fitted blocks' layout, int64
     moments = len(_MOMENTS[learner.config.optimizer])
     # A fitted layer in a group (fit_block), at an epoch's first applied step (every step with
     # consolidate_every=1): this replica's block of A and of its accumulator, gathered, not summed.
@@ -461,7 +471,7 @@ def bytes_per_step(learner: "Learner", world_size: int = 2) -> dict:
         "full_gradient": full,
         "ratio": (first_step + projection + meta) / full,
         # asynchronous mode: B and the moments every sync_every steps, plus its 2-int64 exchange
-        "async_per_sync": accumulators * (1 + moments) + meta,
+        "async_per_sync": accumulators * (1 + moments) + 2 * 8,
         # a ring all-reduce moves 2 (w-1)/w of the buffer per replica on the wire, for both
         "ring_wire_factor": 2 * (world_size - 1) / world_size,
     }

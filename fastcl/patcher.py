@@ -248,6 +248,13 @@ def patch(
         from .ops import backends
 
         backends.resolve(backend, device)  # fail now, before anything changes
+        largest = config.rank * (replica[1] if replica is not None and config.whitens else 1)
+        try:
+            backends.check_rank(backend, device, largest)
+        except RuntimeError as error:
+            split = f" (rank {config.rank} x {replica[1]} replicas: a fitted A holds a block a replica)" \
+                if largest != config.rank else ""
+            raise PatchError(f"backend {backend!r} cannot learn at rank {largest}{split}: {error}") from None
     _check_texts(config)
     protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
     fast = {}

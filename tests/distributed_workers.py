@@ -290,4 +290,23 @@ def fitted_blocks(rank: int, world_size: int) -> dict:
         run.update(blocks=blocks, ranks={n: m.rank for n, m in learner.modules.items()},
                    losses=(before, student_losses(learner, world_size)), notes=learner.report.notes)
         runs[learning] = run
+
+    # The last rank patched as if alone (before torch.distributed was initialised): every rank
+    # refuses the step, before any call whose size would differ between them.
+    import fastcl
+    import fastcl.patcher
+
+    laid_out = fastcl.patcher.group_layout
+    if rank == world_size - 1:
+        fastcl.patcher.group_layout = lambda group: None
+    try:
+        learner = block_learner()
+    finally:
+        fastcl.patcher.group_layout = laid_out
+    learner.observe(torch.tensor([block_request(rank)[2]]))
+    try:
+        learner.step()
+        runs["mislaid"] = None
+    except fastcl.ReplicaMismatchError as error:
+        runs["mislaid"] = (str(error), error.ranks)
     return runs

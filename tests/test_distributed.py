@@ -80,7 +80,7 @@ def test_a_step_sends_one_flat_buffer_not_a_call_per_layer(ranks):
     one = ranks[0]["one_step"]
     assert one["layers"] == 14
     # Counted at torch.distributed: (call, bytes of the tensor this rank sends).
-    assert one["calls"] == [("all_gather", 2 * 8), ("all_reduce", one["accumulator_bytes"])]
+    assert one["calls"] == [("all_gather", 3 * 8), ("all_reduce", one["accumulator_bytes"])]
 
 
 def test_a_rank_with_a_stale_state_is_refused_with_a_clear_error(ranks):
@@ -171,7 +171,7 @@ def test_bytes_per_step_counts_the_patched_accumulators():
     # llama tiny: per block q, o 48x48; k, v 48->24; gate, up 48->72; down 72->48.
     d_outs = [48, 24, 24, 48, 72, 72, 48] * 2
     d_ins = [48] * 6 + [72]
-    assert counted["fastcl_sync"] == sum(d_outs) * 4 * 4 + 16
+    assert counted["fastcl_sync"] == sum(d_outs) * 4 * 4 + 24
     assert counted["full_gradient"] == sum(o * i for o, i in zip(d_outs, d_ins * 2)) * 4
 
 
@@ -237,3 +237,10 @@ def test_a_replicas_block_steps_as_a_lone_learners_would_on_its_request(ranks):
             torch.testing.assert_close(together["B"][name][:, block], alone["B"][name][:, block], msg=name)
             moved += float(alone["B"][name][:, block].abs().sum())
     assert moved > 0
+
+
+def test_a_replica_patched_for_another_group_is_refused_by_every_rank_at_the_step(ranks):
+    for result in ranks:
+        message, bad = result["fitted_blocks"]["mislaid"]
+        assert bad == [WORLD - 1]
+        assert f"replica(s) [{WORLD - 1}] of {WORLD} hold fitted layers laid out for another group" in message

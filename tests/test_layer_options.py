@@ -183,8 +183,8 @@ def test_replicas_keep_the_default_preset_in_blocks_and_asynchronous_ones_drop_i
     assert counted["fitted_projection"] == sum(4 * m.in_features * 4 for m in mlp)
     # an epoch's first step: attention's accumulators summed whole, the MLP's own block of 4 columns gathered
     assert counted["fastcl_sync"] == (sum(m.out_features * 4 * 4 for m in attention + mlp)
-                                      + counted["fitted_projection"] + 16)
-    assert counted["later_steps"] == sum(m.grad_B.numel() * 4 for m in learner.modules.values()) + 16
+                                      + counted["fitted_projection"] + 24)
+    assert counted["later_steps"] == sum(m.grad_B.numel() * 4 for m in learner.modules.values()) + 24
 
     asynchronous = fastcl.patch(tiny_model("llama"), tokenizer=CharTokenizer(), gate_tolerance=None, sync_every=2)
     assert asynchronous.config.layer_options is None and asynchronous.config.lr == fastcl.config.PLAIN_LR
@@ -244,3 +244,26 @@ def test_a_state_with_a_blocks_a_replica_fitted_a_loads_only_into_the_same_layou
     with pytest.raises(fastcl.StateFileError, match=r"expected \(72, 4\); in a group of replicas a fitted A holds"):
         alone.load(path)
     assert all(torch.equal(m.B, before[name]) for name, m in alone.modules.items())
+
+
+def test_a_backend_that_cannot_run_a_groups_block_rank_is_refused_at_patch(monkeypatch):
+    import types
+
+    import fastcl.patcher
+    from fastcl.ops import backends
+
+    def limited(rank):  # as the CUDA kernels' limit, here at 8
+        if rank > 8:
+            raise RuntimeError(f"fastcl._C: rank {rank} is outside 1..8")
+
+    monkeypatch.setattr(fastcl.patcher, "group_layout", lambda group: None if group is False else (0, 3))
+    monkeypatch.setattr(backends, "resolve", lambda backend, device: backend)
+    monkeypatch.setattr(backends, "implementation", lambda backend, device: types.SimpleNamespace(check_rank=limited))
+    model = tiny_model("llama")
+    before = weights_copy(model)
+    with pytest.raises(PatchError, match=r"cannot learn at rank 12 \(rank 4 x 3 replicas.*outside 1\.\.8"):
+        fastcl.patch(model, rank=4, backend="cuda", tokenizer=CharTokenizer(), gate_tolerance=None)
+    assert not hasattr(model, "fastcl")
+    assert_weights_unchanged(model, before)
+    assert fastcl.patch(model, rank=4, backend="cuda", tokenizer=CharTokenizer(), gate_tolerance=None,
+                        process_group=False).modules  # alone, rank 4 fits the limit

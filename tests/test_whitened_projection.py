@@ -129,14 +129,19 @@ def test_whitened_projection_is_refused_without_a_tokenizer_and_with_replicas(mo
         fastcl.patch(tiny_model("llama"), projection="whitened")
     with pytest.raises(ValueError, match="projection must be one of"):
         fastcl.patch(tiny_model("llama"), projection="fitted")
-    # Patched alone, then in a group of two: A was not split into a block a replica.
-    _, learner = whitened()
-    replicas = type(learner.replicas)
-    monkeypatch.setattr(replicas, "group", property(lambda self: object()))
-    monkeypatch.setattr(replicas, "rank", property(lambda self: 0))
-    monkeypatch.setattr(replicas, "world_size", property(lambda self: 2))
+    # Laid out in blocks for a group of two, then learning alone; or an asynchronous group.
+    from fastcl import patcher
+
+    with monkeypatch.context() as patched_in_a_group:
+        patched_in_a_group.setattr(patcher, "group_layout", lambda group: (0, 2))
+        _, learner = whitened()
     teacher, response, student = request(2)
-    with pytest.raises(fastcl.FastclError, match="not laid out for this group of 2 replicas"):
+    with pytest.raises(fastcl.FastclError, match="patched in a group of replicas and now learns alone"):
+        learner.learn(teacher, response, student)
+    assert not any(m.fitted for m in learner.modules.values())
+    _, learner = whitened(sync_every=2)
+    monkeypatch.setattr(type(learner.replicas), "group", property(lambda self: object()))
+    with pytest.raises(fastcl.FastclError, match="with asynchronous replicas"):
         learner.learn(teacher, response, student)
     assert not any(m.fitted for m in learner.modules.values())
 

@@ -94,6 +94,14 @@ def _resolve_auto(device_type: str) -> str:
     raise AssertionError("the torch backend is always available")
 
 
+def check_rank(backend: str, device: torch.device | str, rank: int) -> None:
+    """Raise (RuntimeError) where `backend` cannot run A with `rank` rows (the CUDA kernels keep
+    the sketch in shared memory, up to a fixed rank); a no-op for backends without a limit."""
+    check = getattr(implementation(backend, device), "check_rank", None)
+    if check is not None:
+        check(rank)
+
+
 def implementation(backend: str, device: torch.device | str) -> ModuleType:
     """The module whose lowrank_linear_fwd/bwd run `backend` on `device`."""
     module, _ = _load(resolve(backend, device))

@@ -44,7 +44,7 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _check_rank(r: int) -> None:
+def check_rank(r: int) -> None:
     """The extension checks this too. Checked here first because the rank is the one limit a
     correct call can hit (patch(rank=128, backend="cuda")), and because on the lent H200's
     image a message formatted inside _C crashed the process (bench/RESULTS.md, "GPU run")."""
@@ -70,7 +70,7 @@ def lowrank_linear_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (y, s) with y = x W^T + b + scale s B^T and s = x A^T, as the reference."""
-    _check_rank(A.shape[0])
+    check_rank(A.shape[0])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y, s = _C.lowrank_linear_fwd(
@@ -91,7 +91,7 @@ def lowrank_linear_bwd(
     needs_dx: bool,
 ) -> Optional[torch.Tensor]:
     """Add scale dY^T s into grad_B (fp32, in place) and return dX, or None if not needed."""
-    _check_rank(A.shape[0])
+    check_rank(A.shape[0])
     dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
     s2 = s.reshape(-1, s.shape[-1]).contiguous()
     dx = _C.lowrank_linear_bwd(
