@@ -2,6 +2,7 @@
 
     python bench/replicas_stream.py --replicas 2 --seed 41 --before-cache DIR --json out.json
     python bench/replicas_stream.py --replicas 2 --seed 41 --baseline bench/runs/2026-12-07/F_preset_seed41.json
+    python bench/replicas_stream.py --replicas 2 --seed 41 --ablation layer_options=null   # what a group learned before its fitted A
 
 N replicas (gloo processes on this machine, one torch thread each) serve bench/continual.py's
 stream between them: replica i serves facts i, i + N, ... with the document in context and
@@ -57,7 +58,7 @@ def serve_share(rank: int, world: int, tmp: str, args) -> None:
             before, in_context, controls = continual.measure_before(model, tokenizer, facts, args.seed, True,
                                                                     args.before_cache)
         dist.barrier()
-        learner = B.patch_for_stream(model, tokenizer, args.seed, {})
+        learner = B.patch_for_stream(model, tokenizer, args.seed, continual.parse_overrides(args.ablation))
         start = time.perf_counter()
         with tqdm(total=len(facts) // world, desc=f"replica {rank}: serving and learning", unit="request",
                   disable=rank != 0) as progress:
@@ -67,7 +68,8 @@ def serve_share(rank: int, world: int, tmp: str, args) -> None:
             after = B.measure(model, tokenizer, facts, exact=True)
             _, binding_after = controls.after(model, tokenizer)
             stats = learner.stats()
-            run = {"seed": args.seed, "domain": args.domain, "replicas": world, "floor": before["mc"],
+            run = {"seed": args.seed, "domain": args.domain, "replicas": world, "options": args.ablation,
+                   "floor": before["mc"],
                    "ceiling": in_context["mc"], "after": after["mc"],
                    "recovered": B.gap_recovered(after["mc"], before["mc"], in_context["mc"]),
                    "binding_after": binding_after,
@@ -87,7 +89,8 @@ def serve_share(rank: int, world: int, tmp: str, args) -> None:
 
 
 def table(run: dict, baseline: dict | None) -> str:
-    head = f"| seed {run['seed']} ({run['domain']}) | {run['replicas']} replicas |"
+    options = f", {' '.join(run['options'])}" if run.get("options") else ""
+    head = f"| seed {run['seed']} ({run['domain']}) | {run['replicas']} replicas{options} |"
     lines = [head + (" one learner (--baseline) |" if baseline else ""),
              "|---|---|" + ("---|" if baseline else "")]
     for key, label, form in ROWS:
@@ -109,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--domain", default="companies")
     parser.add_argument("--before-cache", default=None, help="as bench/continual.py's: reuse the stream's start")
     parser.add_argument("--baseline", default=None, help="bench/continual.py --json of the same stream, one learner")
+    parser.add_argument("--ablation", nargs="*", default=[], help="patch() options over the defaults, as "
+                        "bench/continual.py's: key=JSON")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.replicas < 2:
