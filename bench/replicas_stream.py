@@ -91,7 +91,7 @@ def serve_share(rank: int, world: int, tmp: str, args) -> None:
 def table(run: dict, baseline: dict | None) -> str:
     options = f", {' '.join(run['options'])}" if run.get("options") else ""
     head = f"| seed {run['seed']} ({run['domain']}) | {run['replicas']} replicas{options} |"
-    lines = [head + (" one learner (--baseline) |" if baseline else ""),
+    lines = [head + (" --baseline |" if baseline else ""),
              "|---|---|" + ("---|" if baseline else "")]
     for key, label, form in ROWS:
         ours = form.format(run[key])
