@@ -32,12 +32,13 @@ messages.
 A fitted to requests (projection="whitened", the default recipe's MLP layers) cannot be
 regenerated, and each replica sees its own requests. In synchronous mode such a layer's A holds
 rank x world rows, one block of `rank` rows a replica (FastLinear.fit_block): each replica fits
-its own block to its request and learns in it alone (the other rows are zero in its forwards),
-and the epoch's first applied step gathers every replica's block (one all_gather of rank x d_in
-per such layer), so all hold the same A before B turns live; a block's gradient is divided by its
-own replica's tokens. A round of requests is then learned, at those layers, as each replica's
-learner would learn its own alone, and every replica merges all of them. Asynchronous mode
-refuses a fitted A.
+its own block to its request and learns in it alone (the other rows are zero in its forwards,
+so its accumulator is zero outside its block's columns), and the epoch's first applied step
+gathers every replica's block of A and of the accumulator (one all_gather for all such layers,
+beside the all_reduce of the others), so all hold the same A before B turns live; a block's
+gradient is divided by its own replica's tokens. A round of requests is then learned, at those
+layers, as each replica's learner would learn its own alone (to fp32 rounding), and every
+replica merges all of them. Asynchronous mode refuses a fitted A.
 
 step(), consolidate(), verify() and, in a group, load() are collectives: every replica must
 call them in the same order, also a replica that saw no traffic.
@@ -186,7 +187,7 @@ class Replicas:
 
         A block's gradient is its own replica's alone, so it is rescaled to be divided by that
         replica's tokens (`tokens`, by rank) rather than the group's `total`: a replica's block
-        then steps exactly as a lone learner's would on its request (under Adam's eps, a group's
+        then steps as a lone learner's would on its request, to fp32 rounding (under Adam's eps, a group's
         mean would learn each request less the more replicas there are)."""
         dist = _dist()
 
