@@ -2,7 +2,7 @@
 
     python bench/replicas_stream.py --replicas 2 --seed 41 --before-cache DIR --json out.json
     python bench/replicas_stream.py --replicas 2 --seed 41 --baseline bench/runs/2026-12-07/F_preset_seed41.json
-    python bench/replicas_stream.py --replicas 2 --seed 41 --ablation layer_options=null   # what a group learned before its fitted A
+    python bench/replicas_stream.py --replicas 2 --seed 41 --ablation layer_options=null   # a group without a fitted A
 
 N replicas (gloo processes on this machine, one torch thread each) serve bench/continual.py's
 stream between them: replica i serves facts i, i + N, ... with the document in context and

@@ -280,7 +280,8 @@ def fitted_blocks(rank: int, world_size: int) -> dict:
                "A_local": {n: learner.modules[n].A.clone() for n in blocks}}
         from fastcl.distributed import bytes_per_step
 
-        run["predicted_bytes"], sent = bytes_per_step(learner, world_size)["fastcl_sync"], learner.replicas.stats.bytes_sent
+        run["predicted_bytes"] = bytes_per_step(learner, world_size)["fastcl_sync"]
+        sent = learner.replicas.stats.bytes_sent
         run["applied"] = learner.step()
         run["step_bytes"] = learner.replicas.stats.bytes_sent - sent
         run["A"] = {n: learner.modules[n].A.clone() for n in blocks}
