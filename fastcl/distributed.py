@@ -214,14 +214,14 @@ class Replicas:
             m.own_block_only = False
             m.fitted = True  # not the seed's draw: saved with the state
 
-    def check_fit_blocks(self, modules) -> None:
+    def check_fit_blocks(self) -> None:
         """Before a fit (projection="whitened"): a learner whose fitted A was laid out in blocks
         for a group must still be in one, and a group must be synchronous. A synchronous group
         whose replicas were laid out for different groups is refused by every replica at the
         step (reduce_accumulators compares the layouts), not here by one of them alone."""
         group = self.group
         if group is None:
-            if any(m.fit_block is not None for m in modules):
+            if any(m.fit_block is not None for m in self.learner.modules.values()):
                 raise FastclError("this learner was patched in a group of replicas and now learns alone; its fitted "
                                   "A holds a block per replica: patch the model again to learn alone")
         elif self.asynchronous:

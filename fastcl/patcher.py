@@ -244,11 +244,14 @@ def patch(
     report.notes += [note for note in notes if note]
     base_modules = {name: model.get_submodule(name) for name, *_ in report.patched}
     device = next(iter(base_modules.values())).weight.device
+    # In a synchronous group a fitted A holds one block of `rank` rows a replica (fastcl.distributed).
+    in_blocks = set() if replica is None else {name for name in base_modules
+                                               if config.layer(name)["projection"] == "whitened"}
     if backend != "auto":
         from .ops import backends
 
         backends.resolve(backend, device)  # fail now, before anything changes
-        largest = config.rank * (replica[1] if replica is not None and config.whitens else 1)
+        largest = config.rank * (replica[1] if in_blocks else 1)
         try:
             backends.check_rank(backend, device, largest)
         except RuntimeError as error:
@@ -259,17 +262,14 @@ def patch(
     protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
     fast = {}
     for i, (name, base) in enumerate(base_modules.items()):
-        # In a synchronous group a fitted A holds one block of `rank` rows a replica (fastcl.distributed).
-        blocks = replica is not None and config.layer(name)["projection"] == "whitened"
-        fast[name] = FastLinear(base, layer_index=i, rank=config.rank * (replica[1] if blocks else 1),
+        fast[name] = FastLinear(base, layer_index=i, rank=config.rank * (replica[1] if name in in_blocks else 1),
                                 scale=config.scale, seed=config.seed, backend=backend, protected=protected.get(name),
                                 whitener=whitening.get(name), backward_dtype=config.backward_dtype,
                                 served_weight=config.projection_served)
-        if blocks:
+        if name in in_blocks:
             fast[name].fit_block = (replica[0] * config.rank, config.rank)
-    blocked = sum(m.fit_block is not None for m in fast.values())
-    if blocked:
-        report.notes.append(f"replicas: the fitted A of {blocked} layers holds {replica[1]} blocks of {config.rank} "
+    if in_blocks:
+        report.notes.append(f"replicas: the fitted A of {len(in_blocks)} layers holds {replica[1]} blocks of {config.rank} "
                             f"rows, one a replica; this one (rank {replica[0]}) fits rows "
                             f"{replica[0] * config.rank}-{(replica[0] + 1) * config.rank - 1}")
     # Everything that can fail has run; from here on the model changes.

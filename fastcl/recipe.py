@@ -348,8 +348,7 @@ class Recipe:
         modules = list(learner.modules.values())
         if not all(m.b_is_zero for m in modules):
             return []
-        learner.replicas.check_fit_blocks([m for name, m in learner.modules.items()
-                                           if config.layer(name)["projection"] == "whitened"])
+        learner.replicas.check_fit_blocks()
         answering = batch.rows * batch.input_ids.shape[1] + batch.cols
         positions = {learn_at: answering if mask is None else (mask.flatten() == 1).nonzero().squeeze(-1)
                      for learn_at, mask in sketch_masks.items()}
