@@ -204,6 +204,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "gate_refusals": stats["gate_refusals"],
         "gate_halved": stats["gate_halved"],
         "gate_repaired": stats["gate_repaired"],
+        "gate_checks": served.gate_checks,  # each checked merge's drop per probe, and whether it committed
         # The learner's resolved options: what "the default" meant when this run was made.
         "config": learner.config.to_dict(),
         **rehearsed,

@@ -30,6 +30,14 @@ class Served:
     serve_seconds: float = 0.0  # generation with the document in context
     learn_seconds: float = 0.0  # everything learn() did, extras included
     answers: list = field(default_factory=list)
+    # Each gate check of a merge: {"request": the index of the request whose learn() merged,
+    # "committed": ..., probe name: its drop below the baseline}.
+    gate_checks: list = field(default_factory=list)
+
+    def record_gate(self, consolidation) -> None:
+        if consolidation is not None and consolidation.gate is not None:
+            self.gate_checks.append({"request": self.requests, "committed": consolidation.committed,
+                                     **{name: s["drop"] for name, s in consolidation.gate.scores.items()}})
 
     @property
     def tokens(self) -> int:
@@ -92,7 +100,8 @@ def serve(model, tokenizer, learner, facts: Sequence[Fact], progress=None,
         served.serve_seconds += seconds_since(start, device)
         start = time.perf_counter()
         if learner is not None:
-            learner.learn(teacher, response, student, teacher_logprobs=teacher_logprobs)
+            report = learner.learn(teacher, response, student, teacher_logprobs=teacher_logprobs)
+            served.record_gate(report.consolidation)
         # The wait matters on a GPU: learn()'s backward would be timed as the next answer's serving.
         served.learn_seconds += seconds_since(start, device)
         served.requests += 1
@@ -104,7 +113,7 @@ def serve(model, tokenizer, learner, facts: Sequence[Fact], progress=None,
         if every and on_checkpoint is not None and (i + 1) % every == 0:
             on_checkpoint(i + 1, served)
     if learner is not None and learner.has_unmerged_updates() and learner.config.consolidate_every:
-        learner.consolidate()
+        served.record_gate(learner.consolidate())
     return served
 
 

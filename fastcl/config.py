@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterable, Optional, Sequence, Union
 
-from .guard import GATE_TEXT
+from .guard import GATE_ANSWERS, GATE_TEXT
 from .ops.backends import CHOICES as BACKEND_CHOICES
 
 OPTIMIZERS = ("adam", "sgd")
@@ -156,6 +156,14 @@ class LearnerConfig:
     # the path of a UTF-8 text file of your own (general text of the kind the model must keep).
     # Never trained on. A state file saved under another gate text is refused by load().
     gate_text: str = GATE_TEXT
+    # A second built-in gate probe (None: off): general questions asked in an answer frame, each
+    # with its options ("question<TAB>answer<TAB>wrong option<TAB>..." a line, in gate_answers: a
+    # shipped file or a path); the right options' mean softmax share over their options (0..1)
+    # may fall at most this much. General text's likelihood misses learned facts shifting which
+    # answer of a kind the model prefers; this probe scores answers. Never trained on, and none
+    # of its questions is a benchmark probe (a test checks).
+    gate_answer_tolerance: Optional[float] = None
+    gate_answers: str = GATE_ANSWERS
     # A refused update first gets up to this many repair steps, each checked again: one optimizer
     # step (from a fresh optimizer) on the anchor's loss alone over all of its text, taking drift
     # out of the live fast weights while what the requests taught stays in them. Then gate_backoff.
@@ -254,6 +262,11 @@ class LearnerConfig:
             raise ValueError(f"gate_text must name a shipped text or a text file's path, got {self.gate_text!r}")
         if self.gate_tolerance is not None and self.gate_tolerance < 0:
             raise ValueError(f"gate_tolerance must be >= 0 or None, got {self.gate_tolerance!r}")
+        if not isinstance(self.gate_answers, str) or not self.gate_answers.strip():
+            raise ValueError(f"gate_answers must name a shipped answers file or a file's path, "
+                             f"got {self.gate_answers!r}")
+        if self.gate_answer_tolerance is not None and not self.gate_answer_tolerance >= 0:
+            raise ValueError(f"gate_answer_tolerance must be >= 0 or None, got {self.gate_answer_tolerance!r}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if not self.projection_served >= 0:

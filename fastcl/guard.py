@@ -14,6 +14,7 @@ Probe = Callable[[torch.nn.Module], float]  # higher is better
 
 ANCHOR_TEXT = "anchor_text.txt"  # trains the anchor term
 GATE_TEXT = "gate_text.txt"  # scores the built-in probe; never trained on
+GATE_ANSWERS = "gate_answers.txt"  # short general questions with options for the answer probe; never trained on
 ANCHOR_PROMPTS = "anchor_prompts.txt"  # open user turns (instructions, questions) for anchor_prompts
 ANCHOR_QUESTIONS = "anchor_questions.txt"  # short-answer general questions (none of the probes) for anchor_prompts
 
@@ -178,6 +179,41 @@ def text_likelihood_probe(tokenizer, name: str = GATE_TEXT, window: int = 256) -
         return mean_log_likelihood(model, ids, window)
 
     probe.__name__ = f"loglik[{name}]"
+    return probe
+
+
+def read_answers(name: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(question, (answer, distractor, ...)) from a shipped file or a path: one question a line,
+    then its answer and at least one wrong option, tab-separated."""
+    rows = []
+    for number, line in enumerate(read_text(name).splitlines(), 1):
+        if not line.strip():
+            continue
+        question, *options = [field.strip() for field in line.split("\t")]
+        if not question or len(options) < 2 or not all(options):
+            raise ValueError(f"{name!r} line {number}: expected a question, its answer and at least one wrong "
+                             f"option, tab-separated; got {line!r}")
+        rows.append((question, tuple(options)))
+    return rows
+
+
+def answer_choice_probe(tokenizer, name: str = GATE_ANSWERS) -> Probe:
+    """A probe scoring how sure the model is of the right answers to short general questions:
+    each option is scored as the assistant's reply after ANSWER_FRAME (mean log-probability per
+    token), and the score is the right option's softmax share over them, the mean over questions
+    (0..1, higher is better). General text's likelihood barely moves when learned facts shift
+    which answer of a kind the model prefers (a country's second city over its capital); this
+    sees it, and a shift of every option alike (the frame's) cancels."""
+    from .evaluate import ANSWER_FRAME, answer_probability, batched_option_logprobs, option_inputs
+
+    items = [(question, options, 0) for question, options in read_answers(name)]
+    prompts, options = option_inputs(tokenizer, items, ANSWER_FRAME)
+
+    def probe(model) -> float:
+        scores = batched_option_logprobs(model, prompts, options)
+        return sum(answer_probability(row, 0) for row in scores) / len(scores)
+
+    probe.__name__ = f"answers[{name}]"
     return probe
 
 

@@ -127,12 +127,14 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
 
 def _check_texts(config: LearnerConfig) -> None:
     """The texts the options name, read now: a missing one fails before anything changes."""
-    from .guard import read_text
+    from .guard import read_answers, read_text
 
-    for name, on in (("gate_text", config.gate_tolerance is not None), ("anchor_prompts", config.anchored)):
+    for name, on, read in (("gate_text", config.gate_tolerance is not None, read_text),
+                           ("gate_answers", config.gate_answer_tolerance is not None, read_answers),
+                           ("anchor_prompts", config.anchored, read_text)):
         if on and getattr(config, name):
             try:
-                read_text(getattr(config, name))
+                read(getattr(config, name))
             except (ValueError, OSError) as exc:
                 raise PatchError(f"{name}: {exc}") from exc
 
@@ -146,6 +148,8 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
     wanted = [name for name, on in (("anchor_weight", config.anchor_weight > 0),
                                     ("gate_tolerance", config.gate_tolerance is not None),
                                     ("gate_text", config.gate_tolerance is not None),
+                                    ("gate_answer_tolerance", config.gate_answer_tolerance is not None),
+                                    ("gate_answers", config.gate_answer_tolerance is not None),
                                     ("anchor_prompts", bool(config.anchor_prompts)),
                                     ("protect_directions", config.protect_directions > 0),
                                     ("projection", config.projection == "whitened"),
@@ -156,9 +160,10 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
         raise PatchError(f"{', '.join(explicit)} need the tokenizer: pass patch(model, tokenizer=tok, ...)")
     if not wanted:
         return None
-    config.anchor_weight, config.gate_tolerance, config.protect_directions = 0.0, None, 0
+    config.anchor_weight, config.protect_directions = 0.0, 0
+    config.gate_tolerance = config.gate_answer_tolerance = None
     keyed = ", the MLP keyed to the entity (layer_options)" if config.drop_auto_layer_options() else ""
-    return (f"no tokenizer given: the anchor term, the built-in gate probe, the protected input directions{keyed} "
+    return (f"no tokenizer given: the anchor term, the built-in gate probes, the protected input directions{keyed} "
             "are off (pass tokenizer= to patch() to turn them on)")
 
 

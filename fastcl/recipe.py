@@ -18,13 +18,14 @@ import torch
 
 from .batching import as_rows, prompt_response_batch
 from .errors import FastclError, InputError
-from .guard import Anchor, Gate, text_likelihood_probe
+from .guard import Anchor, Gate, answer_choice_probe, text_likelihood_probe
 from .inputs import as_weight, check_vocabulary
 from .loss import Contrast, context_gain_loss, next_token_loss_on
 from .self_study import sample_answers
 from .timing import seconds_since
 
 BUILTIN_PROBE = "general_text_loglik"
+ANSWER_PROBE = "general_answers_choice"
 
 
 def context_span(item) -> tuple[int, int]:
@@ -146,6 +147,9 @@ class Recipe:
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer, config.gate_text), config.gate_tolerance)
+        if config.gate_answer_tolerance is not None:
+            self.gate.add(ANSWER_PROBE, answer_choice_probe(tokenizer, config.gate_answers),
+                          config.gate_answer_tolerance)
 
     # ------------------------------------------------------------------ requests
     def interactions(self, prompt_ids, response_ids, student_prompt_ids, weight,

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import recipe_state
 from .errors import StateFileError
-from .guard import GATE_TEXT
+from .guard import GATE_ANSWERS, GATE_TEXT
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -148,6 +148,10 @@ def load(learner: "Learner", path) -> None:
     if theirs != learner.config.gate_text:
         raise StateFileError(f"{path}: the built-in gate probe scores gate_text={theirs!r} in the file, "
                              f"{learner.config.gate_text!r} here; patch with gate_text={theirs!r} to load it")
+    theirs = config.get("gate_answers", GATE_ANSWERS)
+    if config.get("gate_answer_tolerance") is not None and theirs != learner.config.gate_answers:
+        raise StateFileError(f"{path}: the answer gate probe scores gate_answers={theirs!r} in the file, "
+                             f"{learner.config.gate_answers!r} here; patch with gate_answers={theirs!r} to load it")
 
     staged = []
     for i, (name, module) in enumerate(modules):

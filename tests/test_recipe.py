@@ -674,13 +674,100 @@ def test_gate_text_sets_the_text_the_built_in_gate_probe_scores(tmp_path):
     model = tiny_model("llama")
     with pytest.raises(fastcl.PatchError, match="'nowhere.txt' is neither a text shipped with fastcl "
                                                 "\\(anchor_prompts.txt, anchor_questions.txt, anchor_text.txt, "
-                                                "gate_text.txt, general_text.txt\\) nor a file"):
+                                                "gate_answers.txt, gate_text.txt, general_text.txt\\) nor a file"):
         fastcl.patch(model, tokenizer=CharTokenizer(), gate_text="nowhere.txt")
     assert not hasattr(model, "fastcl") and not any(isinstance(m, fastcl.FastLinear) for m in model.modules())
     with pytest.raises(fastcl.PatchError, match="gate_text need the tokenizer"):
         fastcl.patch(tiny_model("llama"), gate_text=str(own))
     with pytest.raises(ValueError, match="gate_text must name a shipped text"):
         patched(gate_text=" ")
+
+
+class ChatCharTokenizer:
+    """CharTokenizer with a chat template: enough for the answer probe's framed questions."""
+
+    def __call__(self, text, add_special_tokens=False):
+        from test_protection import CharTokenizer
+
+        return CharTokenizer()(text)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return self(f"<u>{messages[0]['content']}<a>")["input_ids"]
+
+
+def test_gate_answers_ask_none_of_the_probe_or_anchor_questions():
+    """The answer probe is a gate, never a score: none of its questions is a benchmark probe or
+    an anchor question (the anchor would train on it)."""
+    from fastcl.evaluate import load_probes
+    from fastcl.guard import read_answers, read_text
+
+    rows = read_answers(guard.GATE_ANSWERS)
+    asked = [question.lower() for question, _ in rows]
+    assert len(asked) >= 40 and len(set(asked)) == len(asked)
+    assert all(len(options) == 4 and len(set(options)) == 4 for _, options in rows)
+    assert not {question.lower() for question, _, _ in load_probes()} & set(asked)
+    anchored = {line.strip().lower() for name in (guard.ANCHOR_QUESTIONS, guard.ANCHOR_PROMPTS)
+                for line in read_text(name).splitlines()}
+    assert not anchored & set(asked)
+
+
+def test_answer_gate_probe_scores_the_answers_and_refuses_a_merge_that_makes_them_unlikely(tmp_path):
+    from fastcl.evaluate import ANSWER_FRAME, chat_ids, multiple_choice_scores
+    from fastcl.guard import read_answers
+
+    tokenizer = ChatCharTokenizer()
+    own = tmp_path / "answers.txt"
+    own.write_text("Which is first?\tAlpha\tBeta\n\nWhat comes last?\tOmega here\tPsi\tChi\n", encoding="utf-8")
+    model, learner = patched(tokenizer=tokenizer, gate_answers=str(own), gate_answer_tolerance=0.01,
+                             gate_tolerance=None, anchor_weight=0.0, protect_directions=0, consolidate_every=0,
+                             gate_every=1, gate_backoff=0)
+    (probe,) = learner.recipe.gate.probes
+    asked = read_answers(str(own))
+    assert asked == [("Which is first?", ("Alpha", "Beta")), ("What comes last?", ("Omega here", "Psi", "Chi"))]
+    scores = multiple_choice_scores(model, tokenizer, [(q, options, 0) for q, options in asked], frame=ANSWER_FRAME)
+    shares = [torch.tensor(row, dtype=torch.float64).softmax(0)[0] for row in scores]
+    assert probe.score(model) == pytest.approx(float(sum(shares) / 2))
+    learner.learn(*rows(15, 2))  # a small update: it passes
+    learner.step()
+    assert learner.consolidate().committed
+    weights = {n: m.weight.detach().clone() for n, m in learner.modules.items()}
+    frame = tokenizer(ANSWER_FRAME)["input_ids"]
+    for _ in range(5):  # learn a wrong option as each question's answer: the right ones' share falls
+        for question, options in asked:
+            learner.learn(chat_ids(tokenizer, question) + frame, tokenizer(" " + options[1])["input_ids"])
+        learner.step()
+    report = learner.consolidate()
+    assert not report.committed and report.gate.scores["general_answers_choice"]["drop"] > 0.01
+    assert all(torch.equal(m.weight, weights[n]) for n, m in learner.modules.items())
+
+
+def test_the_benchmark_records_each_checked_merge():
+    from fastcl.benchmark import Served
+
+    _, learner = patched(consolidate_every=0, gate_every=2)
+    learner.add_probe(lambda m: 0.0, tolerance=1.0, name="constant")
+    served = Served(requests=3)
+    for _ in range(2):  # the first merge is committed unchecked, the second checked
+        learner.learn(*rows(15, 2))
+        served.record_gate(learner.consolidate())
+    served.record_gate(None)
+    assert served.gate_checks == [{"request": 3, "committed": True, "constant": 0.0}]
+
+
+def test_gate_answers_are_read_at_patch_and_need_the_tokenizer(tmp_path):
+    bad = tmp_path / "answers.txt"
+    bad.write_text("Which is first?\tAlpha\tBeta\nWhat comes last?\tOmega\n", encoding="utf-8")
+    model = tiny_model("llama")
+    with pytest.raises(fastcl.PatchError, match="gate_answers: .* line 2: expected a question, its answer and at "
+                                                "least one wrong option, tab-separated; got 'What comes last\\?"):
+        fastcl.patch(model, tokenizer=ChatCharTokenizer(), gate_answers=str(bad), gate_answer_tolerance=0.1)
+    assert not hasattr(model, "fastcl") and not any(isinstance(m, fastcl.FastLinear) for m in model.modules())
+    with pytest.raises(fastcl.PatchError, match="gate_answer_tolerance, gate_answers need the tokenizer"):
+        fastcl.patch(model, gate_answer_tolerance=0.1, gate_answers="gate_answers.txt")
+    with pytest.raises(ValueError, match="gate_answer_tolerance must be >= 0 or None"):
+        patched(gate_answer_tolerance=-1.0)
+    _, learner = patched(tokenizer=ChatCharTokenizer(), gate_answers=str(bad))  # off: the file is not read
+    assert [p.name for p in learner.recipe.gate.probes] == ["general_text_loglik"]
 
 
 def test_without_a_tokenizer_the_text_guards_are_off_and_reported():

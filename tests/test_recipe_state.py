@@ -131,6 +131,11 @@ def other_gate_text(metadata, tensors):
     metadata["config"] = json.dumps({**config, "gate_text": "my_general_text.txt"})
 
 
+def other_gate_answers(metadata, tensors):
+    config = json.loads(metadata["config"])
+    metadata["config"] = json.dumps({**config, "gate_answer_tolerance": 0.1, "gate_answers": "my_answers.txt"})
+
+
 @pytest.mark.parametrize("damage, message", [
     (damage_tokens, "replay.0.response holds token id .* outside the vocabulary"),
     (damage_logprobs, "replay.1.teacher_logprobs has shape"),
@@ -139,6 +144,7 @@ def other_gate_text(metadata, tensors):
     (damage_schedule, "requests_seen must be an integer >= 0"),
     (damage_json, "anchor_next must be an integer >= 0"),
     (other_gate_text, "gate_text='my_general_text.txt' in the file, 'gate_text.txt' here"),
+    (other_gate_answers, "gate_answers='my_answers.txt' in the file, 'gate_answers.txt' here"),
 ])
 def test_a_damaged_recipe_state_is_refused_and_nothing_changes(tmp_path, damage, message):
     learner = guarded(tiny_model("llama"), chat=True)
