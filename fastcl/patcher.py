@@ -125,7 +125,7 @@ def plan(model: nn.Module, config: LearnerConfig) -> PatchReport:
     return report
 
 
-def _check_texts(config: LearnerConfig) -> None:
+def _check_texts(config: LearnerConfig, tokenizer) -> None:
     """The texts the options name, read now: a missing one fails before anything changes."""
     from .guard import read_answers, read_text
 
@@ -137,6 +137,11 @@ def _check_texts(config: LearnerConfig) -> None:
                 read(getattr(config, name))
             except (ValueError, OSError) as exc:
                 raise PatchError(f"{name}: {exc}") from exc
+    chat = [name for name, on in (("gate_answers", config.gate_answer_tolerance is not None),
+                                  ("anchor_prompts", bool(config.anchor_prompts))) if on]
+    if chat and tokenizer is not None and not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise PatchError(f"{', '.join(chat)} ask questions in the chat format: the tokenizer needs "
+                         f"apply_chat_template (a chat model's tokenizer)")
 
 
 def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optional[str]:
@@ -263,7 +268,7 @@ def patch(
             split = f" (rank {config.rank} x {replica[1]} replicas: a fitted A holds a block a replica)" \
                 if largest != config.rank else ""
             raise PatchError(f"backend {backend!r} cannot learn at rank {largest}{split}: {error}") from None
-    _check_texts(config)
+    _check_texts(config, tokenizer)
     protected, whitening = _general_text_geometry(model, base_modules, config, tokenizer)
     fast = {}
     for i, (name, base) in enumerate(base_modules.items()):
@@ -285,9 +290,23 @@ def patch(
     report.notes += recompute.install(model)
     precision.install(model, config.backward_dtype)
     report.notes.append(precision.describe(config.backward_dtype, next(iter(fast.values())).weight.dtype, device.type))
-    learner = Learner(model, fast, config, report, requires_grad, process_group, tokenizer)
+    try:
+        learner = Learner(model, fast, config, report, requires_grad, process_group, tokenizer)
+    except BaseException:
+        _put_back(model, fast, requires_grad)  # all or nothing: the model as it was
+        raise
     model.fastcl = learner
     return learner
+
+
+def _put_back(model: nn.Module, fast: dict, requires_grad: dict) -> None:
+    """The original layers, hooks and requires_grad flags back in place of `fast`."""
+    recompute.remove(model)
+    precision.remove(model)
+    for name, module in fast.items():
+        _set_submodule(model, name, module.base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
 
 
 def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -301,12 +320,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
         raise PatchError("model is not patched by fastcl")
     if merge and learner.has_unmerged_updates():
         learner.consolidate(gate=False)  # asked for explicitly: merge what was learned
-    recompute.remove(model)
-    precision.remove(model)
-    for name, module in learner.modules.items():
-        _set_submodule(model, name, module.base)
-    for name, p in model.named_parameters():
-        p.requires_grad_(learner.original_requires_grad.get(name, p.requires_grad))
+    _put_back(model, learner.modules, learner.original_requires_grad)
     del model.fastcl
     learner.detach()
     return model

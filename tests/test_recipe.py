@@ -766,8 +766,35 @@ def test_gate_answers_are_read_at_patch_and_need_the_tokenizer(tmp_path):
         fastcl.patch(model, gate_answer_tolerance=0.1, gate_answers="gate_answers.txt")
     with pytest.raises(ValueError, match="gate_answer_tolerance must be >= 0 or None"):
         patched(gate_answer_tolerance=-1.0)
+    from test_protection import CharTokenizer
+
+    with pytest.raises(fastcl.PatchError, match="gate_answers ask questions in the chat format: the tokenizer needs "
+                                                "apply_chat_template"):
+        fastcl.patch(model, tokenizer=CharTokenizer(), gate_answer_tolerance=0.1)
+    assert not hasattr(model, "fastcl") and not any(isinstance(m, fastcl.FastLinear) for m in model.modules())
     _, learner = patched(tokenizer=ChatCharTokenizer(), gate_answers=str(bad))  # off: the file is not read
     assert [p.name for p in learner.recipe.gate.probes] == ["general_text_loglik"]
+
+
+def test_a_learner_that_cannot_be_built_leaves_the_model_as_it_was(monkeypatch):
+    """patch() is all or nothing even where the recipe fails to build after the layers are in."""
+    import fastcl.learner
+
+    model = tiny_model("llama")
+    before = {name: (type(module), ) for name, module in model.named_modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the recipe could not be built")
+
+    monkeypatch.setattr(fastcl.learner, "Recipe", broken)
+    with pytest.raises(RuntimeError, match="the recipe could not be built"):
+        fastcl.patch(model, rank=4)
+    assert {name: (type(module), ) for name, module in model.named_modules()} == before
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not hasattr(model, "fastcl")
+    monkeypatch.undo()
+    assert fastcl.patch(model, rank=4).modules  # and it patches again
 
 
 def test_without_a_tokenizer_the_text_guards_are_off_and_reported():
