@@ -138,7 +138,7 @@ def _check_texts(config: LearnerConfig, tokenizer) -> None:
             except (ValueError, OSError) as exc:
                 raise PatchError(f"{name}: {exc}") from exc
     chat = [name for name, on in (("gate_answers", config.gate_answer_tolerance is not None),
-                                  ("anchor_prompts", bool(config.anchor_prompts))) if on]
+                                  ("anchor_prompts", config.anchored and bool(config.anchor_prompts))) if on]
     if chat and tokenizer is not None and not callable(getattr(tokenizer, "apply_chat_template", None)):
         raise PatchError(f"{', '.join(chat)} ask questions in the chat format: the tokenizer needs "
                          f"apply_chat_template (a chat model's tokenizer)")
@@ -282,7 +282,7 @@ def patch(
         report.notes.append(f"replicas: the fitted A of {len(in_blocks)} layers holds {replica[1]} blocks of {config.rank} "
                             f"rows, one a replica; this one (rank {replica[0]}) fits rows "
                             f"{replica[0] * config.rank}-{(replica[0] + 1) * config.rank - 1}")
-    # Everything that can fail has run; from here on the model changes.
+    # Everything else that can fail has run; from here on the model changes (put back if the learner fails).
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     for name, module in fast.items():
