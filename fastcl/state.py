@@ -143,15 +143,14 @@ def load(learner: "Learner", path) -> None:
     for key in _STRUCTURAL:
         if config.get(key) != getattr(learner.config, key):
             raise StateFileError(f"{path}: {key} is {config.get(key)} in the file, {getattr(learner.config, key)} here")
-    # The gate's saved baseline is a score on the file's gate text: on another text it means nothing.
-    theirs = config.get("gate_text", GATE_TEXT)  # files from before the option scored the shipped text
-    if theirs != learner.config.gate_text:
-        raise StateFileError(f"{path}: the built-in gate probe scores gate_text={theirs!r} in the file, "
-                             f"{learner.config.gate_text!r} here; patch with gate_text={theirs!r} to load it")
-    theirs = config.get("gate_answers", GATE_ANSWERS)
-    if config.get("gate_answer_tolerance") is not None and theirs != learner.config.gate_answers:
-        raise StateFileError(f"{path}: the answer gate probe scores gate_answers={theirs!r} in the file, "
-                             f"{learner.config.gate_answers!r} here; patch with gate_answers={theirs!r} to load it")
+    # A gate probe's saved baseline is a score on the file's text: on another text it means nothing.
+    # (Files from before an option was added scored the shipped text.)
+    for option, shipped, scored in (("gate_text", GATE_TEXT, True),
+                                    ("gate_answers", GATE_ANSWERS, config.get("gate_answer_tolerance") is not None)):
+        theirs, ours = config.get(option, shipped), getattr(learner.config, option)
+        if scored and theirs != ours:
+            raise StateFileError(f"{path}: a gate probe scores {option}={theirs!r} in the file, {ours!r} here; "
+                                 f"patch with {option}={theirs!r} to load it")
 
     staged = []
     for i, (name, module) in enumerate(modules):

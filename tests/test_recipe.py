@@ -7,6 +7,7 @@ import torch
 import fastcl
 from fastcl import guard
 from helpers import VOCAB, assert_same_state, learner_state, random_rows as rows, tiny_model
+from test_protection import CharTokenizer
 
 
 def patched(**kw):
@@ -683,13 +684,8 @@ def test_gate_text_sets_the_text_the_built_in_gate_probe_scores(tmp_path):
         patched(gate_text=" ")
 
 
-class ChatCharTokenizer:
+class ChatCharTokenizer(CharTokenizer):
     """CharTokenizer with a chat template: enough for the answer probe's framed questions."""
-
-    def __call__(self, text, add_special_tokens=False):
-        from test_protection import CharTokenizer
-
-        return CharTokenizer()(text)
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return self(f"<u>{messages[0]['content']}<a>")["input_ids"]
@@ -766,8 +762,6 @@ def test_gate_answers_are_read_at_patch_and_need_the_tokenizer(tmp_path):
         fastcl.patch(model, gate_answer_tolerance=0.1, gate_answers="gate_answers.txt")
     with pytest.raises(ValueError, match="gate_answer_tolerance must be >= 0 or None"):
         patched(gate_answer_tolerance=-1.0)
-    from test_protection import CharTokenizer
-
     with pytest.raises(fastcl.PatchError, match="gate_answers ask questions in the chat format: the tokenizer needs "
                                                 "apply_chat_template"):
         fastcl.patch(model, tokenizer=CharTokenizer(), gate_answer_tolerance=0.1)
@@ -781,7 +775,7 @@ def test_a_learner_that_cannot_be_built_leaves_the_model_as_it_was(monkeypatch):
     import fastcl.learner
 
     model = tiny_model("llama")
-    before = {name: (type(module), ) for name, module in model.named_modules()}
+    before = {name: type(module) for name, module in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
 
     def broken(*args, **kwargs):
@@ -790,7 +784,7 @@ def test_a_learner_that_cannot_be_built_leaves_the_model_as_it_was(monkeypatch):
     monkeypatch.setattr(fastcl.learner, "Recipe", broken)
     with pytest.raises(RuntimeError, match="the recipe could not be built"):
         fastcl.patch(model, rank=4)
-    assert {name: (type(module), ) for name, module in model.named_modules()} == before
+    assert {name: type(module) for name, module in model.named_modules()} == before
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert not hasattr(model, "fastcl")
     monkeypatch.undo()
