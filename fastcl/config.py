@@ -17,7 +17,7 @@ OBJECTIVES = ("context_gain", "distill", "next_token")
 PROJECTIONS = ("random", "whitened")
 BACKWARD_DTYPES = ("auto", "bfloat16", None)
 LEARN_AT = ("all", "entity", "entity_last")
-LAYER_OPTIONS = ("learn_at", "projection", "lr")  # what layer_options may set per layer
+LAYER_OPTIONS = ("learn_at", "projection", "lr", "inner_steps")  # what layer_options may set per layer
 # The default layer_options (layer_options="auto"): every patched layer under an `mlp` module
 # (Llama, Qwen2, Mistral, GPT-NeoX and GPT-2 name their feed-forward block so; tested) learns at
 # the entity in a fitted A at 2e-3, attention at every position at the learner's lr, 1.5e-3 with
@@ -73,6 +73,8 @@ class LearnerConfig:
     # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
     # soon as no response token is gain_threshold nats short of the teacher. Requests without a
     # student prompt, and the other objectives, get none (they have no such stopping rule).
+    # layer_options can set a layer's own count: the k-th inner step moves only the layers whose
+    # count is at least k (the forward and backward are shared, so it costs the same).
     inner_steps: int = 0
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
@@ -322,11 +324,15 @@ class LearnerConfig:
             lr = options.get("lr", 1.0)  # the learner-wide lr is checked on its own
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
                 raise ValueError(f"layer_options[{pattern!r}]: lr must be positive, got {lr!r}")
+            inner = options.get("inner_steps", 0)
+            if not isinstance(inner, int) or isinstance(inner, bool) or inner < 0:
+                raise ValueError(f"layer_options[{pattern!r}]: inner_steps must be an integer >= 0, got {inner!r}")
 
     def layer(self, name: str) -> dict:
-        """learn_at, projection and lr of the patched layer `name`: layer_options' first matching
-        pattern over the learner-wide values."""
-        options = {"learn_at": self.learn_at, "projection": self.projection, "lr": self.lr}
+        """learn_at, projection, lr and inner_steps of the patched layer `name`: layer_options'
+        first matching pattern over the learner-wide values."""
+        options = {"learn_at": self.learn_at, "projection": self.projection, "lr": self.lr,
+                   "inner_steps": self.inner_steps}
         pattern = name_matches(self.layer_options, name) if self.layer_options else None
         if pattern is not None:
             options.update(self.layer_options[pattern])

@@ -207,12 +207,17 @@ class Learner:
         With replicas this is a collective that every replica calls, with or without tokens: the
         sums and token counts of all replicas are applied (see fastcl.distributed).
         """
+        return self._step()
+
+    def _step(self, moving: Optional[set] = None) -> bool:
+        """step(), moving only the layers named in `moving` (None: all); the others' accumulated
+        gradients are dropped with the rest, and their optimizer state is left as it was."""
         self._check_attached()
-        applied = self._apply_accumulators()
+        applied = self._apply_accumulators(moving)
         self.replicas.after_step()  # asynchronous mode: average the replicas every sync_every steps
         return applied
 
-    def _apply_accumulators(self) -> bool:
+    def _apply_accumulators(self, moving: Optional[set] = None) -> bool:
         n, finite = self.replicas.reduce_accumulators(self.counters.tokens_pending)
         if n == 0:
             return False
@@ -224,12 +229,14 @@ class Learner:
             self._clear_accumulators()
             self.counters.skipped_steps += 1
             return False
-        for module in self.modules.values():
-            module.B.grad = module.grad_B.div_(n)
+        for name, module in self.modules.items():
+            if moving is None or name in moving:  # torch's optimizers skip a parameter without .grad
+                module.B.grad = module.grad_B.div_(n)
         self.optimizer.step()
         for module in self.modules.values():
-            module.B.grad = None
-            module.b_is_zero = False
+            if module.B.grad is not None:
+                module.B.grad = None
+                module.b_is_zero = False
         self._clear_accumulators()
         self.counters.steps += 1
         return True

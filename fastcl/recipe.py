@@ -144,6 +144,8 @@ class Recipe:
         self.anchor = (Anchor.from_tokenizer(tokenizer, config.anchor_prompts, window=config.anchor_window,
                                              reply_tokens=config.anchor_reply_tokens)
                        if config.anchored else None)
+        # Per patched layer, how many inner steps move it (layer_options may set its own).
+        self.inner_counts = {name: config.layer(name)["inner_steps"] for name in learner.modules}
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer, config.gate_text), config.gate_tolerance)
@@ -514,20 +516,23 @@ class Recipe:
         return replicas.asynchronous and replicas.group is not None
 
     def _inner_steps(self, stepped: bool) -> None:
-        """Up to inner_steps more steps on the pending context-gain requests alone, stopping once a
-        step finds nothing to learn (every response token within gain_threshold of the teacher);
-        other requests have no such rule and get none. Replicas must call step() equally often:
+        """Up to inner_steps more steps on the pending context-gain requests alone (the k-th moves
+        only the layers whose own inner_steps is at least k), stopping once a step finds nothing
+        to learn (every response token within gain_threshold of the teacher); other requests have
+        no such rule and get none. Replicas must call step() equally often:
         synchronous ones decide from `stepped` and step()'s answer, both group-wide; asynchronous
         ones take every round."""
-        learner, config = self.learner, self.learner.config
-        if not config.inner_steps:  # the default: nothing to decide on every request
+        learner, config, counts = self.learner, self.learner.config, self.inner_counts
+        most = max(counts.values(), default=0)
+        if not most:  # the default: nothing to decide on every request
             return
         gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
         lockstep = self._asynchronous_replica()
         enter = lockstep or (stepped and (bool(gained) or learner.replicas.group is not None))
-        for _ in range(config.inner_steps if enter else 0):
+        for k in range(1, most + 1 if enter else 1):
             self.accumulate(gained, "inner")
-            if not learner.step() and not lockstep:
+            moving = None if min(counts.values()) >= k else {name for name, count in counts.items() if count >= k}
+            if not learner._step(moving) and not lockstep:
                 break
 
     def repair_drift(self, gate):

@@ -87,11 +87,15 @@ def test_save_and_load_keep_each_layers_optimizer_state(tmp_path):
 
 
 def test_config_round_trips_and_a_layer_gets_the_first_matching_pattern():
-    config = fastcl.LearnerConfig(lr=1e-3, layer_options={"down_proj": {"lr": 5e-4}, MLP: {"learn_at": "entity"}})
+    config = fastcl.LearnerConfig(lr=1e-3, inner_steps=1, layer_options={"down_proj": {"lr": 5e-4},
+                                                                         MLP: {"learn_at": "entity", "inner_steps": 3}})
     assert fastcl.LearnerConfig(**config.to_dict()).layer_options == config.layer_options
-    assert config.layer("model.layers.0.mlp.down_proj") == {"learn_at": "all", "projection": "random", "lr": 5e-4}
-    assert config.layer("model.layers.0.mlp.up_proj") == {"learn_at": "entity", "projection": "random", "lr": 1e-3}
-    assert config.layer("model.layers.0.self_attn.q_proj") == {"learn_at": "all", "projection": "random", "lr": 1e-3}
+    assert config.layer("model.layers.0.mlp.down_proj") == {"learn_at": "all", "projection": "random", "lr": 5e-4,
+                                                            "inner_steps": 1}
+    assert config.layer("model.layers.0.mlp.up_proj") == {"learn_at": "entity", "projection": "random", "lr": 1e-3,
+                                                          "inner_steps": 3}
+    assert config.layer("model.layers.0.self_attn.q_proj") == {"learn_at": "all", "projection": "random", "lr": 1e-3,
+                                                               "inner_steps": 1}
 
 
 @pytest.mark.parametrize("options, message", [
@@ -99,6 +103,8 @@ def test_config_round_trips_and_a_layer_gets_the_first_matching_pattern():
     ({MLP: {"learn_at": "subject"}}, "learn_at must be one of"),
     ({MLP: {"projection": "learned"}}, "projection must be one of"),
     ({MLP: {"lr": 0.0}}, "lr must be positive"),
+    ({MLP: {"inner_steps": -1}}, "inner_steps must be an integer >= 0"),
+    ({MLP: {"inner_steps": 1.5}}, "inner_steps must be an integer >= 0"),
     ({MLP: "entity"}, "must map layer-name patterns to dicts"),
 ])
 def test_bad_layer_options_are_refused_by_name(options, message):
@@ -126,8 +132,8 @@ def test_the_mlp_preset_keys_every_mlp_layer_and_only_those(arch):
     mlp = {name for name in learner.modules if ".mlp." in name}
     assert mlp and len(mlp) < len(learner.modules), sorted(learner.modules)
     for name in learner.modules:
-        expected = ({"learn_at": "entity", "projection": "whitened", "lr": 2e-3} if name in mlp
-                    else {"learn_at": "all", "projection": "random", "lr": 1.5e-3})
+        expected = ({"learn_at": "entity", "projection": "whitened", "lr": 2e-3, "inner_steps": 0} if name in mlp
+                    else {"learn_at": "all", "projection": "random", "lr": 1.5e-3, "inner_steps": 0})
         assert learner.config.layer(name) == expected, name
     assert sorted(g["lr"] for g in learner.optimizer.param_groups) == [1.5e-3, 2e-3]
     with pytest.raises(TypeError):  # the preset is read-only: an edit here would change every later patch

@@ -250,6 +250,29 @@ def test_inner_steps_close_the_context_gain_and_stop_when_it_is_closed():
     assert 1 < steps < 51  # stopped once every token was within gain_threshold of the teacher
 
 
+def test_a_layer_s_own_inner_steps_decide_which_inner_steps_move_it():
+    """layer_options' inner_steps: the k-th inner step moves only the layers whose count is at
+    least k; the others keep what the scheduled step gave them, bit for bit."""
+    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
+
+    def b_after(inner_steps, layer_options):
+        model, learner = patched(gain_threshold=-1.0, inner_steps=inner_steps, layer_options=layer_options,
+                                 consolidate_every=0)
+        learner.learn(teacher, response, student, teacher_logprobs=torch.zeros(len(response)))
+        return {name: m.B.detach().clone() for name, m in learner.modules.items()}, learner.counters.steps
+
+    plain, steps = b_after(0, None)
+    assert steps == 1
+    mlp_two, steps = b_after(0, {r".*mlp.*": {"inner_steps": 2}})
+    assert steps == 3  # the scheduled step, then two inner steps on the MLP layers alone
+    assert any("mlp" in name for name in plain) and any("mlp" not in name for name in plain)
+    for name in plain:
+        if "mlp" in name:
+            assert not torch.equal(mlp_two[name], plain[name]), name
+        else:
+            assert torch.equal(mlp_two[name], plain[name]), name
+
+
 def anchor_of(chat: bool, **kw):
     """An anchor on 60 tokens of random 'prose' (three windows of 20); with `chat`, also on the
     reference's replies to three prompts."""
