@@ -6,9 +6,10 @@ and the batched ones should take less time.
     python bench/eval_batching.py --threads 2 --questions 40
 
 `fastcl.evaluate` scores multiple choice and generates exact-match answers EVAL_BATCH prompts at a
-time; `batch=1` is the one-prompt-at-a-time path it replaced (three forwards per item instead of
-two, so the ratio here slightly understates the change against the old code, which this script
-cannot import).
+time; `batch=1` is the same code one prompt at a time (a forward for the shared prefix and one per
+option length beside the prompt's, where the one-prompt-at-a-time code it replaced ran two per
+item, so the ratio here overstates the change against that old code, which this script cannot
+import).
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ consolidation gate."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
+from collections import defaultdict
 from importlib import resources
 from typing import Optional, Sequence
 
@@ -64,11 +66,11 @@ def batched_option_logprobs(model, prompts: Sequence[Sequence[int]], options: Se
     """Per prompt, the mean log-probability per token of each of its options as the prompt's
     continuation: the same numbers as one forward per sequence, up to float rounding.
 
-    Three forwards per `batch` prompts, each on the cache of the one before: the prefix every
-    prompt shares (a chat template's system turn) once, the rest of each prompt as one
-    left-padded batch, then every option of every prompt as one batch. Positions are given
-    explicitly, so the padding between the shared prefix, a prompt and its options changes
-    nothing.
+    Per `batch` prompts, forwards each on the cache of the one before: the prefix every prompt
+    shares (a chat template's system turn) once, the rest of each prompt as one left-padded
+    batch, then the options longer than one token, all but their last token, one batch per
+    length. Positions are given explicitly, so the padding between the shared prefix and a
+    prompt changes nothing.
     """
     if not prompts or any(len(p) == 0 for p in prompts) or any(len(o) == 0 for opts in options for o in opts):
         raise ValueError("batched_option_logprobs: every prompt and every option needs at least one token")
@@ -94,20 +96,30 @@ def batched_option_logprobs(model, prompts: Sequence[Sequence[int]], options: Se
                     use_cache=True, **({argument: cache} if cache is not None else {}), **last_logits_only)
         first = out.logits[:, -1].float().log_softmax(-1)
         cache = _cache_of(out)
-        owner = torch.tensor([i for i, opts in enumerate(chunk_options) for _ in opts])
-        cache.batch_select_indices(owner.to(device))
-        flat = [list(o) for opts in chunk_options for o in opts]
-        ids, mask = pad_right(flat, pad_id=0)
-        positions = prefix + lengths[owner][:, None] + torch.arange(ids.shape[1])
-        logits = model(input_ids=ids.to(device), attention_mask=torch.cat([seen[owner], mask], 1).to(device),
-                       position_ids=positions.to(device), **{argument: cache}).logits
-        rest_logprobs = logits[:, :-1].float().log_softmax(-1)
-        flat_scores = []
-        for k, option in enumerate(flat):
-            total = float(first[int(owner[k]), option[0]])
+        flat = [(row, list(option)) for row, opts in enumerate(chunk_options) for option in opts]
+        totals = [float(first[row, option[0]]) for row, option in flat]
+        # An option's last token is scored, never read: one-token options need no forward, and the
+        # others run grouped by length, each group on its own copy of the prompts' cache, so no
+        # row is padded (options of 1 to 6 tokens padded to the longest cost three times the work).
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for k, (_, option) in enumerate(flat):
             if len(option) > 1:
-                total += float(rest_logprobs[k, torch.arange(len(option) - 1), torch.tensor(option[1:])].sum())
-            flat_scores.append(total / len(option))
+                by_length[len(option) - 1].append(k)
+        groups = sorted(by_length.items())
+        for g, (length, members) in enumerate(groups):
+            owner = torch.tensor([flat[k][0] for k in members])
+            group_cache = cache if g == len(groups) - 1 else copy.deepcopy(cache)
+            group_cache.batch_select_indices(owner.to(device))
+            ids = torch.tensor([flat[k][1][:-1] for k in members])
+            targets = torch.tensor([flat[k][1][1:] for k in members], device=device)
+            seen_too = torch.cat([seen[owner], torch.ones(len(members), length, dtype=torch.long)], 1)
+            positions = prefix + lengths[owner][:, None] + torch.arange(length)
+            logits = model(input_ids=ids.to(device), attention_mask=seen_too.to(device),
+                           position_ids=positions.to(device), **{argument: group_cache}).logits
+            logprobs = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1).sum(1)
+            for k, logprob in zip(members, logprobs.tolist()):
+                totals[k] += logprob
+        flat_scores = [total / len(option) for total, (_, option) in zip(totals, flat)]
         offset = 0
         for opts in chunk_options:
             scores.append(flat_scores[offset: offset + len(opts)])

@@ -64,6 +64,17 @@ def test_a_prompt_that_is_the_shared_prefix_keeps_its_last_token_to_score_with()
         assert row == pytest.approx(one_forward_scores(model, prompt, row_options), abs=1e-5)
 
 
+@pytest.mark.parametrize("options", [
+    [[[3], [4]], [[2]]],  # one token each: no option forward at all
+    [[[3, 1, 2], [4, 2]], [[2, 2, 2, 2], [1], [4, 2]]],  # a group per length, one length shared by both rows
+])
+def test_options_of_one_token_and_of_several_lengths_score_as_one_forward_each(options):
+    model = tiny_model("llama")
+    prompts = [[5, 6, 7], [5, 6, 8, 9]]
+    for prompt, row_options, row in zip(prompts, options, E.batched_option_logprobs(model, prompts, options)):
+        assert row == pytest.approx(one_forward_scores(model, prompt, row_options), abs=1e-5)
+
+
 def test_batched_option_scores_name_bad_input():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="at least one token"):
