@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .batching import pad_left, pad_right
+from .batching import pad_left
 from .facts import Fact
 
 
