@@ -69,13 +69,16 @@ class LearnerConfig:
     # (objective="context_gain"); True: on, and an error with another objective; False: off.
     grounded: Optional[bool] = None
     passes: int = 1  # optimizer steps per scheduled step on the same requests
-    # Further steps on the context-gain requests just learned, their own loss only (no replay, no
-    # anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
+    # Further steps on the context-gain requests just learned, their own loss only (no replay; no
+    # anchor unless inner_anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
     # soon as no response token is gain_threshold nats short of the teacher. Requests without a
     # student prompt, and the other objectives, get none (they have no such stopping rule).
     # layer_options can set a layer's own count: the k-th inner step moves only the layers whose
     # count is at least k (the forward and backward are shared, so it costs the same).
     inner_steps: int = 0
+    # Each inner step also takes the anchor's term (a window of general text, as a scheduled step
+    # does), so that storing a fact harder is held to the reference as the first step is.
+    inner_anchor: bool = False
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
     replay_recent: int = 0  # and this many of the newest requests in the buffer, every step
@@ -255,6 +258,8 @@ class LearnerConfig:
                              f"got {self.objective!r}")
         if not self.self_study_temperature > 0:
             raise ValueError(f"self_study_temperature must be positive, got {self.self_study_temperature!r}")
+        if not isinstance(self.inner_anchor, bool):
+            raise ValueError(f"inner_anchor must be True or False, got {self.inner_anchor!r}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if not isinstance(self.anchor_prompts, str):

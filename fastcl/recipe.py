@@ -432,15 +432,16 @@ class Recipe:
         for item in items:
             item.replays += 1
 
-    def _anchor_and_step(self) -> bool:
-        """The anchor's term on general text (scaled to the tokens pending), then one step."""
+    def _anchor_and_step(self, moving: Optional[set] = None) -> bool:
+        """The anchor's term on general text (scaled to the tokens pending), then one step (of the
+        layers named in `moving`; None: all)."""
         learner, config = self.learner, self.learner.config
         if config.anchor_weight > 0 and learner.counters.tokens_pending > 0:
             start = time.perf_counter()
             _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
             self.costs["anchor"] += seconds_since(start, learner.device)
             self.tokens["anchor"] += tokens
-        return learner.step()
+        return learner._step(moving)
 
     def _consolidate_on_schedule(self, stepped: bool):
         learner, config = self.learner, self.learner.config
@@ -532,7 +533,8 @@ class Recipe:
         for k in range(1, most + 1 if enter else 1):
             self.accumulate(gained, "inner")
             moving = None if min(counts.values()) >= k else {name for name, count in counts.items() if count >= k}
-            if not learner._step(moving) and not lockstep:
+            stepped = self._anchor_and_step(moving) if config.inner_anchor else learner._step(moving)
+            if not stepped and not lockstep:
                 break
 
     def repair_drift(self, gate):

@@ -273,6 +273,21 @@ def test_a_layer_s_own_inner_steps_decide_which_inner_steps_move_it():
             assert torch.equal(mlp_two[name], plain[name]), name
 
 
+def test_inner_anchor_gives_every_inner_step_the_anchor_s_window():
+    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
+
+    def anchor_tokens(inner_anchor):
+        _, learner = patched(tokenizer=CharTokenizer(), gate_tolerance=None, protect_directions=0,
+                             gain_threshold=-1.0, inner_steps=2, inner_anchor=inner_anchor, consolidate_every=0)
+        learner.learn(teacher, response, student, teacher_logprobs=torch.zeros(len(response)))
+        assert learner.counters.steps == 3
+        return learner.stats()["tokens_processed"]["anchor"]
+
+    assert anchor_tokens(True) == 3 * anchor_tokens(False)  # the scheduled step's window, then one per inner step
+    with pytest.raises(ValueError, match="inner_anchor must be True or False"):
+        fastcl.LearnerConfig(inner_anchor=1)
+
+
 def anchor_of(chat: bool, **kw):
     """An anchor on 60 tokens of random 'prose' (three windows of 20); with `chat`, also on the
     reference's replies to three prompts."""
