@@ -70,9 +70,10 @@ class LearnerConfig:
     grounded: Optional[bool] = None
     passes: int = 1  # optimizer steps per scheduled step on the same requests
     # Further steps on the context-gain requests just learned, their own loss only (no replay; no
-    # anchor unless inner_anchor): each costs one forward+backward of the context-free prompts, and the loop stops as
-    # soon as no response token is gain_threshold nats short of the teacher. Requests without a
-    # student prompt, and the other objectives, get none (they have no such stopping rule).
+    # anchor unless inner_anchor): each costs one forward+backward of the context-free prompts,
+    # and the loop stops as soon as no response token is gain_threshold nats short of the teacher.
+    # Requests without a student prompt, and the other objectives, get none (they have no such
+    # stopping rule).
     # layer_options can set a layer's own count: the k-th inner step moves only the layers whose
     # count is at least k (the forward and backward are shared, so it costs the same).
     inner_steps: int = 0
