@@ -541,3 +541,16 @@ def test_replicas_stream_refuses_a_split_the_rounds_cannot_keep_and_prints_the_b
     assert "| recovered (the issue's score) | 40.0% | 39.8% |" in lines
     assert "| exact match after | 0.250 | - |" in lines
     assert "| closed-book after | 0.500 |" in replicas_stream.table(run, None).splitlines()
+
+
+def test_scoring_speed_compares_two_versions_scores_and_times(tmp_path, capsys):
+    scoring_speed = load_bench("scoring_speed")
+    old = {"seconds": {"probes": 3.0}, "scores": {"probes": [[-1.0, -2.0], [-3.0, -1.0]]}}
+    new = {"seconds": {"probes": 2.0}, "scores": {"probes": [[-1.0, -2.0], [-1.0, -3.0]]}}  # the second pick moved
+    for name, saved in (("old.json", old), ("new.json", new)):
+        (tmp_path / name).write_text(json.dumps(saved))
+    assert scoring_speed.main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == "| probes | 2 | 3.0 | 2.0 | 1.50 | 1 picks differ, scores within 2.0e+00 |"
+    with pytest.raises(SystemExit):
+        scoring_speed.main(["--compare", str(tmp_path / "old.json")])
