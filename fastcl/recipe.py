@@ -530,11 +530,11 @@ class Recipe:
         gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
         lockstep = self._asynchronous_replica()
         enter = lockstep or (stepped and (bool(gained) or learner.replicas.group is not None))
-        for k in range(1, most + 1 if enter else 1):
+        for k in (range(1, most + 1) if enter else ()):
             self.accumulate(gained, "inner")
             moving = None if min(counts.values()) >= k else {name for name, count in counts.items() if count >= k}
-            stepped = self._anchor_and_step(moving) if config.inner_anchor else learner._step(moving)
-            if not stepped and not lockstep:
+            moved = self._anchor_and_step(moving) if config.inner_anchor else learner._step(moving)
+            if not moved and not lockstep:
                 break
 
     def repair_drift(self, gate):
