@@ -80,6 +80,10 @@ class LearnerConfig:
     # Each inner step also takes the anchor's term (a window of general text, as a scheduled step
     # does), so that storing a fact harder is held to the reference as the first step is.
     inner_anchor: bool = False
+    # Inner steps only while the gate's last check left headroom: they are skipped while it is on
+    # alert (its last check refused, or some probe used more than half its tolerance; it then
+    # checks every merge), so the extra movement stops once drift builds. No gate probes: no effect.
+    inner_headroom: bool = False
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
     replay_recent: int = 0  # and this many of the newest requests in the buffer, every step
@@ -261,6 +265,8 @@ class LearnerConfig:
             raise ValueError(f"self_study_temperature must be positive, got {self.self_study_temperature!r}")
         if not isinstance(self.inner_anchor, bool):
             raise ValueError(f"inner_anchor must be True or False, got {self.inner_anchor!r}")
+        if not isinstance(self.inner_headroom, bool):
+            raise ValueError(f"inner_headroom must be True or False, got {self.inner_headroom!r}")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if not isinstance(self.anchor_prompts, str):

@@ -62,6 +62,7 @@ class Learner:
         self._merge_checker = MergeChecker()
         self._gate_window = GateWindow()  # merges not yet checked by the gate (config.gate_every)
         self._gate_interval = config.gate_every  # merges per gate check now: 1 while drift is near the limit
+        self._gate_alert = False  # the gate's last check refused or used more than half a tolerance
         self._weight_norm: Optional[float] = None
         self._attached = True
         self._vocab_size = model.get_input_embeddings().num_embeddings
@@ -288,7 +289,8 @@ class Learner:
                 gate = self.recipe.check_gate()
         if gate is not None:
             # Drift near the tolerance: check every merge, so a refusal costs one merge, not a window.
-            self._gate_interval = 1 if (not gate.passed or gate.near_limit()) else self.config.gate_every
+            self._gate_alert = not gate.passed or gate.near_limit()
+            self._gate_interval = 1 if self._gate_alert else self.config.gate_every
         if gate is not None and not gate.passed:
             discarded = self._discard_pending("consolidate() refused by the gate")
             undone = 0

@@ -520,9 +520,9 @@ class Recipe:
         """Up to inner_steps more steps on the pending context-gain requests alone (the k-th moves
         only the layers whose own inner_steps is at least k), stopping once a step finds nothing
         to learn (every response token within gain_threshold of the teacher); other requests have
-        no such rule and get none. Replicas must call step() equally often:
-        synchronous ones decide from `stepped` and step()'s answer, both group-wide; asynchronous
-        ones take every round."""
+        no such rule and get none; with inner_headroom, none while the gate is on alert. Replicas
+        must call step() equally often: synchronous ones decide from `stepped` and step()'s
+        answer, both group-wide; asynchronous ones take every round."""
         learner, config, counts = self.learner, self.learner.config, self.inner_counts
         most = max(counts.values(), default=0)
         if not most:  # the default: nothing to decide on every request
@@ -530,6 +530,7 @@ class Recipe:
         gained = [i for i in self.pending if i.student is not None] if config.objective == "context_gain" else []
         lockstep = self._asynchronous_replica()
         enter = lockstep or (stepped and (bool(gained) or learner.replicas.group is not None))
+        enter &= not (config.inner_headroom and learner._gate_alert)  # the same verdict on every replica
         for k in (range(1, most + 1) if enter else ()):
             self.accumulate(gained, "inner")
             moving = None if min(counts.values()) >= k else {name for name, count in counts.items() if count >= k}

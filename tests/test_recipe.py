@@ -288,6 +288,24 @@ def test_inner_anchor_gives_every_inner_step_the_anchor_s_window():
         fastcl.LearnerConfig(inner_anchor=1)
 
 
+def test_inner_headroom_skips_inner_steps_while_the_gate_is_on_alert():
+    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
+    _, learner = patched(gate_tolerance=None, gain_threshold=-1.0, inner_steps=2, inner_headroom=True, gate_every=1)
+    drift = {"now": 0.0}
+    learner.add_probe(lambda m: -drift["now"], tolerance=0.05, name="drift")
+    steps = []
+    for now in (0.0, 0.04, 0.04, 0.0, 0.0):  # what the probe reads at each request's merge
+        drift["now"] = now
+        before = learner.counters.steps
+        learner.learn(teacher, response, student, teacher_logprobs=torch.zeros(len(response)))
+        steps.append(learner.counters.steps - before)
+    # 0.04 uses more than half the tolerance (0.025) and passes: the next request gets its
+    # scheduled step alone, until a check finds headroom again.
+    assert steps == [3, 3, 1, 1, 3]
+    with pytest.raises(ValueError, match="inner_headroom must be True or False"):
+        fastcl.LearnerConfig(inner_headroom="yes")
+
+
 def anchor_of(chat: bool, **kw):
     """An anchor on 60 tokens of random 'prose' (three windows of 20); with `chat`, also on the
     reference's replies to three prompts."""
