@@ -205,6 +205,7 @@ def run_seed(model, tokenizer, seed: int, companies: int, options: dict, exact: 
         "gate_halved": stats["gate_halved"],
         "gate_repaired": stats["gate_repaired"],
         "gate_checks": served.gate_checks,  # each checked merge's drop per probe, and whether it committed
+        "anchor_kl": served.anchor_kl,  # per request, the anchor's KL to its reference at the request's last step
         # The learner's resolved options: what "the default" meant when this run was made.
         "config": learner.config.to_dict(),
         **rehearsed,

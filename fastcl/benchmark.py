@@ -33,6 +33,7 @@ class Served:
     # Each gate check of a merge: {"request": the index of the request whose learn() merged,
     # "committed": ..., probe name: its drop below the baseline}.
     gate_checks: list = field(default_factory=list)
+    anchor_kl: list = field(default_factory=list)  # per request, the anchor's KL at its last step (None: no anchor)
 
     def record_gate(self, consolidation) -> None:
         if consolidation is not None and consolidation.gate is not None:
@@ -102,6 +103,7 @@ def serve(model, tokenizer, learner, facts: Sequence[Fact], progress=None,
         if learner is not None:
             report = learner.learn(teacher, response, student, teacher_logprobs=teacher_logprobs)
             served.record_gate(report.consolidation)
+            served.anchor_kl.append(learner.recipe.anchor_kl)
         # The wait matters on a GPU: learn()'s backward would be timed as the next answer's serving.
         served.learn_seconds += seconds_since(start, device)
         served.requests += 1

@@ -146,6 +146,9 @@ class Recipe:
                        if config.anchored else None)
         # Per patched layer, how many inner steps move it (layer_options may set its own).
         self.inner_counts = {name: config.layer(name)["inner_steps"] for name in learner.modules}
+        # The anchor's mean KL to its reference over the window the last step took (nats a token),
+        # read before that step moved anything: how far text of the anchor's kind has drifted.
+        self.anchor_kl: Optional[float] = None
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer, config.gate_text), config.gate_tolerance)
@@ -438,7 +441,8 @@ class Recipe:
         learner, config = self.learner, self.learner.config
         if config.anchor_weight > 0 and learner.counters.tokens_pending > 0:
             start = time.perf_counter()
-            _, tokens = self.anchor.accumulate(learner, scale=config.anchor_weight * learner.counters.tokens_pending)
+            self.anchor_kl, tokens = self.anchor.accumulate(learner,
+                                                            scale=config.anchor_weight * learner.counters.tokens_pending)
             self.costs["anchor"] += seconds_since(start, learner.device)
             self.tokens["anchor"] += tokens
         return learner._step(moving)

@@ -306,6 +306,19 @@ def test_inner_headroom_skips_inner_steps_while_the_gate_is_on_alert():
         fastcl.LearnerConfig(inner_headroom="yes")
 
 
+def test_anchor_kl_reads_the_drift_of_what_was_merged():
+    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
+    _, learner = patched(tokenizer=CharTokenizer(), gate_tolerance=None, protect_directions=0, gain_threshold=-1.0,
+                         lr=0.05)
+    assert learner.recipe.anchor_kl is None
+    kls = []
+    for _ in range(2):
+        learner.learn(teacher, response, student, teacher_logprobs=torch.zeros(len(response)))
+        kls.append(learner.recipe.anchor_kl)
+    # The first step reads the reference itself; the second, after one merge, reads its drift.
+    assert abs(kls[0]) < 1e-4 and kls[1] > 1e-3
+
+
 def anchor_of(chat: bool, **kw):
     """An anchor on 60 tokens of random 'prose' (three windows of 20); with `chat`, also on the
     reference's replies to three prompts."""
