@@ -84,6 +84,11 @@ class LearnerConfig:
     # alert (its last check refused, or some probe used more than half its tolerance; it then
     # checks every merge), so the extra movement stops once drift builds. No gate probes: no effect.
     inner_headroom: bool = False
+    # Inner steps only while the anchor's KL to its reference, averaged over its last full cycle of
+    # windows (read at every scheduled step, before it moves anything), is at most this many nats a
+    # token: a drift reading at every merge where the gate reads every gate_every-th. Needs the
+    # anchor. None: no such limit.
+    inner_kl_limit: Optional[float] = None
     replay: int = 64  # capacity of the replay buffer, in requests (0: no replay)
     replay_per_step: int = 3  # replayed requests added to every step, drawn from the buffer at random
     replay_recent: int = 0  # and this many of the newest requests in the buffer, every step
@@ -267,6 +272,15 @@ class LearnerConfig:
             raise ValueError(f"inner_anchor must be True or False, got {self.inner_anchor!r}")
         if not isinstance(self.inner_headroom, bool):
             raise ValueError(f"inner_headroom must be True or False, got {self.inner_headroom!r}")
+        if self.inner_kl_limit is not None and not (isinstance(self.inner_kl_limit, (int, float))
+                                                    and not isinstance(self.inner_kl_limit, bool)
+                                                    and self.inner_kl_limit >= 0):
+            raise ValueError(f"inner_kl_limit must be a number of nats >= 0 or None, got {self.inner_kl_limit!r}")
+        if self.inner_kl_limit is not None and not self.anchor_weight > 0:
+            raise ValueError("inner_kl_limit reads the anchor's KL, which needs anchor_weight > 0")
+        if self.inner_kl_limit is not None and self.sync_every is not None:
+            raise ValueError("inner_kl_limit with sync_every (asynchronous replicas): each replica would read its "
+                             "own fast weights' drift and take its own number of steps")
         if self.anchor_weight < 0:
             raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if not isinstance(self.anchor_prompts, str):

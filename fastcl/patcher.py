@@ -159,7 +159,8 @@ def _without_tokenizer(config: LearnerConfig, tokenizer, options: dict) -> Optio
                                     ("protect_directions", config.protect_directions > 0),
                                     ("projection", config.projection == "whitened"),
                                     ("layer_options", config.whitens and config.projection != "whitened"),
-                                    ("gate_repair", config.gate_repair > 0)) if on]
+                                    ("gate_repair", config.gate_repair > 0),
+                                    ("inner_kl_limit", config.inner_kl_limit is not None)) if on]
     explicit = [name for name in wanted if name in options]
     if explicit:
         raise PatchError(f"{', '.join(explicit)} need the tokenizer: pass patch(model, tokenizer=tok, ...)")

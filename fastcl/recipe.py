@@ -149,6 +149,7 @@ class Recipe:
         # The anchor's mean KL to its reference over the window the last step took (nats a token),
         # read before that step moved anything: how far text of the anchor's kind has drifted.
         self.anchor_kl: Optional[float] = None
+        self._cycle_kl: deque[float] = deque()  # anchor_kl over the anchor's last full cycle (inner_kl_limit)
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer, config.gate_text), config.gate_tolerance)
@@ -443,6 +444,9 @@ class Recipe:
             start = time.perf_counter()
             self.anchor_kl, tokens = self.anchor.accumulate(learner,
                                                             scale=config.anchor_weight * learner.counters.tokens_pending)
+            self._cycle_kl.append(self.anchor_kl)
+            if len(self._cycle_kl) > len(self.anchor):
+                self._cycle_kl.popleft()
             self.costs["anchor"] += seconds_since(start, learner.device)
             self.tokens["anchor"] += tokens
         return learner._step(moving)
@@ -524,7 +528,8 @@ class Recipe:
         """Up to inner_steps more steps on the pending context-gain requests alone (the k-th moves
         only the layers whose own inner_steps is at least k), stopping once a step finds nothing
         to learn (every response token within gain_threshold of the teacher); other requests have
-        no such rule and get none; with inner_headroom, none while the gate is on alert. Replicas
+        no such rule and get none; with inner_headroom, none while the gate is on alert, and with
+        inner_kl_limit none while the anchor's KL over its last cycle is above it. Replicas
         must call step() equally often: synchronous ones decide from `stepped` and step()'s
         answer, both group-wide; asynchronous ones take every round."""
         learner, config, counts = self.learner, self.learner.config, self.inner_counts
@@ -535,6 +540,7 @@ class Recipe:
         lockstep = self._asynchronous_replica()
         enter = lockstep or (stepped and (bool(gained) or learner.replicas.group is not None))
         enter &= not (config.inner_headroom and learner._gate_alert)  # the same verdict on every replica
+        enter &= config.inner_kl_limit is None or sum(self._cycle_kl) <= config.inner_kl_limit * len(self._cycle_kl)
         for k in (range(1, most + 1) if enter else ()):
             self.accumulate(gained, "inner")
             moving = None if min(counts.values()) >= k else {name for name, count in counts.items() if count >= k}

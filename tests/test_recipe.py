@@ -319,6 +319,33 @@ def test_anchor_kl_reads_the_drift_of_what_was_merged():
     assert abs(kls[0]) < 1e-4 and kls[1] > 1e-3
 
 
+def test_inner_kl_limit_skips_inner_steps_once_the_anchor_reads_drift():
+    teacher, student, response = rows(15, 1)[0], rows(16, 1)[0], rows(17, 1)[0]
+
+    def steps_per_request(limit):
+        _, learner = patched(tokenizer=CharTokenizer(), gate_tolerance=None, protect_directions=0,
+                             gain_threshold=-1.0, lr=0.05, inner_steps=2, inner_kl_limit=limit)
+        steps = []
+        for _ in range(3):
+            before = learner.counters.steps
+            learner.learn(teacher, response, student, teacher_logprobs=torch.zeros(len(response)))
+            steps.append(learner.counters.steps - before)
+        return steps
+
+    # The first step reads the reference itself (KL ~0); after a merge the anchor reads drift.
+    assert steps_per_request(1e-4) == [3, 1, 1]
+    assert steps_per_request(None) == [3, 3, 3]
+    assert steps_per_request(10.0) == [3, 3, 3]
+    for bad, message in (({"inner_kl_limit": -0.1}, "inner_kl_limit must be a number"),
+                         ({"inner_kl_limit": True}, "inner_kl_limit must be a number"),
+                         ({"inner_kl_limit": 0.01, "anchor_weight": 0.0}, "needs anchor_weight > 0"),
+                         ({"inner_kl_limit": 0.01, "sync_every": 4}, "asynchronous replicas")):
+        with pytest.raises(ValueError, match=message):
+            fastcl.LearnerConfig(**bad)
+    with pytest.raises(fastcl.PatchError, match="inner_kl_limit need the tokenizer"):
+        patched(inner_kl_limit=0.01)
+
+
 def anchor_of(chat: bool, **kw):
     """An anchor on 60 tokens of random 'prose' (three windows of 20); with `chat`, also on the
     reference's replies to three prompts."""
