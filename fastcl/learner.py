@@ -61,8 +61,9 @@ class Learner:
         self._rollback_buffers: dict[str, torch.Tensor] = {}  # reused by every snapshot: no allocation
         self._merge_checker = MergeChecker()
         self._gate_window = GateWindow()  # merges not yet checked by the gate (config.gate_every)
-        self._gate_interval = config.gate_every  # merges per gate check now: 1 while drift is near the limit
-        self._gate_alert = False  # the gate's last check refused or used more than half a tolerance
+        # The gate's last check refused or used more than half a tolerance: it then checks every
+        # merge, not every gate_every-th (and inner_headroom holds the inner steps back).
+        self._gate_alert = False
         self._weight_norm: Optional[float] = None
         self._attached = True
         self._vocab_size = model.get_input_embeddings().num_embeddings
@@ -267,7 +268,7 @@ class Learner:
         bounds = self._merge_checker.check(live)
         window, asked_for_gate = self._gate_window, gate
         gated = gate and bool(live) and bool(self.recipe.gate.probes)
-        check_now = gated and window.merges + 1 >= self._gate_interval
+        check_now = gated and window.merges + 1 >= (1 if self._gate_alert else self.config.gate_every)
         gate = self.recipe.check_gate(skip=not check_now) if gated else None
         halvings, repairs, before_fixes = 0, 0, None
         if gate is not None and not gate.passed and (self.config.gate_repair or self.config.gate_backoff):
@@ -290,7 +291,6 @@ class Learner:
         if gate is not None:
             # Drift near the tolerance: check every merge, so a refusal costs one merge, not a window.
             self._gate_alert = not gate.passed or gate.near_limit()
-            self._gate_interval = 1 if self._gate_alert else self.config.gate_every
         if gate is not None and not gate.passed:
             discarded = self._discard_pending("consolidate() refused by the gate")
             undone = 0

@@ -205,8 +205,7 @@ def load(learner: "Learner", path) -> None:
         module.protected = entry["protected"].float().to(module.weight.device) if "protected" in entry else None
     learner._snapshot = None
     learner._gate_window.close()  # the loaded weights are taken as checked
-    learner._gate_interval = learner.config.gate_every
-    learner._gate_alert = False
+    learner._gate_alert = False  # checked: the next check comes after gate_every merges
     learner._merge_checker.forget()
     learner._set_epoch(learner.counters.epoch)
     learner._restore_fitted({name: entry["A"] for (name, _), entry in zip(modules, staged) if "A" in entry})
