@@ -149,7 +149,8 @@ class Recipe:
         # The anchor's mean KL to its reference over the window the last step took (nats a token),
         # read before that step moved anything: how far text of the anchor's kind has drifted.
         self.anchor_kl: Optional[float] = None
-        self._cycle_kl: deque[float] = deque()  # anchor_kl over the anchor's last full cycle (inner_kl_limit)
+        # anchor_kl over the anchor's last full cycle of windows (inner_kl_limit)
+        self._cycle_kl: deque[float] = deque(maxlen=len(self.anchor) if self.anchor is not None else None)
         self.gate = Gate()
         if config.gate_tolerance is not None:
             self.gate.add(BUILTIN_PROBE, text_likelihood_probe(tokenizer, config.gate_text), config.gate_tolerance)
@@ -445,8 +446,6 @@ class Recipe:
             self.anchor_kl, tokens = self.anchor.accumulate(learner,
                                                             scale=config.anchor_weight * learner.counters.tokens_pending)
             self._cycle_kl.append(self.anchor_kl)
-            if len(self._cycle_kl) > len(self.anchor):
-                self._cycle_kl.popleft()
             self.costs["anchor"] += seconds_since(start, learner.device)
             self.tokens["anchor"] += tokens
         return learner._step(moving)
