@@ -96,6 +96,7 @@ def apply(recipe, staged: Optional[Staged], traffic: bool = True) -> None:
     """Write a staged state into the recipe (never raises on a staged state). traffic=False
     leaves the replay buffer and the pending requests empty: a replica restarted from the group's
     shared file would otherwise replay the saving replica's requests a second time."""
+    recipe._cycle_kl.clear()  # drift read on the weights before the load (inner_kl_limit), not on these
     if staged is None:
         return
     meta, device = staged.meta, recipe.learner.device
